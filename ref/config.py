@@ -1,0 +1,414 @@
+"""config.json (+ hf_quant_config.json) -> one typed, immutable Config.
+
+Accepts the vision-language wrapper (`text_config` / `vision_config` nested) and the flat text-only
+form, RoPE settings from `rope_parameters` or the older top-level fields, and quantization metadata
+from `config.json["quantization_config"]` and/or `hf_quant_config.json`. Any missing or contradictory
+field raises ConfigError naming the file and field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ref.errors import ConfigError
+
+LINEAR, FULL = "linear_attention", "full_attention"
+KNOWN_QUANT_ALGOS = ("NVFP4", "MIXED_PRECISION")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 262144
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    mrope_interleaved: bool = True
+    mtp_num_hidden_layers: int = 0
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def full_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+
+    @property
+    def linear_key_dim(self) -> int:  # Hk * dk
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:  # Hv * dv
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:  # q ‖ k ‖ v channels of the depthwise conv
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    hidden_act: str = "gelu_pytorch_tanh"
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    quant_algo: str
+    group_size: int = 16
+    exclude_modules: tuple[str, ...] = ()
+    kv_cache_quant_algo: str | None = None
+    producer: str = ""  # e.g. "modelopt 0.37.0"
+
+
+@dataclass(frozen=True)
+class Config:
+    text: TextConfig
+    vision: VisionConfig | None = None
+    quant: QuantConfig | None = None
+    multimodal: bool = True  # VL wrapper: weights under model.language_model.*, else model.*
+    special_tokens: dict[str, int] = field(default_factory=dict)  # image_token_id, ... (VL wrapper)
+
+    @property
+    def text_prefix(self) -> str:
+        return "model.language_model." if self.multimodal else "model."
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing
+
+_VL_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+class _Fields:
+    """Typed access to one JSON object, with errors naming the source file and field path."""
+
+    def __init__(self, raw: Any, source: str, path: str = ""):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: {path or 'top level'} must be a JSON object, got {type(raw).__name__}")
+        self.raw, self.source, self.path = raw, source, path
+
+    def where(self, name: str) -> str:
+        return f"{self.source}: field '{self.path}{name}'"
+
+    def get(self, name: str, kind: type | tuple, default: Any = ..., positive: bool = False) -> Any:
+        if name not in self.raw or (self.raw[name] is None and default is not ...):
+            if default is ...:
+                raise ConfigError(f"{self.where(name)} is missing")
+            return default
+        value = self.raw[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ConfigError(f"{self.where(name)} must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        if positive and not value > 0:
+            raise ConfigError(f"{self.where(name)} must be positive, got {value!r}")
+        return value
+
+    def int_list(self, name: str, default: Any = ...) -> tuple[int, ...]:
+        value = self.get(name, (list, int), default)
+        value = [value] if isinstance(value, int) else value
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{self.where(name)} must be a list of integers, got {value!r}")
+        return tuple(value)
+
+    def sub(self, name: str) -> "_Fields":
+        return _Fields(self.raw[name], self.source, f"{self.path}{name}.")
+
+
+def _layer_types(f: _Fields, num_layers: int) -> tuple[str, ...]:
+    if "layer_types" in f.raw and f.raw["layer_types"] is not None:
+        types = f.get("layer_types", list)
+        if len(types) != num_layers:
+            raise ConfigError(f"{f.where('layer_types')} has {len(types)} entries but num_hidden_layers is {num_layers}")
+        bad = sorted({t for t in types if t not in (LINEAR, FULL)}, key=str)
+        if bad:
+            raise ConfigError(f"{f.where('layer_types')} has unknown layer types {bad}; expected {LINEAR!r} or {FULL!r}")
+        return tuple(types)
+    interval = f.get("full_attention_interval", int, positive=True)
+    return tuple(FULL if (i + 1) % interval == 0 else LINEAR for i in range(num_layers))
+
+
+def _rope(f: _Fields) -> dict:
+    """RoPE from `rope_parameters` (newer) or top-level / `rope_scaling` fields (older)."""
+    rp = f.sub("rope_parameters") if isinstance(f.raw.get("rope_parameters"), dict) else None
+    rs = f.sub("rope_scaling") if isinstance(f.raw.get("rope_scaling"), dict) else None
+    src = rp or f
+
+    def pick(name, kind, default):
+        for cand in (rp, f, rs):
+            if cand is not None and cand.raw.get(name) is not None:
+                return cand.get(name, kind)
+        return default
+
+    rope_type = pick("rope_type", str, "default")
+    if rope_type != "default":
+        raise ConfigError(f"{src.where('rope_type')} is {rope_type!r}; only 'default' RoPE is implemented")
+    return dict(
+        rope_theta=pick("rope_theta", float, 10_000_000.0),
+        partial_rotary_factor=pick("partial_rotary_factor", float, 0.25),
+        mrope_section=tuple(pick("mrope_section", list, [11, 11, 10])),
+        mrope_interleaved=pick("mrope_interleaved", bool, True),
+    )
+
+
+def _text_config(f: _Fields) -> TextConfig:
+    n_layers = f.get("num_hidden_layers", int, positive=True)
+    eos = f.int_list("eos_token_id", ())
+    cfg = TextConfig(
+        hidden_size=f.get("hidden_size", int, positive=True),
+        num_hidden_layers=n_layers,
+        layer_types=_layer_types(f, n_layers),
+        num_attention_heads=f.get("num_attention_heads", int, positive=True),
+        num_key_value_heads=f.get("num_key_value_heads", int, positive=True),
+        head_dim=f.get("head_dim", int, positive=True),
+        linear_num_key_heads=f.get("linear_num_key_heads", int, positive=True),
+        linear_num_value_heads=f.get("linear_num_value_heads", int, positive=True),
+        linear_key_head_dim=f.get("linear_key_head_dim", int, positive=True),
+        linear_value_head_dim=f.get("linear_value_head_dim", int, positive=True),
+        linear_conv_kernel_dim=f.get("linear_conv_kernel_dim", int, positive=True),
+        num_experts=f.get("num_experts", int, positive=True),
+        num_experts_per_tok=f.get("num_experts_per_tok", int, positive=True),
+        moe_intermediate_size=f.get("moe_intermediate_size", int, positive=True),
+        shared_expert_intermediate_size=f.get("shared_expert_intermediate_size", int, positive=True),
+        vocab_size=f.get("vocab_size", int, positive=True),
+        rms_norm_eps=f.get("rms_norm_eps", float, 1e-6, positive=True),
+        max_position_embeddings=f.get("max_position_embeddings", int, 262144, positive=True),
+        mtp_num_hidden_layers=f.get("mtp_num_hidden_layers", int, 0),
+        tie_word_embeddings=f.get("tie_word_embeddings", bool, False),
+        eos_token_ids=eos,
+        bos_token_id=f.get("bos_token_id", int, None),
+        pad_token_id=f.get("pad_token_id", int, None),
+        **_rope(f),
+    )
+    _check_text(cfg, f)
+    return cfg
+
+
+def _check_text(c: TextConfig, f: _Fields) -> None:
+    def need(ok: bool, name: str, why: str):
+        if not ok:
+            raise ConfigError(f"{f.where(name)}: {why}")
+
+    need(c.num_attention_heads % c.num_key_value_heads == 0, "num_key_value_heads",
+         f"{c.num_key_value_heads} does not divide num_attention_heads {c.num_attention_heads}")
+    need(c.linear_num_value_heads % c.linear_num_key_heads == 0, "linear_num_key_heads",
+         f"{c.linear_num_key_heads} does not divide linear_num_value_heads {c.linear_num_value_heads}")
+    need(c.num_experts_per_tok <= c.num_experts, "num_experts_per_tok",
+         f"{c.num_experts_per_tok} exceeds num_experts {c.num_experts}")
+    need(0 < c.partial_rotary_factor <= 1 and c.rotary_dim % 2 == 0, "partial_rotary_factor",
+         f"{c.partial_rotary_factor} x head_dim {c.head_dim} must give an even rotary dimension")
+    need(sum(c.mrope_section) == c.rotary_dim // 2, "mrope_section",
+         f"{list(c.mrope_section)} sums to {sum(c.mrope_section)}, expected rotary_dim/2 = {c.rotary_dim // 2}")
+    need(c.tie_word_embeddings is False, "tie_word_embeddings", "tied embeddings are not part of this model")
+    need(c.mtp_num_hidden_layers in (0, 1), "mtp_num_hidden_layers", f"{c.mtp_num_hidden_layers} (0 or 1 supported)")
+
+
+def _vision_config(f: _Fields) -> VisionConfig:
+    return VisionConfig(
+        depth=f.get("depth", int, positive=True),
+        hidden_size=f.get("hidden_size", int, positive=True),
+        num_heads=f.get("num_heads", int, positive=True),
+        intermediate_size=f.get("intermediate_size", int, positive=True),
+        out_hidden_size=f.get("out_hidden_size", int, positive=True),
+        hidden_act=f.get("hidden_act", str, "gelu_pytorch_tanh"),
+        in_channels=f.get("in_channels", int, 3),
+        patch_size=f.get("patch_size", int, 16),
+        temporal_patch_size=f.get("temporal_patch_size", int, 2),
+        spatial_merge_size=f.get("spatial_merge_size", int, 2),
+        num_position_embeddings=f.get("num_position_embeddings", int, 2304),
+        deepstack_visual_indexes=f.int_list("deepstack_visual_indexes", ()),
+    )
+
+
+def _quant_from_config_json(f: _Fields) -> QuantConfig:
+    method = f.get("quant_method", str, "modelopt")
+    if method != "modelopt":
+        raise ConfigError(f"{f.where('quant_method')} is {method!r}; only 'modelopt' checkpoints are supported")
+    algo = f.get("quant_algo", str)
+    group = 16
+    groups = f.raw.get("config_groups") or {}
+    for g in groups.values():
+        if isinstance(g, dict) and isinstance(g.get("weights"), dict):
+            group = g["weights"].get("group_size", group)
+    kv = f.raw.get("kv_cache_scheme")
+    kv_algo = kv if isinstance(kv, str) else ("FP8" if isinstance(kv, dict) and kv.get("num_bits") == 8 else None)
+    producer = f.raw.get("producer") or {}
+    return QuantConfig(algo, group, tuple(f.get("ignore", list, [])), kv_algo,
+                       f"{producer.get('name', '')} {producer.get('version', '')}".strip())
+
+
+def _quant_from_hf_quant(f: _Fields) -> QuantConfig:
+    q = f.sub("quantization") if "quantization" in f.raw else None
+    if q is None:
+        raise ConfigError(f"{f.where('quantization')} is missing")
+    producer = f.raw.get("producer") or {}
+    return QuantConfig(q.get("quant_algo", str), q.get("group_size", int, 16),
+                       tuple(q.get("exclude_modules", list, [])), q.get("kv_cache_quant_algo", str, None),
+                       f"{producer.get('name', '')} {producer.get('version', '')}".strip())
+
+
+def _check_quant(q: QuantConfig, where: str) -> QuantConfig:
+    if q.quant_algo not in KNOWN_QUANT_ALGOS:
+        raise ConfigError(f"{where}: field 'quant_algo' is {q.quant_algo!r}; expected one of {list(KNOWN_QUANT_ALGOS)}")
+    if q.quant_algo == "NVFP4" and q.group_size != 16:
+        raise ConfigError(f"{where}: field 'group_size' is {q.group_size}; NVFP4 uses 16")
+    return q
+
+
+def parse_config(raw: dict, quant_raw: dict | None = None, source: str = "config.json",
+                 quant_source: str = "hf_quant_config.json") -> Config:
+    """Build a Config from the parsed config.json (and hf_quant_config.json, if there is one)."""
+    top = _Fields(raw, source)
+    multimodal = "text_config" in raw
+    text_fields = top.sub("text_config") if multimodal else top
+    text = _text_config(text_fields)
+    vision = _vision_config(top.sub("vision_config")) if isinstance(raw.get("vision_config"), dict) else None
+    quant = None
+    if isinstance(raw.get("quantization_config"), dict):
+        quant = _check_quant(_quant_from_config_json(top.sub("quantization_config")), source)
+    if quant_raw is not None:
+        from_file = _check_quant(_quant_from_hf_quant(_Fields(quant_raw, quant_source)), quant_source)
+        if quant is not None and quant.quant_algo != from_file.quant_algo:
+            raise ConfigError(f"{quant_source}: field 'quantization.quant_algo' is {from_file.quant_algo!r} but "
+                              f"{source} says {quant.quant_algo!r}")
+        quant = from_file
+    specials = {k: top.get(k, int) for k in _VL_TOKEN_FIELDS if isinstance(raw.get(k), int)}
+    return Config(text=text, vision=vision, quant=quant, multimodal=multimodal, special_tokens=specials)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(directory: str | Path) -> Config:
+    """Read config.json and, if present, hf_quant_config.json from a checkpoint directory."""
+    directory = Path(directory)
+    quant_path = directory / "hf_quant_config.json"
+    quant_raw = _read_json(quant_path) if quant_path.exists() else None
+    return parse_config(_read_json(directory / "config.json"), quant_raw,
+                        str(directory / "config.json"), str(quant_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing (used by ref.synth, so that what we write is exactly what we read)
+
+def text_config_dict(t: TextConfig) -> dict:
+    d = asdict(t)
+    rope = {"rope_type": "default", "rope_theta": d.pop("rope_theta"),
+            "partial_rotary_factor": d.pop("partial_rotary_factor"),
+            "mrope_section": list(d.pop("mrope_section")), "mrope_interleaved": d.pop("mrope_interleaved")}
+    eos = d.pop("eos_token_ids")
+    d.update(model_type="qwen3_5_moe_text", layer_types=list(t.layer_types), rope_parameters=rope,
+             eos_token_id=eos[0] if len(eos) == 1 else list(eos), full_attention_interval=_interval(t),
+             attn_output_gate=True, hidden_act="silu", norm_topk_prob=True, mamba_ssm_dtype="float32",
+             mtp_use_dedicated_embeddings=False, dtype="bfloat16")
+    return d
+
+
+def _interval(t: TextConfig) -> int:
+    full = t.full_attention_layers
+    return full[0] + 1 if full else t.num_hidden_layers + 1
+
+
+def config_dict(cfg: Config) -> dict:
+    """The config.json this Config was (or would be) read from, VL wrapper form when multimodal."""
+    text = text_config_dict(cfg.text)
+    if not cfg.multimodal:
+        out = dict(text, architectures=["Qwen3_5MoeForCausalLM"])
+    else:
+        out = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+               "tie_word_embeddings": False, **cfg.special_tokens, "text_config": text}
+        if cfg.vision is not None:
+            vision = asdict(cfg.vision)
+            vision["deepstack_visual_indexes"] = list(cfg.vision.deepstack_visual_indexes)
+            out["vision_config"] = dict(vision, model_type="qwen3_5_moe")
+    if cfg.quant is not None:
+        q = cfg.quant
+        name, _, version = q.producer.partition(" ")
+        block = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": q.group_size}
+        out["quantization_config"] = {
+            "config_groups": {"group_0": {"input_activations": block, "weights": block, "targets": ["Linear"]}},
+            "ignore": list(q.exclude_modules), "quant_algo": q.quant_algo,
+            "producer": {"name": name, "version": version}, "quant_method": "modelopt"}
+        if q.kv_cache_quant_algo:
+            out["quantization_config"]["kv_cache_scheme"] = q.kv_cache_quant_algo
+    return out
+
+
+def hf_quant_config_dict(q: QuantConfig) -> dict:
+    name, _, version = q.producer.partition(" ")
+    return {"producer": {"name": name, "version": version},
+            "quantization": {"quant_algo": q.quant_algo, "kv_cache_quant_algo": q.kv_cache_quant_algo,
+                             "group_size": q.group_size, "exclude_modules": list(q.exclude_modules)}}
+
+
+# ------------------------------------------------------------------------------------------------
+# The published model
+
+QWEN35_397B_TEXT = TextConfig(
+    hidden_size=4096, num_hidden_layers=60,
+    layer_types=tuple(FULL if (i + 1) % 4 == 0 else LINEAR for i in range(60)),
+    num_attention_heads=32, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
+    shared_expert_intermediate_size=1024, vocab_size=248320, rms_norm_eps=1e-6,
+    max_position_embeddings=262144, rope_theta=10_000_000.0, partial_rotary_factor=0.25,
+    mrope_section=(11, 11, 10), mrope_interleaved=True, mtp_num_hidden_layers=1,
+    eos_token_ids=(248046,),
+)
+
+QWEN35_397B_VISION = VisionConfig(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304,
+                                  out_hidden_size=4096)
+
+# Modules left in BF16 by the seed checkpoint (ModelOpt 0.37, routed experts only quantized).
+SEED_EXCLUDE_MODULES = ("lm_head", "model.language_model.layers.*.linear_attn*",
+                        "model.language_model.layers.*.mlp.gate", "model.language_model.layers.*.mlp.shared_expert*",
+                        "model.language_model.layers.*.self_attn*", "model.visual*", "mtp*")
+
+QWEN35_397B = Config(
+    text=QWEN35_397B_TEXT, vision=QWEN35_397B_VISION,
+    quant=QuantConfig("NVFP4", 16, SEED_EXCLUDE_MODULES, None, "modelopt 0.37.0"),
+    multimodal=True,
+    special_tokens={"image_token_id": 248056, "video_token_id": 248057,
+                    "vision_start_token_id": 248053, "vision_end_token_id": 248054},
+)
