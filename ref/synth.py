@@ -1,0 +1,452 @@
+"""Random-weight Qwen3.5-MoE NVFP4 checkpoints in exactly the real on-disk layout.
+
+    python -m ref.synth OUT_DIR [--preset tiny|small|397b] [--layers N] [--seed S]
+                                [--expert-layout per-expert|fused] [--recipe modelopt-0.37|modelopt-0.45]
+                                [--fast] [--shard-size 5GB] [--force]
+
+Writes config.json (VL wrapper with quantization_config), hf_quant_config.json, generation_config.json,
+preprocessor_config.json, tokenizer.json / tokenizer_config.json (ref.synth_tokenizer), and the weights
+as model.safetensors or model.safetensors.index.json + model-0000N-of-0000M.safetensors. Routed experts
+are NVFP4 (ref.nvfp4.quantize_weight) with gate/up tied (one global amax, one input scale); everything
+else is BF16 (A_log F32), the MTP experts included. Input scales come from a calibration forward pass
+(ref.model, float32) over a short prompt: per expert amax of the inputs routed to it / 2688, the
+layer's max for experts never hit. `--fast` skips quantization and calibration: random valid codes,
+block scales and input scales (for the big shapes). Weights are drawn per tensor (per expert) from
+seeded generators, so both expert layouts hold identical values. Written to a temporary directory and
+renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+import tempfile
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from ref import checkpoint_layout as layout
+from ref.config import FULL, LINEAR, QWEN35_397B, SEED_EXCLUDE_MODULES, Config, QuantConfig, TextConfig, \
+    VisionConfig, config_dict, hf_quant_config_dict
+from ref.errors import CheckpointError, ConfigError, FormatError
+from ref.nvfp4 import E2M1_VALUES, E4M3_MAX, GLOBAL_DIVISOR, dequantize, quantize_weight
+from ref.safetensors_io import LazyTensor, overwrite_tensor, write_safetensors
+from ref.synth_tokenizer import SPECIAL_ID, build_tokenizer, tokenizer_config
+
+PRESETS = ("tiny", "small", "397b")
+LAYOUTS = ("per-expert", "fused")
+RECIPES = {"modelopt-0.37": "modelopt 0.37.0", "modelopt-0.45": "modelopt 0.45.0"}
+SHARD_SIZE = {"tiny": 256 * 1024, "small": 64 * 1024 ** 2, "397b": 5 * 1000 ** 3}
+BF16, F32 = "BF16", "F32"
+E2M1_RMS = float(np.sqrt(np.mean(E2M1_VALUES.astype(np.float64) ** 2)))  # of uniformly random codes
+CHUNK = 1 << 24  # elements generated at a time for big tensors
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets
+
+def special_base(preset: str, vocab_size: int) -> int:
+    """Id of <|endoftext|>, the first of Qwen's 26 special tokens (248044 in the real model)."""
+    return 248044 if preset == "397b" else vocab_size - 32
+
+
+def preset_config(preset: str = "tiny", layers: int | None = None, recipe: str = "modelopt-0.37") -> Config:
+    if preset == "397b":
+        cfg = QWEN35_397B
+    elif preset in ("tiny", "small"):
+        cfg = _small_config(preset)
+    else:
+        raise ConfigError(f"preset {preset!r}: expected one of {list(PRESETS)}")
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe {recipe!r}: expected one of {list(RECIPES)}")
+    text = cfg.text
+    if layers is not None:
+        if layers < 1:
+            raise ConfigError(f"--layers must be positive, got {layers}")
+        kinds = tuple(FULL if (i + 1) % 4 == 0 else LINEAR for i in range(layers))
+        text = dataclasses.replace(text, num_hidden_layers=layers, layer_types=kinds)
+    quant = dataclasses.replace(cfg.quant, producer=RECIPES[recipe])
+    return dataclasses.replace(cfg, text=text, quant=quant)
+
+
+def _small_config(preset: str) -> Config:
+    tiny = preset == "tiny"
+    vocab = 512 if tiny else 4096
+    base = special_base(preset, vocab)
+    n = 4 if tiny else 8
+    text = TextConfig(
+        hidden_size=64 if tiny else 512, num_hidden_layers=n,
+        layer_types=tuple(FULL if (i + 1) % 4 == 0 else LINEAR for i in range(n)),
+        num_attention_heads=4 if tiny else 8, num_key_value_heads=2, head_dim=32 if tiny else 64,
+        linear_num_key_heads=2 if tiny else 4, linear_num_value_heads=4 if tiny else 8,
+        linear_key_head_dim=16 if tiny else 64, linear_value_head_dim=16 if tiny else 64, linear_conv_kernel_dim=4,
+        num_experts=16 if tiny else 64, num_experts_per_tok=4 if tiny else 10,
+        moe_intermediate_size=32 if tiny else 128, shared_expert_intermediate_size=32 if tiny else 128,
+        vocab_size=vocab, max_position_embeddings=262144, partial_rotary_factor=0.25,
+        mrope_section=(2, 1, 1) if tiny else (3, 3, 2), mrope_interleaved=True, mtp_num_hidden_layers=1,
+        eos_token_ids=(base + SPECIAL_ID["<|im_end|>"],))
+    vision = VisionConfig(depth=2, hidden_size=32 if tiny else 64, num_heads=2, intermediate_size=64 if tiny else 128,
+                          out_hidden_size=text.hidden_size, num_position_embeddings=64)
+    specials = {"image_token_id": base + SPECIAL_ID["<|image_pad|>"],
+                "video_token_id": base + SPECIAL_ID["<|video_pad|>"],
+                "vision_start_token_id": base + SPECIAL_ID["<|vision_start|>"],
+                "vision_end_token_id": base + SPECIAL_ID["<|vision_end|>"]}
+    quant = QuantConfig("NVFP4", 16, SEED_EXCLUDE_MODULES, None, RECIPES["modelopt-0.37"])
+    return Config(text=text, vision=vision, quant=quant, multimodal=True, special_tokens=specials)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights
+
+def _rng(seed: int, *key) -> np.random.Generator:
+    return np.random.default_rng([seed] + [zlib.crc32(str(k).encode()) for k in key])
+
+
+def _normal(rng: np.random.Generator, shape, std: float, mean: float = 0.0, dtype=ml_dtypes.bfloat16) -> np.ndarray:
+    """mean + std * N(0, 1) in float32, rounded to `dtype`, generated in chunks (big tensors)."""
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1)
+    for lo in range(0, flat.size, CHUNK):
+        n = min(CHUNK, flat.size - lo)
+        flat[lo:lo + n] = (rng.standard_normal(n, np.float32) * np.float32(std) + np.float32(mean)).astype(dtype)
+    return out
+
+
+def dense_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A non-expert tensor: magnitudes chosen so activations stay O(1) and routing is spread."""
+    rng = _rng(seed, name)
+    if name.endswith("A_log"):  # A = exp(A_log) in [1, 16], kept in F32
+        return np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+    if name.endswith("dt_bias"):  # softplus^-1 of dt log-uniform in [1e-3, 1e-1]
+        dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape))
+        return (dt + np.log(-np.expm1(-dt))).astype(ml_dtypes.bfloat16)
+    if name.endswith("conv1d.weight"):
+        return _normal(rng, shape, 1 / math.sqrt(shape[-1]))
+    if name.startswith("model.visual."):
+        if ".norm" in name:
+            return _normal(rng, shape, 0.05, 1.0 if name.endswith("weight") else 0.0)
+        if name.endswith("bias") or name.endswith("pos_embed.weight"):
+            return _normal(rng, shape, 0.02)
+        return _normal(rng, shape, 1 / math.sqrt(math.prod(shape[1:])))
+    if name.endswith("linear_attn.norm.weight"):  # plain weight (not 1 + w)
+        return _normal(rng, shape, 0.05, 1.0)
+    if len(shape) == 1:  # zero-centred RMSNorm weights, used as 1 + w
+        return _normal(rng, shape, 0.05)
+    if name.endswith("embed_tokens.weight"):
+        return _normal(rng, shape, 1.0)
+    if name.endswith("mlp.gate.weight"):  # router logits of std ~2: peaked but not degenerate
+        return _normal(rng, shape, 2 / math.sqrt(shape[1]))
+    if name == "lm_head.weight":  # logits of std ~3, so greedy choices have margins
+        return _normal(rng, shape, 3 / math.sqrt(shape[1]))
+    return _normal(rng, shape, 1 / math.sqrt(shape[1]))
+
+
+class _Experts:
+    """Routed-expert tensors, drawn per (layer, expert, projection) so both layouts agree."""
+
+    def __init__(self, cfg: Config, seed: int, recipe: str, fast: bool):
+        self.cfg, self.seed, self.recipe, self.fast = cfg, seed, recipe, fast
+        self.shapes = layout.expert_shapes(cfg.text)
+        self.arrays = lru_cache(maxsize=64)(self._arrays)
+
+    def _float(self, layer, e: int, proj: str) -> np.ndarray:
+        out, k = self.shapes[proj]
+        return _normal(_rng(self.seed, "expert", layer, e, proj), (out, k), 1 / math.sqrt(k))
+
+    def _arrays(self, layer, e: int) -> dict[str, np.ndarray]:
+        """{proj.weight, proj.weight_scale, proj.weight_scale_2, proj.input_scale} (NVFP4), or
+        {proj.weight} (BF16, the MTP experts)."""
+        if layer == "mtp":
+            return {f"{p}.weight": self._float(layer, e, p) for p in layout.PROJS}
+        out = self._scalars(layer, e) if self.fast else {}
+        if self.fast:
+            for proj, (rows, k) in self.shapes.items():
+                rng = _rng(self.seed, "codes", layer, e, proj)
+                out[f"{proj}.weight"] = rng.integers(0, 256, (rows, k // 2), dtype=np.uint8)
+                out[f"{proj}.weight_scale"] = rng.uniform(E4M3_MAX / 4, E4M3_MAX, (rows, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+            return out
+        w = {p: self._float(layer, e, p).astype(np.float32) for p in layout.PROJS}
+        tied = np.float32(max(np.abs(w["gate_proj"]).max(), np.abs(w["up_proj"]).max()))
+        for proj in layout.PROJS:
+            packed, scale, scale_2 = quantize_weight(w[proj], self.recipe, global_scale=None if proj == "down_proj"
+                                                     else tied)
+            out |= {f"{proj}.weight": packed, f"{proj}.weight_scale": scale, f"{proj}.weight_scale_2": scale_2,
+                    f"{proj}.input_scale": self._scalars(layer, e)[f"{proj}.input_scale"]}
+        return out
+
+    def _scalars(self, layer, e: int) -> dict[str, np.ndarray]:
+        """Random valid global and input scales (the input scales are placeholders unless --fast)."""
+        rng = _rng(self.seed, "scales", layer, e)
+        ws2_gu, ws2_d = (np.float32(1 / math.sqrt(k) / (E2M1_RMS * 0.65 * E4M3_MAX) * rng.uniform(0.8, 1.25))
+                         for _, k in (self.shapes["gate_proj"], self.shapes["down_proj"]))
+        in_gu, in_d = (np.float32(rng.uniform(2, 8) / GLOBAL_DIVISOR), np.float32(rng.uniform(0.5, 2) / GLOBAL_DIVISOR))
+        s = {"gate_proj": (ws2_gu, in_gu), "up_proj": (ws2_gu, in_gu), "down_proj": (ws2_d, in_d)}
+        return {f"{p}.{k}": np.asarray(v, np.float32) for p, (a, b) in s.items()
+                for k, v in (("weight_scale_2", a), ("input_scale", b))}
+
+
+def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool) -> dict[str, LazyTensor]:
+    """Every tensor of the checkpoint in file order, as LazyTensors."""
+    t, experts = cfg.text, _Experts(cfg, seed, recipe, fast)
+    dense = layout.dense_tensors(cfg)
+    plan: dict[str, LazyTensor] = {}
+
+    def add_dense(names):
+        for name in names:
+            shape = dense[name]
+            plan[name] = LazyTensor(F32 if name.endswith("A_log") else BF16, shape,
+                                    lambda name=name, shape=shape: dense_value(name, shape, seed))
+
+    layer_keys = {i: layout.layer_tensors(cfg, i) for i in range(t.num_hidden_layers)}
+    add_dense([f"{cfg.text_prefix}embed_tokens.weight"])
+    for i in range(t.num_hidden_layers):
+        add_dense(layer_keys[i])
+        plan |= _expert_plan(cfg, i, experts, expert_layout)
+    add_dense([f"{cfg.text_prefix}norm.weight", "lm_head.weight"])
+    if t.mtp_num_hidden_layers:
+        add_dense(layout.mtp_tensors(cfg))
+        plan |= _expert_plan(cfg, "mtp", experts, expert_layout)
+    add_dense(layout.vision_tensors(cfg))
+    return plan
+
+
+def _expert_plan(cfg: Config, layer, experts: _Experts, expert_layout: str) -> dict[str, LazyTensor]:
+    t, n = cfg.text, cfg.text.num_experts
+    p = "mtp.layers.0.mlp.experts" if layer == "mtp" else f"{cfg.text_prefix}layers.{layer}.mlp.experts"
+    bf16 = layer == "mtp"
+    plan = {}
+    if expert_layout == "per-expert":
+        for e in range(n):
+            for proj, (rows, k) in experts.shapes.items():
+                def get(key, e=e, proj=proj):
+                    return experts.arrays(layer, e)[f"{proj}.{key}"]
+                if bf16:
+                    plan[f"{p}.{e}.{proj}.weight"] = LazyTensor(BF16, (rows, k), lambda get=get: get("weight"))
+                    continue
+                plan |= {f"{p}.{e}.{proj}.weight": LazyTensor("U8", (rows, k // 2), lambda get=get: get("weight")),
+                         f"{p}.{e}.{proj}.weight_scale": LazyTensor("F8_E4M3", (rows, k // 16),
+                                                                    lambda get=get: get("weight_scale")),
+                         f"{p}.{e}.{proj}.weight_scale_2": LazyTensor(F32, (), lambda get=get: get("weight_scale_2")),
+                         f"{p}.{e}.{proj}.input_scale": LazyTensor(F32, (), lambda get=get: get("input_scale"))}
+        return plan
+
+    def rows_of(projs, key) -> Callable[[], Iterator[np.ndarray]]:  # expert by expert, gate rows first
+        return lambda: (np.concatenate([experts.arrays(layer, e)[f"{q}.{key}"] for q in projs]) for e in range(n))
+
+    def stacked(projs, key) -> Callable[[], np.ndarray]:  # [E, 2] for (gate, up), [E] for one projection
+        def f():
+            a = np.array([[experts.arrays(layer, e)[f"{q}.{key}"] for q in projs] for e in range(n)], np.float32)
+            return a if len(projs) > 1 else a[:, 0]
+        return f
+
+    i, h = experts.shapes["gate_proj"]
+    for name, projs, (rows, k) in ((f"{p}.gate_up_proj", ("gate_proj", "up_proj"), (2 * i, h)),
+                                   (f"{p}.down_proj", ("down_proj",), (h, i))):
+        if bf16:
+            plan[name] = LazyTensor(BF16, (n, rows, k), rows_of(projs, "weight"))
+            continue
+        plan |= {name: LazyTensor("U8", (n, rows, k // 2), rows_of(projs, "weight")),
+                 f"{name}_weight_scale": LazyTensor("F8_E4M3", (n, rows, k // 16), rows_of(projs, "weight_scale")),
+                 f"{name}_weight_scale_2": LazyTensor(F32, (n, len(projs)) if len(projs) > 1 else (n,),
+                                                      stacked(projs, "weight_scale_2")),
+                 f"{name}_input_scale": LazyTensor(F32, (n,), stacked(projs[:1], "input_scale"))}
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+def _shards(plan: dict[str, LazyTensor], shard_size: int) -> list[dict[str, LazyTensor]]:
+    shards, size = [{}], 0
+    for name, t in plan.items():
+        if shards[-1] and size + t.nbytes > shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    return shards
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_files(d: Path, cfg: Config, preset: str, plan: dict[str, LazyTensor], shard_size: int,
+                 log: Callable[[str], None]) -> None:
+    base = special_base(preset, cfg.text.vocab_size)
+    endoftext, im_end = base + SPECIAL_ID["<|endoftext|>"], base + SPECIAL_ID["<|im_end|>"]
+    _write_json(d / "config.json", config_dict(cfg))
+    _write_json(d / "hf_quant_config.json", hf_quant_config_dict(cfg.quant))
+    _write_json(d / "generation_config.json", {"bos_token_id": endoftext, "eos_token_id": [im_end, endoftext],
+                                               "pad_token_id": endoftext, "do_sample": True, "temperature": 0.6,
+                                               "top_k": 20, "top_p": 0.95})
+    if cfg.vision is not None:
+        v = cfg.vision
+        _write_json(d / "preprocessor_config.json", {
+            "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+            "merge_size": v.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    (d / "tokenizer.json").write_text(build_tokenizer(base, min(base, 1000)), encoding="utf-8")
+    _write_json(d / "tokenizer_config.json", tokenizer_config(base))
+    shards = _shards(plan, shard_size)
+    if len(shards) == 1:
+        write_safetensors(d / "model.safetensors", shards[0], {"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(d / name, shard, {"format": "pt"})
+        weight_map |= {t: name for t in shard}
+        log(f"wrote {name} ({sum(t.nbytes for t in shard.values()) / 1e6:.1f} MB, {len(shard)} tensors)")
+    _write_json(d / "model.safetensors.index.json",
+                {"metadata": {"total_size": sum(t.nbytes for t in plan.values())},
+                 "weight_map": dict(sorted(weight_map.items()))})
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration
+
+CALIBRATION_PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "Explain in one paragraph why the sky is blue, then add 17 and 25."}]
+
+
+def calibrate(directory: Path, seed: int, n_random: int = 48, log: Callable[[str], None] = print) -> None:
+    """Set every routed expert's input scales from one float32 forward pass (ref.model, w4a16):
+    input_scale = amax(inputs routed to the expert) / 2688, gate/up tied; the layer's max for experts
+    never hit. Prints router entropy and hidden-state RMS per layer."""
+    from ref import layers as L
+    from ref.checkpoint import open_checkpoint
+    from ref.model import Model
+    from ref.tokenizer import load_tokenizer
+
+    ckpt = open_checkpoint(directory)
+    t, tok = ckpt.config.text, load_tokenizer(directory)
+    base = min(tok.token_id("<|endoftext|>"), t.vocab_size)
+    ids = tok.encode(tok.apply_chat_template(CALIBRATION_PROMPT))
+    ids += _rng(seed, "calibration").integers(0, base, n_random).tolist()
+    dumps: dict = {}
+    Model(ckpt, precision="f32").prefill(ids, dumps=dumps)
+    p32, n = L.Precision("f32"), t.num_experts
+    for i in range(t.num_hidden_layers):
+        w = ckpt.lm(f"layers.{i}.post_attention_layernorm.weight").astype(np.float32)
+        x = L.rms_norm(dumps[f"layers.{i}.after_mixer"], w, t.rms_norm_eps, p32)  # [T, H] expert inputs
+        topk = dumps[f"layers.{i}.topk_ids"]                                         # [T, k]
+        amax = np.full((n, 2), np.nan)                                               # (gate/up, down) inputs
+        for e in np.unique(topk):
+            xe, ex = x[(topk == e).any(axis=1)], ckpt.expert(i, int(e))
+            g, u = (xe @ dequantize(m.packed, m.weight_scale, m.weight_scale_2).T for m in (ex.gate, ex.up))
+            amax[e] = np.abs(xe).max(), np.abs(L.silu(g) * u).max()
+        hit = ~np.isnan(amax[:, 0])
+        amax[~hit] = amax[hit].max(axis=0)
+        scales = (amax / GLOBAL_DIVISOR).astype(np.float32)                          # [E, 2]
+        _store_input_scales(ckpt, i, scales)
+        probs = L.softmax(dumps[f"layers.{i}.router_logits"].astype(np.float64))
+        entropy = float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-300)), axis=-1)))
+        rms = float(np.sqrt(np.mean(dumps[f"layers.{i}.after_moe"].astype(np.float64) ** 2)))
+        log(f"layer {i} ({t.layer_types[i]}): router entropy {entropy:.2f} nats (uniform {math.log(n):.2f}), "
+            f"{int(hit.sum())}/{n} experts hit, hidden RMS {rms:.2f}")
+    logits = dumps["logits"].astype(np.float64)
+    log(f"{len(ids)} calibration tokens; logits std {logits.std():.2f}")
+
+
+def _store_input_scales(ckpt, layer: int, scales: np.ndarray) -> None:
+    """Write calibrated input scales [E, 2] (gate/up, down) into the checkpoint's files in place."""
+    p = ckpt.experts_prefix(layer)
+    if ckpt.expert_layout(layer) == "fused":
+        values = {f"{p}.gate_up_proj_input_scale": scales[:, 0], f"{p}.down_proj_input_scale": scales[:, 1]}
+    else:
+        values = {f"{p}.{e}.{proj}.input_scale": scales[e, 1 if proj == "down_proj" else 0]
+                  for e in range(len(scales)) for proj in layout.PROJS}
+    for name, v in values.items():
+        overwrite_tensor(ckpt.file_of(name).path, name, np.asarray(v, np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+
+def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, expert_layout: str = "per-expert",
+                     recipe: str = "modelopt-0.37", fast: bool = False, force: bool = False, layers: int | None = None,
+                     shard_size: int | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Write a random-weight checkpoint; returns out_dir. Never leaves a half-written directory."""
+    log = log or (lambda msg: None)
+    if expert_layout not in LAYOUTS:
+        raise CheckpointError(f"expert_layout {expert_layout!r}: expected one of {list(LAYOUTS)}")
+    cfg = preset_config(preset, layers, recipe)
+    out = Path(out_dir)
+    _check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        plan = _plan(cfg, seed, expert_layout, recipe, fast)
+        _write_files(tmp, cfg, preset, plan, shard_size or SHARD_SIZE[preset], log)
+        if not fast:
+            calibrate(tmp, seed, log=log)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CheckpointError(f"{out}: directory is not empty (use --force to replace it)")
+        if not (out / "config.json").is_file():
+            raise CheckpointError(f"{out}: refusing to replace a non-empty directory without config.json")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place (the old one, if any, goes only after that)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(old / "x")
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '256KiB', '1000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 200MB, 4096)")
+    unit = (1024 if m.group(3) else 1000) ** "_KMGT".index(m.group(2).upper() or "_")
+    return max(1, int(float(m.group(1)) * unit))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ref.synth", description=__doc__.split("\n")[0])
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--preset", choices=PRESETS, default="tiny")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--expert-layout", choices=LAYOUTS, default="per-expert")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="modelopt-0.37")
+    ap.add_argument("--fast", action="store_true", help="random codes and scales: no quantization, no calibration")
+    ap.add_argument("--shard-size", type=parse_size, help="bytes per shard, e.g. 5GB (default: per preset)")
+    ap.add_argument("--force", action="store_true", help="replace an existing checkpoint directory")
+    a = ap.parse_args(argv)
+    try:
+        out = write_checkpoint(a.out_dir, a.preset, a.seed, a.expert_layout, a.recipe, a.fast, a.force, a.layers,
+                               a.shard_size, log=print)
+    except (CheckpointError, ConfigError, FormatError, OSError) as e:
+        print(f"ref.synth: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
