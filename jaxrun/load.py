@@ -1,0 +1,114 @@
+"""Checkpoint -> parameter pytree on a mesh, each device's shard built from memory-mapped tensors.
+
+`describe` maps every parameter of jaxrun.model's pytree to a `Leaf` (shape, dtype, and a reader
+that returns any slice from the checkpoint's memory-mapped tensors); `load` then places each leaf
+with its sharding: replicated leaves are read once and copied to every device, split leaves through
+`jax.make_array_from_callback`, so each device's shard is read on its own (for routed experts: only
+that device's experts) and the host never holds a whole model.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from ref.checkpoint import Checkpoint, DenseWeight, NVFP4Weight, open_checkpoint
+from ref.config import FULL
+from jaxrun.runner import DTYPES
+from jaxrun.sharding import param_specs, shardings
+
+
+@dataclass(frozen=True)
+class Leaf:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[tuple], np.ndarray]  # index (tuple of slices) -> that slice, in dtype
+
+
+def _array(a: np.ndarray, dtype) -> Leaf:
+    dtype = np.dtype(dtype)
+    return Leaf(tuple(a.shape), dtype, lambda idx: np.asarray(a[idx], dtype=dtype))
+
+
+def _linear(w, dt) -> dict:
+    if isinstance(w, DenseWeight):
+        return {"w": _array(w.weight, dt)}
+    return {"q": _array(w.packed, np.uint8), "s": _array(w.weight_scale, w.weight_scale.dtype),
+            "s2": _array(w.weight_scale_2, np.float32)}
+
+
+def _experts(ckpt: Checkpoint, layer: int, dt) -> dict:
+    """Routed experts of one layer as stacked [E, ...] leaves, read expert by expert."""
+    cfg = ckpt.config.text
+    first = ckpt.expert(layer, 0)
+    out = {}
+    for proj in ("gate", "up", "down"):
+        w0 = getattr(first, proj)
+
+        def part(field, dtype, proj=proj):
+            def read(idx):
+                rows = range(cfg.num_experts)[idx[0]]
+                return np.stack([np.asarray(getattr(getattr(ckpt.expert(layer, e), proj), field)[idx[1:]], dtype)
+                                 for e in rows])
+            shape = (cfg.num_experts,) + tuple(np.shape(getattr(w0, field)))
+            return Leaf(shape, np.dtype(dtype), read)
+
+        if isinstance(w0, NVFP4Weight):
+            out[proj] = {"q": part("packed", np.uint8), "s": part("weight_scale", w0.weight_scale.dtype),
+                         "s2": part("weight_scale_2", np.float32)}
+        else:
+            out[proj] = {"w": part("weight", dt)}
+    return out
+
+
+def describe(ckpt: Checkpoint, dt) -> dict:
+    """The parameter pytree of jaxrun.model with a Leaf for every parameter."""
+    cfg, pre = ckpt.config.text, ckpt.config.text_prefix
+    f32 = np.float32
+    lin = lambda name: _linear(ckpt.linear(pre + name), dt)
+    layers = []
+    for i, kind in enumerate(cfg.layer_types):
+        L = f"layers.{i}."
+        if kind == FULL:
+            a = L + "self_attn."
+            attn = {"q": lin(a + "q_proj"), "k": lin(a + "k_proj"), "v": lin(a + "v_proj"), "o": lin(a + "o_proj"),
+                    "q_norm": _array(ckpt.lm(a + "q_norm.weight"), f32),
+                    "k_norm": _array(ckpt.lm(a + "k_norm.weight"), f32)}
+        else:
+            a = L + "linear_attn."
+            conv = ckpt.lm(a + "conv1d.weight")
+            attn = {"qkv": lin(a + "in_proj_qkv"), "z": lin(a + "in_proj_z"), "b": lin(a + "in_proj_b"),
+                    "a": lin(a + "in_proj_a"), "conv": _array(conv.reshape(conv.shape[0], conv.shape[-1]), dt),
+                    "dt_bias": _array(ckpt.lm(a + "dt_bias"), f32), "A_log": _array(ckpt.lm(a + "A_log"), f32),
+                    "norm": _array(ckpt.lm(a + "norm.weight"), f32), "out": lin(a + "out_proj")}
+        m = L + "mlp."
+        mlp = {"router": lin(m + "gate"), "experts": _experts(ckpt, i, dt),
+               "shared": {p: lin(f"{m}shared_expert.{p}_proj") for p in ("gate", "up", "down")},
+               "shared_gate": lin(m + "shared_expert_gate")}
+        layers.append({"input_norm": _array(ckpt.lm(L + "input_layernorm.weight"), f32),
+                       "post_norm": _array(ckpt.lm(L + "post_attention_layernorm.weight"), f32),
+                       "attn": attn, "mlp": mlp})
+    return {"embed": _array(ckpt.lm("embed_tokens.weight"), dt), "norm": _array(ckpt.lm("norm.weight"), f32),
+            "lm_head": _linear(ckpt.linear("lm_head"), dt), "layers": layers}
+
+
+def load(model: str, mesh, precision: str = "f32", dense: str = "replicated", progress: bool = True):
+    """(checkpoint, params on mesh) for a checkpoint directory or hub id."""
+    ckpt = open_checkpoint(model)
+    dt = DTYPES[precision]
+    tree = describe(ckpt, dt)
+    shards = shardings(param_specs(tree, mesh.size, dense), mesh)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, Leaf))
+    out = []
+    bar = tqdm(zip(leaves, jax.tree.leaves(shards)), total=len(leaves), desc="loading", unit="tensor",
+               file=sys.stderr, disable=not progress)
+    for leaf, sh in bar:
+        if sh.is_fully_replicated:
+            out.append(jax.device_put(leaf.read(tuple(slice(None) for _ in leaf.shape)), sh))
+        else:
+            out.append(jax.make_array_from_callback(leaf.shape, sh, leaf.read))
+    return ckpt, jax.tree.unflatten(treedef, out)

@@ -1,0 +1,461 @@
+"""Qwen3.5-MoE text decoder in JAX: pure functions over a parameter pytree (reference/model.md).
+
+Config: `ref.config.TextConfig` (frozen, hashable, passed as a static argument). Parameters:
+
+    params = {"embed": [V, H], "norm": [H], "lm_head": lin, "layers": [layer, ...]}
+    layer  = {"input_norm": [H], "post_norm": [H], "attn": gdn | attn, "mlp": moe}
+    gdn    = {"qkv": lin, "z": lin, "b": lin, "a": lin, "conv": [C, K], "dt_bias": [Hv], "A_log": [Hv],
+              "norm": [dv], "out": lin}
+    attn   = {"q": lin, "k": lin, "v": lin, "o": lin, "q_norm": [D], "k_norm": [D]}
+    moe    = {"router": lin, "experts": {"gate": xlin, "up": xlin, "down": xlin},
+              "shared": {"gate": lin, "up": lin, "down": lin}, "shared_gate": lin}
+    lin    = {"w": [out, in]}  or NVFP4 {"q": uint8 [out, in/2], "s": e4m3 [out, in/16], "s2": f32 []}
+    xlin   = the same with a leading expert axis E (NVFP4 "s2" is [E]).
+
+Norm weights, A_log and dt_bias are float32; other dense weights are stored in the compute dtype
+(float32 or bfloat16). NVFP4 weights stay packed and are decoded inside the matmul that uses them.
+Weights-only quantization (W4A16): activations are never quantized here.
+
+Caches (one dict per layer, batch of B slots, S = max context):
+    linear layer: {"conv": [B, K-1, C] (last pre-conv inputs), "state": f32 [B, Hv, dk, dv]}
+    full layer:   {"k": [B, nKV, S, D], "v": [B, nKV, S, D]} (post-norm, post-RoPE)
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ref.config import FULL, TextConfig
+from ref.nvfp4 import decode_e2m1
+
+CHUNK = 64  # DeltaNet chunk length in prefill
+HIGHEST = lax.Precision.HIGHEST
+_E2M1 = np.asarray(decode_e2m1(np.arange(16, dtype=np.uint8)), np.float32)  # code -> value
+
+
+# ------------------------------------------------------------------------------------------------
+# NVFP4 and linears
+
+def _mul_exact(a, b, abits: int):
+    """float32 a * b rounded to nearest even with IEEE gradual underflow, in integer arithmetic
+    (XLA on CPU flushes subnormal inputs and results to zero). `a` has a significand of at most
+    `abits` bits (E4M3 / E2M1 values), so the significand product fits in 32 bits. Non-finite
+    inputs fall back to the float product."""
+    u32, i32 = jnp.uint32, jnp.int32
+    ua, ub = lax.bitcast_convert_type(a, u32), lax.bitcast_convert_type(b, u32)
+    ea, eb = ((ua >> 23) & 0xFF).astype(i32), ((ub >> 23) & 0xFF).astype(i32)
+    implicit = lambda e: jnp.where(e > 0, 1 << 23, 0).astype(u32)
+    ma = ((ua & 0x7FFFFF) | implicit(ea)) >> (24 - abits)
+    mb = (ub & 0x7FFFFF) | implicit(eb)
+    prod = ma * mb                                                       # exact: a * b = prod * 2^e
+    e = jnp.maximum(ea, 1) + jnp.maximum(eb, 1) - 276 - abits
+    drop = jnp.maximum(32 - lax.clz(prod).astype(i32) - 24, -149 - e)   # bits to round away
+    d = jnp.clip(drop, 1, 31).astype(u32)
+    q = prod >> d
+    rem, half = prod & ((jnp.uint32(1) << d) - 1), jnp.uint32(1) << (d - 1)
+    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).astype(u32)
+    q = jnp.where(drop > 0, q, prod << jnp.clip(-drop, 0, 31).astype(u32))
+    mag = (jnp.clip(e + drop + 149, 0, 256).astype(u32) << 23) + q      # carries into the exponent
+    mag = jnp.where(prod == 0, 0, jnp.minimum(mag, jnp.uint32(0x7F800000))).astype(u32)
+    out = lax.bitcast_convert_type(((ua ^ ub) & jnp.uint32(0x80000000)) | mag, jnp.float32)
+    finite = ((ea < 255) & (eb < 255))
+    return jnp.where(finite, out, a * b)
+
+
+def dequant_nvfp4(q, s, s2):
+    """Packed E2M1 codes [..., K/2] (element 2j in the low nibble), E4M3 block scales [..., K/16],
+    float32 global scale (0-d, or one per leading index of s) -> float32 [..., K], bit-identical to
+    ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor)."""
+    lut = jnp.asarray(_E2M1)
+    vals = jnp.stack([lut[q & 0xF], lut[q >> 4]], axis=-1)            # [..., K/2, 2]
+    vals = vals.reshape(*q.shape[:-1], s.shape[-1], 16)                 # [..., K/16, 16]
+    s2 = jnp.asarray(s2, jnp.float32)
+    s2 = jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
+    shape = (*q.shape[:-1], 2 * q.shape[-1])
+    if jax.default_backend() != "cpu":
+        return (vals * (s.astype(jnp.float32) * s2)[..., None]).reshape(shape)
+    factor = _mul_exact(s.astype(jnp.float32), s2, 4)                   # [..., K/16]
+    fb = lax.bitcast_convert_type(factor, jnp.uint32) & 0x7FFFFFFF
+    tiny = (fb != 0) & (fb < 0x03800000)                                 # |factor| < 2^-120: results may be subnormal
+    factor = jnp.broadcast_to(factor[..., None], vals.shape)
+    w = lax.cond(jnp.any(tiny), lambda: _mul_exact(vals, factor, 2), lambda: vals * factor)
+    return w.reshape(shape)
+
+
+def weight(p, dt):
+    """The dense [out, in] matrix of a linear param, in dtype dt."""
+    if "w" in p:
+        return p["w"].astype(dt)
+    return dequant_nvfp4(p["q"], p["s"], p["s2"]).astype(dt)
+
+
+def linear(x, p, dt):
+    """x [..., in] @ W.T -> [..., out]; float32 accumulation, result in dt."""
+    w = weight(p, dt)
+    y = jnp.einsum("...i,oi->...o", x.astype(dt), w, precision=HIGHEST, preferred_element_type=jnp.float32)
+    return y.astype(dt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Norms, RoPE
+
+def rms_norm(x, w, eps):
+    """Zero-centred RMSNorm (weight used as 1 + w), float32 inside, result in x.dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def gated_rms_norm(x, z, w, eps):
+    """DeltaNet output norm: plain weight, norm before the SiLU(z) gate."""
+    xf = x.astype(jnp.float32)
+    y = (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    y = (w.astype(x.dtype) * y).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+def rope_table(cfg: TextConfig, max_len: int, dt) -> np.ndarray:
+    """cos ‖ sin for positions 0..max_len-1: [max_len, 2, rotary_dim]. Text-only positions make the
+    interleaved MRoPE an ordinary NeoX RoPE. f32: angles in float64, rounded once; bf16: HF's float32
+    angles, cos/sin rounded to bf16."""
+    rd = cfg.rotary_dim
+    if dt == jnp.float32:
+        inv = 1.0 / cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)
+        ang = np.arange(max_len, dtype=np.float64)[:, None] * inv[None]
+    else:
+        inv = (1.0 / cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float32) / np.float32(rd))).astype(np.float32)
+        ang = (np.arange(max_len, dtype=np.float32)[:, None] * inv[None]).astype(np.float32)
+    emb = np.concatenate([ang, ang], axis=-1)                              # [S, rd]
+    return np.stack([np.cos(emb), np.sin(emb)], axis=1).astype(np.float32)  # [S, 2, rd]
+
+
+def apply_rope(x, cs):
+    """x [..., T, heads, D], cs [..., T, 2, rd] -> rotate pairs (j, j + rd/2) of the first rd dims."""
+    rd = cs.shape[-1]
+    cos, sin = cs[..., 0, None, :].astype(x.dtype), cs[..., 1, None, :].astype(x.dtype)
+    xr, xp = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    return jnp.concatenate([(xr * cos + rot * sin).astype(x.dtype), xp], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated DeltaNet
+
+def _l2norm(x):
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def _softplus(x):  # torch's softplus: beta 1, threshold 20
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _gdn_inputs(conv_out, b, a, p, cfg: TextConfig):
+    """Post-conv channels [..., C] and gates -> float32 q, k (repeated to Hv heads, l2-normed, q
+    scaled), v [..., Hv, d], beta, g [..., Hv]."""
+    kd, hk, hv = cfg.linear_key_dim, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    x = conv_out.astype(jnp.float32)
+    lead = x.shape[:-1]
+    q = x[..., :kd].reshape(*lead, hk, cfg.linear_key_head_dim)
+    k = x[..., kd:2 * kd].reshape(*lead, hk, cfg.linear_key_head_dim)
+    v = x[..., 2 * kd:].reshape(*lead, hv, cfg.linear_value_head_dim)
+    q = _l2norm(q) * cfg.linear_key_head_dim ** -0.5
+    k = _l2norm(k)
+    r = hv // hk
+    q, k = jnp.repeat(q, r, axis=-2), jnp.repeat(k, r, axis=-2)
+    beta = jax.nn.sigmoid(b.astype(jnp.float32))
+    g = -jnp.exp(p["A_log"]) * _softplus(a.astype(jnp.float32) + p["dt_bias"])
+    return q, k, v, beta, g
+
+
+def chunked_delta_rule(q, k, v, beta, g, chunk):
+    """Chunked gated delta rule from a zero state. q, k [B, T, H, dk], v [B, T, H, dv], beta, g [B, T, H]
+    (T a multiple of chunk; padded steps have beta = g = 0 and are no-ops) -> o [B, T, H, dv] f32,
+    final state [B, H, dk, dv] f32. Intra-chunk terms for all chunks at once, `lax.scan` over chunks."""
+    B, T, H, dk = q.shape
+    n = T // chunk
+
+    def split(x):  # [B, T, H, ...] -> [n, B, H, chunk, ...]
+        x = x.reshape(B, n, chunk, H, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
+
+    q, k, v, beta, g = (split(t) for t in (q, k, v, beta, g))
+    mm = partial(jnp.einsum, precision=HIGHEST)
+    gam = jnp.cumsum(g, axis=-1)                                         # [n, B, H, c]
+    i = jnp.arange(chunk)
+    lower = i[:, None] >= i[None, :]
+    decay = jnp.exp(jnp.where(lower, gam[..., :, None] - gam[..., None, :], -jnp.inf))  # Γ [.., c, c]
+    a = jnp.where(i[:, None] > i[None, :], beta[..., :, None] * mm("...cd,...sd->...cs", k, k) * decay, 0.0)
+    m = a + jnp.eye(chunk, dtype=a.dtype)
+    solve = partial(jax.scipy.linalg.solve_triangular, lower=True, unit_diagonal=True)
+    u = solve(m, beta[..., None] * v)                                    # [n, B, H, c, dv]
+    w = solve(m, (beta * jnp.exp(gam))[..., None] * k)                   # [n, B, H, c, dk]
+    qk = mm("...cd,...sd->...cs", q, k) * decay
+    qg = q * jnp.exp(gam)[..., None]
+    last = gam[..., -1:]
+    kd = k * jnp.exp(last - gam)[..., None]
+
+    def step(s, xs):  # s [B, H, dk, dv]
+        u_c, w_c, qk_c, qg_c, kd_c, last_c = xs
+        vn = u_c - mm("...cd,...dv->...cv", w_c, s)
+        o = mm("...cd,...dv->...cv", qg_c, s) + mm("...cs,...sv->...cv", qk_c, vn)
+        s = jnp.exp(last_c)[..., None] * s + mm("...cd,...cv->...dv", kd_c, vn)
+        return s, o
+
+    s0 = jnp.zeros((B, H, dk, v.shape[-1]), jnp.float32)
+    s, o = lax.scan(step, s0, (u, w, qk, qg, kd, last))                  # o [n, B, H, c, dv]
+    o = jnp.moveaxis(o, 0, 1)                                            # [B, n, H, c, dv]
+    return jnp.swapaxes(o, 2, 3).reshape(B, T, H, -1), s
+
+
+def recurrent_delta_rule(q, k, v, beta, g, s):
+    """One step: q, k [B, H, dk], v [B, H, dv], beta, g [B, H], state s [B, H, dk, dv] -> (o, s)."""
+    mm = partial(jnp.einsum, precision=HIGHEST)
+    s = s * jnp.exp(g)[..., None, None]
+    delta = (v - mm("bhkv,bhk->bhv", s, k)) * beta[..., None]
+    s = s + k[..., :, None] * delta[..., None, :]
+    return mm("bhkv,bhk->bhv", s, q), s
+
+
+def gdn_prefill(x, lengths, p, cfg: TextConfig, dt):
+    """x [B, T, H] (normed), lengths [B] -> (out [B, T, H], cache). T % min(T, CHUNK) == 0."""
+    B, T, _ = x.shape
+    K = cfg.linear_conv_kernel_dim
+    qkv = linear(x, p["qkv"], dt)                                        # [B, T, C]
+    z = linear(x, p["z"], dt).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+    b, a = linear(x, p["b"], dt), linear(x, p["a"], dt)                  # [B, T, Hv]
+    xp = jnp.concatenate([jnp.zeros((B, K - 1, qkv.shape[-1]), dt), qkv], axis=1)  # [B, T+K-1, C]
+    w = p["conv"].astype(jnp.float32)                                    # [C, K]
+    conv = sum(xp[:, j:j + T].astype(jnp.float32) * w[:, j] for j in range(K))
+    conv = jax.nn.silu(conv.astype(dt))
+    conv_state = jax.vmap(lambda r, n: lax.dynamic_slice_in_dim(r, n, K - 1, axis=0))(xp, lengths)
+    q, k, v, beta, g = _gdn_inputs(conv, b, a, p, cfg)
+    live = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]       # [B, T, 1]
+    beta, g = jnp.where(live, beta, 0.0), jnp.where(live, g, 0.0)
+    o, state = chunked_delta_rule(q, k, v, beta, g, min(T, CHUNK))
+    y = gated_rms_norm(o.astype(dt), z, p["norm"], cfg.rms_norm_eps).reshape(B, T, -1)
+    return linear(y, p["out"], dt), {"conv": conv_state, "state": state}
+
+
+def gdn_decode(x, p, cache, cfg: TextConfig, dt):
+    """x [B, H] (normed) -> (out [B, H], cache)."""
+    B = x.shape[0]
+    qkv = linear(x, p["qkv"], dt)                                        # [B, C]
+    z = linear(x, p["z"], dt).reshape(B, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+    b, a = linear(x, p["b"], dt), linear(x, p["a"], dt)
+    window = jnp.concatenate([cache["conv"], qkv[:, None]], axis=1)      # [B, K, C]
+    conv = jnp.einsum("bkc,ck->bc", window.astype(jnp.float32), p["conv"].astype(jnp.float32), precision=HIGHEST)
+    conv = jax.nn.silu(conv.astype(dt))
+    q, k, v, beta, g = _gdn_inputs(conv, b, a, p, cfg)
+    o, state = recurrent_delta_rule(q, k, v, beta, g, cache["state"])
+    y = gated_rms_norm(o.astype(dt), z, p["norm"], cfg.rms_norm_eps).reshape(B, -1)
+    return linear(y, p["out"], dt), {"conv": window[:, 1:], "state": state}
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated softmax attention
+
+def _attn_qkv(x, p, cfg: TextConfig, dt):
+    """x [..., H] -> q [..., nH, D], gate [..., nH*D], k, v [..., nKV, D] (q, k normed)."""
+    lead, D = x.shape[:-1], cfg.head_dim
+    qg = linear(x, p["q"], dt).reshape(*lead, cfg.num_attention_heads, 2 * D)
+    q, gate = qg[..., :D], qg[..., D:].reshape(*lead, -1)
+    k = linear(x, p["k"], dt).reshape(*lead, cfg.num_key_value_heads, D)
+    v = linear(x, p["v"], dt).reshape(*lead, cfg.num_key_value_heads, D)
+    return rms_norm(q, p["q_norm"], cfg.rms_norm_eps), gate, rms_norm(k, p["k_norm"], cfg.rms_norm_eps), v
+
+
+def _attend(q, k, v, mask, dt):
+    """q [B, Tq, nKV, G, D], k, v [B, nKV, S, D], mask [B, Tq, S] -> [B, Tq, nKV*G*D]."""
+    mm = partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
+    sc = mm("btngd,bnsd->bngts", q, k) * q.shape[-1] ** -0.5
+    sc = jnp.where(mask[:, None, None], sc, -jnp.inf)
+    pr = jax.nn.softmax(sc, axis=-1).astype(dt)
+    o = mm("bngts,bnsd->btngd", pr, v).astype(dt)
+    return o.reshape(*o.shape[:2], -1)
+
+
+def attn_prefill(x, rope, p, cfg: TextConfig, dt, max_len):
+    """x [B, T, H] (normed), rope [T, 2, rd] -> (out [B, T, H], cache with S = max_len)."""
+    B, T, _ = x.shape
+    q, gate, k, v = _attn_qkv(x, p, cfg, dt)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    kc, vc = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)                # [B, nKV, T, D]
+    nkv = cfg.num_key_value_heads
+    q = q.reshape(B, T, nkv, -1, cfg.head_dim)
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    o = _attend(q, kc, vc, causal, dt) * jax.nn.sigmoid(gate)
+    pad = ((0, 0), (0, 0), (0, max_len - T), (0, 0))
+    return linear(o, p["o"], dt), {"k": jnp.pad(kc, pad), "v": jnp.pad(vc, pad)}
+
+
+def attn_decode(x, pos, rope, p, cache, cfg: TextConfig, dt):
+    """x [B, H] (normed), pos [B], rope [S, 2, rd] -> (out [B, H], cache)."""
+    B = x.shape[0]
+    q, gate, k, v = _attn_qkv(x[:, None], p, cfg, dt)                    # [B, 1, heads, D]
+    cs = rope[pos][:, None]                                              # [B, 1, 2, rd]
+    q, k = apply_rope(q, cs), apply_rope(k, cs)
+    put = jax.vmap(lambda c, new, i: lax.dynamic_update_slice_in_dim(c, new, i, axis=1))
+    kc = put(cache["k"], jnp.swapaxes(k, 1, 2), pos)                     # [B, nKV, S, D]
+    vc = put(cache["v"], jnp.swapaxes(v, 1, 2), pos)
+    q = q.reshape(B, 1, cfg.num_key_value_heads, -1, cfg.head_dim)
+    mask = (jnp.arange(kc.shape[2])[None, :] <= pos[:, None])[:, None]  # [B, 1, S]
+    o = _attend(q, kc, vc, mask, dt)[:, 0] * jax.nn.sigmoid(gate[:, 0])
+    return linear(o, p["o"], dt), {"k": kc, "v": vc}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse MoE
+
+def route(x, p, cfg: TextConfig, dt):
+    """x [N, H] -> top-k expert ids [N, k] int32 (ties to the lower id), renormalised weights f32."""
+    logits = linear(x, p, dt).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    w, ids = lax.top_k(probs, cfg.num_experts_per_tok)
+    return ids.astype(jnp.int32), w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def local_experts(x, ids, wts, experts, first, dt):
+    """Routed-expert sum over the experts held here (ids first .. first + E_local - 1), others skipped.
+
+    x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. The (token, k) pairs held here are sorted by
+    expert (stable, so ascending expert id then token), cut into tiles of at most tm rows of one
+    expert each, and a while loop visits only the tiles that exist: each reads that one expert's
+    packed weights, decodes them, and runs gate/up/down on its rows. At decode (tm = N) that is one
+    visit per selected expert, so only the selected experts' weights are read. No dropping."""
+    N, k = ids.shape
+    e_loc = experts["down"]["q" if "q" in experts["down"] else "w"].shape[0]
+    tm = min(N, CHUNK)
+    key = ids.reshape(-1) - first
+    key = jnp.where((key >= 0) & (key < e_loc), key, e_loc)             # sentinel sorts last
+    order = jnp.argsort(key, stable=True)                                # [N*k]
+    tok = jnp.concatenate([order // k, jnp.zeros(tm, order.dtype)])      # padded for the last tile
+    w_sorted = jnp.concatenate([wts.reshape(-1)[order], jnp.zeros(tm, wts.dtype)])
+    counts = jnp.bincount(key, length=e_loc + 1)[:e_loc]                 # [E_local]
+    starts = jnp.cumsum(counts) - counts
+    tiles = (counts + tm - 1) // tm
+    tile_end = jnp.cumsum(tiles)
+    n_tiles = tile_end[-1]
+    max_tiles = min(N * k, -(-N * k // tm) + e_loc)
+    t = jnp.arange(max_tiles)
+    tile_e = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), e_loc - 1)
+    tile_row = starts[tile_e] + (t - (tile_end - tiles)[tile_e]) * tm
+
+    def expert_weights(e):
+        pick = lambda p: jax.tree.map(lambda a: a[e], p)
+        return [weight(pick(experts[n]), dt) for n in ("gate", "up", "down")]
+
+    def body(i, y):
+        e, r0 = tile_e[i], tile_row[i]
+        rows = r0 + jnp.arange(tm)
+        valid = rows < starts[e] + counts[e]
+        tk = lax.dynamic_slice_in_dim(tok, r0, tm)
+        wg, wu, wd = expert_weights(e)
+        xe = x[tk].astype(dt)                                            # [tm, H]
+        mm = partial(jnp.einsum, "ti,oi->to", precision=HIGHEST, preferred_element_type=jnp.float32)
+        h = (jax.nn.silu(mm(xe, wg).astype(dt)) * mm(xe, wu).astype(dt)).astype(dt)
+        o = mm(h, wd).astype(dt).astype(jnp.float32)
+        o = jnp.where(valid[:, None], o * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None], 0.0)
+        return y.at[tk].add(o)
+
+    return lax.fori_loop(0, n_tiles, body, jnp.zeros(x.shape, jnp.float32))
+
+
+def moe(x, p, cfg: TextConfig, dt, routed):
+    """x [N, H] (normed) -> [N, H]. `routed(x, ids, weights, experts)` is the (sharded) expert sum."""
+    ids, w = route(x, p["router"], cfg, dt)
+    y = routed(x, ids, w, p["experts"])
+    sh = p["shared"]
+    s = linear((jax.nn.silu(linear(x, sh["gate"], dt)) * linear(x, sh["up"], dt)).astype(dt), sh["down"], dt)
+    s = (jax.nn.sigmoid(linear(x, p["shared_gate"], dt)) * s).astype(dt)
+    return (y.astype(dt) + s).astype(dt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+def _lm_head(h, params, cfg, dt):
+    h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
+    return linear(h, params["lm_head"], dt).astype(jnp.float32)
+
+
+def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int, all_logits: bool):
+    """tokens [B, T] (right-padded), lengths [B] -> (logits [B, T, V] or [B, V] at each last token,
+    cache for max_len positions)."""
+    B, T = tokens.shape
+    h = params["embed"][tokens].astype(dt)                              # [B, T, H]
+    caches = []
+    for i, lp in enumerate(params["layers"]):
+        u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+        if cfg.layer_types[i] == FULL:
+            u, c = attn_prefill(u, rope[:T], lp["attn"], cfg, dt, max_len)
+        else:
+            u, c = gdn_prefill(u, lengths, lp["attn"], cfg, dt)
+        h = (h + u).astype(dt)
+        u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
+        h = (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt)
+        caches.append(c)
+    if not all_logits:
+        h = h[jnp.arange(B), lengths - 1]                                # [B, H]
+    return _lm_head(h, params, cfg, dt), caches
+
+
+def decode(params, caches, tokens, pos, rope, *, cfg: TextConfig, dt, routed):
+    """tokens [B] at positions pos [B] -> (logits [B, V] f32, caches)."""
+    h = params["embed"][tokens].astype(dt)                              # [B, H]
+    out = []
+    for i, (lp, c) in enumerate(zip(params["layers"], caches)):
+        u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+        if cfg.layer_types[i] == FULL:
+            u, c = attn_decode(u, pos, rope, lp["attn"], c, cfg, dt)
+        else:
+            u, c = gdn_decode(u, lp["attn"], c, cfg, dt)
+        h = (h + u).astype(dt)
+        u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
+        h = (h + moe(u, lp["mlp"], cfg, dt, routed)).astype(dt)
+        out.append(c)
+    return _lm_head(h, params, cfg, dt), out
+
+
+# ------------------------------------------------------------------------------------------------
+# Random parameters (tests before a checkpoint exists, the 397B-shape GPU check, eval_shape sizing)
+
+def init_params(key, cfg: TextConfig, dt):
+    """Random parameters of cfg's shapes: routed experts NVFP4, everything else dense in dt."""
+    H, E, I, Is = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    keys = (jax.random.fold_in(key, i) for i in range(1 << 30))
+
+    def dense(out, inp):
+        return {"w": (jax.random.normal(next(keys), (out, inp), jnp.float32) * inp ** -0.5).astype(dt)}
+
+    def nvfp4(e, out, inp):
+        q = jax.random.randint(next(keys), (e, out, inp // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+        s = jax.random.uniform(next(keys), (e, out, inp // 16), jnp.float32, 0.5, 2.0).astype(jnp.float8_e4m3fn)
+        return {"q": q, "s": s, "s2": jnp.full((e,), 0.25 * inp ** -0.5 / 6, jnp.float32)}
+
+    def vec(n, scale=0.1):
+        return jax.random.normal(next(keys), (n,), jnp.float32) * scale
+
+    def layer(kind):
+        if kind == FULL:
+            D, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+            attn = {"q": dense(2 * nh * D, H), "k": dense(nkv * D, H), "v": dense(nkv * D, H),
+                    "o": dense(H, nh * D), "q_norm": vec(D), "k_norm": vec(D)}
+        else:
+            hv, C = cfg.linear_num_value_heads, cfg.linear_conv_dim
+            attn = {"qkv": dense(C, H), "z": dense(cfg.linear_value_dim, H), "b": dense(hv, H), "a": dense(hv, H),
+                    "conv": (jax.random.normal(next(keys), (C, cfg.linear_conv_kernel_dim)) * 0.5).astype(dt),
+                    "dt_bias": 1.0 + vec(hv), "A_log": jnp.log(jax.random.uniform(next(keys), (hv,), minval=1, maxval=16)),
+                    "norm": 1.0 + vec(cfg.linear_value_head_dim), "out": dense(H, cfg.linear_value_dim)}
+        mlp = {"router": dense(E, H),
+               "experts": {"gate": nvfp4(E, I, H), "up": nvfp4(E, I, H), "down": nvfp4(E, H, I)},
+               "shared": {"gate": dense(Is, H), "up": dense(Is, H), "down": dense(H, Is)},
+               "shared_gate": dense(1, H)}
+        return {"input_norm": vec(H), "post_norm": vec(H), "attn": attn, "mlp": mlp}
+
+    return {"embed": (jax.random.normal(next(keys), (cfg.vocab_size, H)) * 0.5).astype(dt), "norm": vec(H),
+            "lm_head": dense(cfg.vocab_size, H), "layers": [layer(t) for t in cfg.layer_types]}

@@ -1,0 +1,193 @@
+"""Compiled prefill / decode / sampling over a mesh, and the generation loop.
+
+Shape buckets: prompts are right-padded to a power of two (at least 16) and the batch is the number
+of prompts, so one `generate` call compiles prefill once per bucket and decode once; compiled
+functions are kept per shape and reused across calls. `traces` counts how often each function was
+traced (= compiled).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrun import model
+from jaxrun.sharding import param_specs, routed_experts, shardings
+
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when kept
+
+
+@dataclass
+class Timings:
+    compile_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        rate = lambda n, s: n / s if s > 0 else None
+        return {"compile_s": self.compile_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
+                "prefill_tok_s": rate(self.prefill_tokens, self.prefill_s),
+                "decode_tok_s": rate(self.decode_tokens, self.decode_s)}
+
+
+def _sample(logits, key, temperature, top_p, top_k):
+    """logits [B, V] f32 -> tokens [B]: argmax (lowest id on ties) where temperature == 0, else
+    sampling from the top-k / top-p filtered softmax(logits / temperature)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    scaled = jnp.take_along_axis(logits, order, -1) / jnp.maximum(temperature, 1e-6)[:, None]
+    rank = jnp.arange(logits.shape[-1])[None]
+    scaled = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (rank == 0)
+    pick = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    sampled = jnp.take_along_axis(order, pick[:, None], -1)[:, 0]
+    return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+
+
+class Runner:
+    """Parameters placed on a mesh plus their compiled functions."""
+
+    def __init__(self, params, cfg, mesh, precision: str = "f32", dense: str = "replicated"):
+        self.cfg, self.mesh, self.precision, self.dense = cfg, mesh, precision, dense
+        self.dt = DTYPES[precision]
+        self.specs = param_specs(params, mesh.size, dense)
+        self.param_shardings = shardings(self.specs, mesh)
+        self.params = jax.device_put(params, self.param_shardings)
+        self.rep = NamedSharding(mesh, P())
+        self.traces: Counter = Counter()
+        self._compiled: dict = {}
+        self._ropes: dict = {}
+        self.timings = Timings()
+
+    # -- compiled functions ------------------------------------------------------------------------
+    def _compile(self, key, fn, args, **jit_kw):
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = jax.jit(fn, **jit_kw).lower(*args).compile()
+            self.timings.compile_s += time.perf_counter() - t0
+        return self._compiled[key]
+
+    def rope(self, max_len: int):
+        if max_len not in self._ropes:
+            self._ropes[max_len] = jax.device_put(model.rope_table(self.cfg, max_len, self.dt), self.rep)
+        return self._ropes[max_len]
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False):
+        """tokens [B, T] int32 (T a bucket), lengths [B] -> (logits, cache) on device."""
+        def fn(params, tokens, lengths, rope):
+            self.traces["prefill"] += 1
+            return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt,
+                                 routed=routed_experts(self.mesh, self.dt), max_len=max_len, all_logits=all_logits)
+
+        args = (self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+        f = self._compile(("prefill", tokens.shape, max_len, all_logits), fn, args,
+                          in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
+                          out_shardings=(self.rep, self.rep))
+        return f(*args)
+
+    def decode(self, cache, tokens, pos, max_len: int):
+        """tokens [B], pos [B] (device or host) -> (logits [B, V], cache); the cache is donated."""
+        def fn(params, cache, tokens, pos, rope):
+            self.traces["decode"] += 1
+            return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
+                                routed=routed_experts(self.mesh, self.dt))
+
+        args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32), self.rope(max_len))
+        f = self._compile(("decode", len(pos), max_len), fn, args,
+                          in_shardings=(self.param_shardings, self.rep, self.rep, self.rep, self.rep),
+                          out_shardings=(self.rep, self.rep), donate_argnums=(1,))
+        return f(*args)
+
+    def sample(self, logits, key, s: Sampling):
+        B = logits.shape[0]
+        args = (logits, key, jnp.full((B,), s.temperature, jnp.float32), jnp.full((B,), s.top_p, jnp.float32),
+                jnp.full((B,), s.top_k, jnp.int32))
+        return self._compile(("sample", logits.shape), _sample, args)(*args)
+
+    # -- generation --------------------------------------------------------------------------------
+    def context_for(self, prompts, max_new_tokens: int) -> int:
+        longest = max(len(p) for p in prompts)
+        return bucket(max(bucket(longest), longest + max_new_tokens), 256)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None) -> list[Result]:
+        """Prefill all prompts together, then decode them together until each has max_new_tokens or
+        produced a stop id (kept as its last token). on_step(step, tokens [B], done [B]) after each token."""
+        B = len(prompts)
+        S = max_context or self.context_for(prompts, max_new_tokens)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        T = bucket(int(lengths.max()))
+        tokens = np.zeros((B, T), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        results = [Result(list(map(int, p))) for p in prompts]
+        if max_new_tokens <= 0:
+            return results
+        key = jax.random.PRNGKey(sampling.seed)
+        self._warm(tokens, lengths, S)
+        t0 = time.perf_counter()
+        logits, cache = self.prefill(tokens, lengths, S)
+        tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
+        host = np.asarray(tok)
+        self.timings.prefill_s += time.perf_counter() - t0
+        self.timings.prefill_tokens += int(lengths.sum())
+        done = np.zeros(B, bool)
+        pos = lengths.copy()
+        stop = set(stop_ids)
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            for b in np.flatnonzero(~done):
+                results[b].token_ids.append(int(host[b]))
+                if keep_logits:
+                    results[b].logits.append(np.asarray(logits[b]))
+                done[b] |= int(host[b]) in stop or len(results[b].token_ids) >= max_new_tokens
+            if on_step:
+                on_step(step, host, done)
+            if done.all():
+                break
+            logits, cache = self.decode(cache, tok, pos, S)
+            pos = np.minimum(pos + 1, S - 1)
+            tok = self.sample(logits, jax.random.fold_in(key, step + 1), sampling)
+            host = np.asarray(tok)
+            self.timings.decode_tokens += int((~done).sum())
+        self.timings.decode_s += time.perf_counter() - t0
+        return results
+
+    def _warm(self, tokens, lengths, S):
+        """Compile prefill, decode and sampling for these shapes before timing anything."""
+        B = len(lengths)
+        if ("decode", B, S) in self._compiled:
+            return
+        logits, cache = self.prefill(tokens, lengths, S)
+        self.sample(logits, jax.random.PRNGKey(0), Sampling())
+        jax.block_until_ready(self.decode(cache, np.zeros(B, np.int32), lengths, S))
