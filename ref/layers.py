@@ -36,8 +36,9 @@ class Precision:
 
     def act(self, x) -> np.ndarray:
         """An activation as stored by the model: bf16-rounded in bf16 mode, else the compute dtype."""
-        x = np.asarray(x, self.dtype)
-        return np.asarray(nvfp4.round_to_bf16(x), np.float32) if self.name == "bf16" else x
+        if self.name == "bf16":  # one correct rounding, also from float64
+            return np.asarray(nvfp4.round_to_bf16(x), np.float32)
+        return x.astype(self.dtype, copy=False) if isinstance(x, np.ndarray) else np.asarray(x, self.dtype)
 
 
 F64 = Precision("f64")
