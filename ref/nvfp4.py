@@ -1,0 +1,295 @@
+"""NVFP4: E2M1 elements, FP8 E4M3 block scales, float32 global scales — bit-exact, in NumPy.
+
+This module is the only place the format's constants live. Normative text: spec/nvfp4.md.
+
+Layout of one quantized linear [N, K] (ModelOpt export, checkpoint order):
+  packed        uint8 [..., K/2]           element 2j in the low nibble, 2j+1 in the high nibble
+  weight_scale  float8_e4m3fn [..., K/16]  one scale per 16 consecutive elements of a row
+  weight_scale_2 float32 0-d               global ("per-tensor") scale, dequant direction
+  value = e2m1(code) * fp32(fp32(weight_scale) * weight_scale_2)
+"""
+import numpy as np
+import ml_dtypes
+
+from ref.errors import FormatError
+
+BLOCK_SIZE = 16                      # elements per block scale
+E2M1_MAX = 6.0                       # largest E2M1 magnitude
+E4M3_MAX = 448.0                     # largest finite float8_e4m3fn
+E4M3_MIN_SUBNORMAL = 2.0 ** -9       # smallest positive float8_e4m3fn
+GLOBAL_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688: weight_scale_2 = amax / 2688
+NAN_CODE = 0x7                       # NaN encodes as +6 under both sign rules
+SIGN_RULES = ("modelopt", "cuda")
+RECIPES = ("modelopt-0.37", "modelopt-0.45")
+SWIZZLE_ROWS = 128                   # CUTLASS SM100 scale-factor atom: 128 rows x 4 scale columns
+SWIZZLE_COLS = 4
+
+# code -> value, bit 3 = sign, bits 2..1 = exponent (bias 1), bit 0 = mantissa
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+
+E4M3 = ml_dtypes.float8_e4m3fn
+_F4 = ml_dtypes.float4_e2m1fn
+_FLOAT_INPUTS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
+                 np.dtype(np.float32), np.dtype(np.float64))
+
+# byte -> (value of low nibble, value of high nibble): one table read decodes two elements.
+_PAIRS = np.stack([E2M1_VALUES[np.arange(256) & 15], E2M1_VALUES[np.arange(256) >> 4]], axis=-1)
+_PAIR_F32 = np.ascontiguousarray(_PAIRS).view(np.uint64).reshape(256)          # [256] 2 x f32
+_PAIR_F64 = (_PAIRS[:, 0].astype(np.float64) + 1j * _PAIRS[:, 1]).astype(np.complex128)  # [256]
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks and exact narrowing
+
+
+def _float_array(x, name):
+    """x as an ndarray of one of the accepted float dtypes, else FormatError."""
+    a = np.asarray(x)
+    if a.dtype not in _FLOAT_INPUTS:
+        raise FormatError(f"{name}: expected float16/bfloat16/float32/float64, got dtype {a.dtype}")
+    return a
+
+
+def _to_float32_odd(a):
+    """Float array -> float32 such that one later rounding to a format of <= 22 bits is exact.
+
+    float16/bfloat16/float32 convert exactly. float64 rounds to odd (truncate, then set the last
+    bit if inexact), so ml_dtypes' float32-based casts round float64 input correctly once.
+    """
+    if a.dtype != np.float64:
+        return a.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = a.astype(np.float32)
+        r64 = r.astype(np.float64)
+        inexact = (r64 != a) & np.isfinite(a)
+        away = inexact & (np.abs(r64) > np.abs(a))
+    r = np.where(away, np.nextafter(r, np.float32(0)), r).astype(np.float32)
+    return (r.view(np.uint32) | inexact.astype(np.uint32)).view(np.float32).reshape(a.shape)
+
+
+def _scalar_f32(x, name, positive=False):
+    """A 0-d float input as a float32 0-d array (positive finite when asked)."""
+    a = np.asarray(x)
+    if a.ndim != 0:
+        raise FormatError(f"{name}: expected a 0-d scalar, got shape {a.shape}")
+    if a.dtype.kind != "f" and a.dtype != np.dtype(ml_dtypes.bfloat16):
+        raise FormatError(f"{name}: expected a float scalar, got dtype {a.dtype}")
+    v = np.asarray(a.astype(np.float32))
+    if positive and not (np.isfinite(v) and v > 0):
+        raise FormatError(f"{name}: expected a positive finite float32, got {float(v)!r}")
+    return v
+
+
+def _check_blocked(a, name):
+    if a.ndim < 1 or a.shape[-1] % BLOCK_SIZE:
+        raise FormatError(f"{name}: last dimension must be a multiple of {BLOCK_SIZE}, "
+                          f"got shape {a.shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# E2M1 elements
+
+
+def encode_e2m1(x, sign="modelopt"):
+    """Float array -> uint8 E2M1 codes 0..15, same shape.
+
+    Round to nearest, ties to even; |x| > 5 and +-inf saturate to +-6; NaN -> code 7.
+    sign="modelopt": sign bit set iff x < 0 (so -0.0 -> 0x0); sign="cuda": sign bit copied
+    (so -0.0 -> 0x8). Negative values that round to zero get 0x8 under both rules.
+    """
+    if sign not in SIGN_RULES:
+        raise FormatError(f"sign: expected one of {SIGN_RULES}, got {sign!r}")
+    a = _float_array(x, "x")
+    y = _to_float32_odd(a)
+    mag = np.abs(y).astype(_F4).view(np.uint8) & np.uint8(7)
+    neg = (y < 0) if sign == "modelopt" else np.signbit(y)
+    codes = mag | (neg.astype(np.uint8) << np.uint8(3))
+    return np.where(np.isnan(y), np.uint8(NAN_CODE), codes).astype(np.uint8).reshape(a.shape)
+
+
+def _check_codes(c, name, limit):
+    c = np.asarray(c)
+    if c.dtype.kind not in "ui":
+        raise FormatError(f"{name}: expected an integer (uint8) array, got dtype {c.dtype}")
+    if c.size and (c.min() < 0 or c.max() > limit):
+        raise FormatError(f"{name}: expected values in 0..{limit}, got {c.min()}..{c.max()}")
+    return c.astype(np.uint8, copy=False)
+
+
+def decode_e2m1(codes):
+    """uint8 codes 0..15 -> float32 values (0x8 is -0.0)."""
+    c = _check_codes(codes, "codes", 15)
+    return E2M1_VALUES[c]
+
+
+def pack_e2m1(codes):
+    """Codes [..., 2n] -> bytes [..., n]: element 2j in the low nibble, 2j+1 in the high nibble."""
+    c = _check_codes(codes, "codes", 15)
+    if c.ndim < 1 or c.shape[-1] % 2:
+        raise FormatError(f"codes: last dimension must be even, got shape {c.shape}")
+    return (c[..., 0::2] | (c[..., 1::2] << np.uint8(4))).astype(np.uint8)
+
+
+def unpack_e2m1(packed):
+    """Bytes [..., n] -> codes [..., 2n] (inverse of pack_e2m1)."""
+    p = np.asarray(packed)
+    if p.dtype != np.uint8 or p.ndim < 1:
+        raise FormatError(f"packed: expected a uint8 array of rank >= 1, "
+                          f"got dtype {p.dtype} shape {p.shape}")
+    out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), dtype=np.uint8)
+    out[..., 0::2] = p & np.uint8(15)
+    out[..., 1::2] = p >> np.uint8(4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 E4M3 scales and bfloat16
+
+
+def encode_e4m3(x):
+    """Float array -> float8_e4m3fn, round to nearest even, saturating at +-448 (NaN stays NaN)."""
+    a = _float_array(x, "x")
+    y = np.clip(_to_float32_odd(a), -E4M3_MAX, E4M3_MAX)
+    return np.asarray(y.astype(E4M3)).reshape(a.shape)
+
+
+def decode_e4m3(s):
+    """float8_e4m3fn array (or its raw uint8 bytes) -> exact float32 values."""
+    a = np.asarray(s)
+    if a.dtype == np.uint8:
+        a = a.view(E4M3)
+    elif a.dtype != np.dtype(E4M3):
+        raise FormatError(f"scales: expected float8_e4m3fn or uint8, got dtype {a.dtype}")
+    return a.astype(np.float32)
+
+
+def round_to_bf16(x):
+    """Round to the nearest bfloat16 value, ties to even; NaN and +-inf preserved.
+
+    Returns float64 for float64 input (one correct rounding), float32 otherwise.
+    """
+    a = _float_array(x, "x")
+    out_dtype = np.float64 if a.dtype == np.float64 else np.float32
+    return np.asarray(_to_float32_odd(a).astype(ml_dtypes.bfloat16).astype(out_dtype)).reshape(a.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights (ModelOpt export) and dequantization
+
+
+def _block_amax(y):
+    """|y| maximum over each block of 16 along the last axis. [..., K] -> [..., K/16] float32."""
+    m = np.abs(y).reshape(y.shape[:-1] + (y.shape[-1] // BLOCK_SIZE, BLOCK_SIZE))
+    while m.shape[-1] > 1:
+        h = m.shape[-1] // 2
+        m = np.maximum(m[..., :h], m[..., h:])
+    return m[..., 0]
+
+
+def quantize_weight(w, recipe="modelopt-0.37", global_scale=None):
+    """ModelOpt's NVFP4 weight export: w [..., K] -> (packed uint8 [..., K/2],
+    weight_scale float8_e4m3fn [..., K/16], weight_scale_2 float32 0-d).
+
+    All arithmetic in float32 (float64 input is first rounded to float32):
+      amax = global_scale if given (tie gate/up: max of both amaxes) else max|w|
+      weight_scale_2 = fp32(amax / 2688)
+      s = fp32(block_amax / fp32(6 * weight_scale_2)); s == 0 -> 1.0
+      modelopt-0.37: weight_scale = e4m3(s)  (tiny blocks underflow to byte 0x00)
+      modelopt-0.45: weight_scale = e4m3(clip(s, 2^-9, 448))
+      codes = encode_e2m1(w / fp32(fp32(weight_scale) * weight_scale_2), sign="modelopt")
+    global_scale below max|w| is not checked (ModelOpt does not): block scales then exceed 448,
+    which modelopt-0.37 casts without saturation (NaN above 464) and modelopt-0.45 clamps.
+    An all-zero tensor without global_scale gives weight_scale_2 = 0 and NaN scales, as ModelOpt.
+    """
+    if recipe not in RECIPES:
+        raise FormatError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
+    a = _float_array(w, "w")
+    _check_blocked(a, "w")
+    w32 = a.astype(np.float32, copy=False)                       # [..., K]
+    bmax = _block_amax(w32)                                      # [..., K/16]
+    if global_scale is None:
+        amax = np.float32(bmax.max()) if bmax.size else np.float32(0)
+    else:
+        amax = _scalar_f32(global_scale, "global_scale", positive=True)[()]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale_2 = np.float32(amax / np.float32(GLOBAL_DIVISOR))
+        s = bmax / np.float32(np.float32(E2M1_MAX) * scale_2)    # [..., K/16]
+        s = np.where(s == 0, np.float32(1.0), s).astype(np.float32)
+        if recipe == "modelopt-0.45":
+            s = np.clip(s, np.float32(E4M3_MIN_SUBNORMAL), np.float32(E4M3_MAX))
+        weight_scale = np.asarray(s.astype(E4M3))
+        den = (weight_scale.astype(np.float32) * scale_2).astype(np.float32)
+        y = w32.reshape(bmax.shape + (BLOCK_SIZE,)) / den[..., None]
+    codes = encode_e2m1(y.reshape(a.shape), sign="modelopt")
+    return pack_e2m1(codes), weight_scale, np.asarray(scale_2, dtype=np.float32)
+
+
+def _check_triplet(packed, scales, name_scales="weight_scale"):
+    """Validate packed bytes against block scales; return (packed, float32 scales)."""
+    p = np.asarray(packed)
+    if p.dtype != np.uint8 or p.ndim < 1:
+        raise FormatError(f"packed: expected a uint8 array of rank >= 1, "
+                          f"got dtype {p.dtype} shape {p.shape}")
+    if p.shape[-1] % (BLOCK_SIZE // 2):
+        raise FormatError(f"packed: last dimension must be a multiple of {BLOCK_SIZE // 2} "
+                          f"(K a multiple of {BLOCK_SIZE}), got shape {p.shape}")
+    s = decode_e4m3(scales)
+    want = p.shape[:-1] + (2 * p.shape[-1] // BLOCK_SIZE,)
+    if s.shape != want:
+        raise FormatError(f"{name_scales}: expected shape {want} for packed {p.shape}, "
+                          f"got {s.shape}")
+    return p, s
+
+
+def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32):
+    """Exact NVFP4 decode: packed [..., K/2], scales [..., K/16], global 0-d -> values [..., K].
+
+    factor = fp32(fp32(weight_scale) * weight_scale_2) per block; value = e2m1 * factor, rounded
+    to float32 (dtype=float32) or exact (dtype=float64). Also decodes activations
+    (scales from quantize_activation, global = input_scale).
+    """
+    p, s = _check_triplet(packed, weight_scale)
+    g = _scalar_f32(weight_scale_2, "weight_scale_2")
+    dtype = np.dtype(dtype)
+    factor = (s * g).astype(np.float32)                                # [..., K/16]
+    k = 2 * p.shape[-1]
+    if dtype == np.float32:
+        vals = _PAIR_F32[p].view(np.float32)                           # [..., K]
+    elif dtype == np.float64:
+        vals = _PAIR_F64[p].view(np.float64)
+    else:
+        raise FormatError(f"dtype: expected float32 or float64, got {dtype}")
+    blocks = vals.reshape(p.shape[:-1] + (k // BLOCK_SIZE, BLOCK_SIZE))
+    blocks *= factor[..., None].astype(dtype)
+    return vals.reshape(p.shape[:-1] + (k,))
+
+
+# ---------------------------------------------------------------------------------------------
+# activations (the engines' CUDA quantizer)
+
+
+def quantize_activation(x, input_scale, sign="cuda"):
+    """Engine activation quantizer: x [..., K] -> (packed uint8 [..., K/2], scales e4m3 [..., K/16]).
+
+    float32 operations in this order, exact reciprocals (GPUs use rcp.approx, see spec):
+      G = fp32(1 / input_scale); vmax = max|x| over the block (NaN ignored)
+      SF = fp32(G * fp32(vmax * fp32(1/6))); scale = e4m3 saturating(SF)
+      out_scale = fp32(1 / fp32(fp32(scale) * fp32(1 / G))), or 0 when scale == 0
+      codes = encode_e2m1(fp32(x) * out_scale, sign)
+    """
+    a = _float_array(x, "x")
+    _check_blocked(a, "x")
+    g = np.float32(1) / _scalar_f32(input_scale, "input_scale", positive=True)[()]
+    x32 = a.astype(np.float32, copy=False)                      # [..., K]
+    blocks = x32.reshape(a.shape[:-1] + (a.shape[-1] // BLOCK_SIZE, BLOCK_SIZE))
+    vmax = np.fmax.reduce(np.abs(blocks), axis=-1)               # [..., K/16]
+    with np.errstate(over="ignore", invalid="ignore"):
+        sf = g * (vmax * (np.float32(1) / np.float32(E2M1_MAX)))
+        scales = encode_e4m3(sf.astype(np.float32))
+        s = scales.astype(np.float32)
+        rg = np.float32(1) / g
+        with np.errstate(divide="ignore"):
+            out_scale = np.where(s != 0, np.float32(1) / (s * rg), np.float32(0)).astype(np.float32)
+        y = blocks * out_scale[..., None]
+    return pack_e2m1(encode_e2m1(y.reshape(a.shape), sign=sign)), scales
