@@ -293,3 +293,105 @@ def quantize_activation(x, input_scale, sign="cuda"):
             out_scale = np.where(s != 0, np.float32(1) / (s * rg), np.float32(0)).astype(np.float32)
         y = blocks * out_scale[..., None]
     return pack_e2m1(encode_e2m1(y.reshape(a.shape), sign=sign)), scales
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM
+
+
+def _round_once(acc, dtype):
+    """float64 result -> dtype with one rounding (float64, float32 or bfloat16)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return acc
+    if dtype == np.float32:
+        return acc.astype(np.float32)
+    if dtype == np.dtype(ml_dtypes.bfloat16):
+        return _to_float32_odd(acc).astype(ml_dtypes.bfloat16)
+    raise FormatError(f"dtype: expected float64, float32 or bfloat16, got {dtype}")
+
+
+def _block_values(packed, scales):
+    """e2m1(code) * fp32(scale) in float64 (exact): [..., K/2], [..., K/16] -> [..., K]."""
+    vals = _PAIR_F64[packed].view(np.float64)
+    blocks = vals.reshape(scales.shape + (BLOCK_SIZE,))
+    blocks *= scales[..., None].astype(np.float64)
+    return vals
+
+
+def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtype=np.float64,
+                 sign="cuda"):
+    """x [..., K] @ W.T for an NVFP4 weight W [N, K] -> [..., N] in dtype (one final rounding).
+
+    W4A4 (input_scale given): x is quantized by quantize_activation(x, input_scale, sign);
+      out = fp32(input_scale * weight_scale_2) * sum_b sa[m, b] * sw[n, b] * sum_{k in b} a * w,
+      every product and block sum exact, accumulated in float64.
+    W4A16 (input_scale None): out = x @ dequantize(W, float64).T in float64.
+    """
+    p, sw = _check_triplet(packed, weight_scale)
+    if p.ndim != 2:
+        raise FormatError(f"packed: expected a 2-D weight [N, K/2], got shape {p.shape}")
+    g = _scalar_f32(weight_scale_2, "weight_scale_2")
+    a = _float_array(x, "x")
+    k = 2 * p.shape[1]
+    if a.ndim < 1 or a.shape[-1] != k:
+        raise FormatError(f"x: expected last dimension K = {k} (packed {p.shape}), "
+                          f"got shape {a.shape}")
+    if input_scale is None:
+        w = dequantize(p, weight_scale, g, dtype=np.float64)                 # [N, K]
+        acc = a.astype(np.float64) @ w.T                                     # [..., N]
+    else:
+        s_in = _scalar_f32(input_scale, "input_scale", positive=True)
+        pa, sa = quantize_activation(a, s_in, sign=sign)
+        xa = _block_values(pa, decode_e4m3(sa))                              # [..., K]
+        wb = _block_values(p, sw)                                            # [N, K]
+        alpha = np.float32(s_in * g)
+        acc = (xa @ wb.T) * np.float64(alpha)                                # [..., N]
+    return _round_once(acc, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUTLASS 128x4 scale-factor layout
+
+
+def _padded(m, kb):
+    return (-(-m // SWIZZLE_ROWS) * SWIZZLE_ROWS, -(-kb // SWIZZLE_COLS) * SWIZZLE_COLS)
+
+
+def swizzle_scales(scales):
+    """Linear block scales [..., M, K/16] -> CUTLASS SM100 layout [..., M', K'] (same dtype).
+
+    Rows padded to M' = ceil(M/128)*128, columns to K' = ceil(K/16 / 4)*4, padding zero. The
+    C-order flat index of element (m, kb) is
+      (m // 128) * (K'/4) * 512 + (kb // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + kb % 4.
+    """
+    s = np.asarray(scales)
+    if s.ndim < 2 or s.dtype.itemsize != 1:
+        raise FormatError(f"scales: expected a 1-byte array [..., M, K/16], "
+                          f"got dtype {s.dtype} shape {s.shape}")
+    lead, (m, kb) = s.shape[:-2], s.shape[-2:]
+    mp, kp = _padded(m, kb)
+    pad = np.zeros(lead + (mp, kp), dtype=np.uint8)
+    pad[..., :m, :kb] = s.view(np.uint8)
+    n = len(lead)
+    tiles = pad.reshape(lead + (mp // 128, 4, 32, kp // 4, 4))               # tile, m/32, m%32, kt, k%4
+    order = tuple(range(n)) + tuple(n + i for i in (0, 3, 2, 1, 4))
+    return np.ascontiguousarray(tiles.transpose(order)).reshape(lead + (mp, kp)).view(s.dtype)
+
+
+def unswizzle_scales(swizzled, m, kb):
+    """Inverse of swizzle_scales: [..., M', K'] -> linear [..., m, kb] (padding dropped)."""
+    s = np.asarray(swizzled)
+    if s.ndim < 2 or s.dtype.itemsize != 1:
+        raise FormatError(f"swizzled: expected a 1-byte array [..., M', K'], "
+                          f"got dtype {s.dtype} shape {s.shape}")
+    lead = s.shape[:-2]
+    if s.shape[-2:] != _padded(m, kb):
+        raise FormatError(f"swizzled: expected padded shape {_padded(m, kb)} for {m} rows x "
+                          f"{kb} scale columns, got {s.shape[-2:]}")
+    mp, kp = _padded(m, kb)
+    n = len(lead)
+    tiles = s.view(np.uint8).reshape(lead + (mp // 128, kp // 4, 32, 4, 4))  # tile, kt, m%32, m/32, k%4
+    order = tuple(range(n)) + tuple(n + i for i in (0, 3, 2, 1, 4))
+    lin = np.ascontiguousarray(tiles.transpose(order)).reshape(lead + (mp, kp))
+    return np.ascontiguousarray(lin[..., :m, :kb]).view(s.dtype)
