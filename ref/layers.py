@@ -320,10 +320,9 @@ def swiglu(x: np.ndarray, gate_w: np.ndarray, up_w: np.ndarray, down_w: np.ndarr
 
 
 def nvfp4_linear_w4a4(x: np.ndarray, w, input_scale, p: Precision = F64) -> np.ndarray:
-    """Engine W4A4 linear: x [n, in] quantized with ref.nvfp4.quantize_activation(x, input_scale),
-    times the NVFP4 weight `w` (packed, weight_scale, weight_scale_2) -> [n, out], stored."""
-    xq, xs = nvfp4.quantize_activation(x, input_scale)
-    return p.act(nvfp4.nvfp4_matmul(xq, xs, input_scale, w.packed, w.weight_scale, w.weight_scale_2))
+    """Engine W4A4 linear: ref.nvfp4.nvfp4_matmul quantizes x [n, in] with quantize_activation(x,
+    input_scale) and multiplies the codes with the NVFP4 weight `w` exactly -> [n, out], stored."""
+    return p.act(nvfp4.nvfp4_matmul(x, w.packed, w.weight_scale, w.weight_scale_2, input_scale=input_scale))
 
 
 def swiglu_w4a4(x: np.ndarray, gate, up, down, gate_up_scale, down_scale, p: Precision = F64):
