@@ -83,7 +83,7 @@ def _scalar_f32(x, name, positive=False):
 
 def _check_blocked(a, name):
     if a.ndim < 1 or a.shape[-1] % BLOCK_SIZE:
-        raise FormatError(f"{name}: last dimension must be a multiple of {BLOCK_SIZE}, "
+        raise FormatError(f"{name}: expected a last dimension that is a multiple of {BLOCK_SIZE}, "
                           f"got shape {a.shape}")
 
 
@@ -127,7 +127,7 @@ def pack_e2m1(codes):
     """Codes [..., 2n] -> bytes [..., n]: element 2j in the low nibble, 2j+1 in the high nibble."""
     c = _check_codes(codes, "codes", 15)
     if c.ndim < 1 or c.shape[-1] % 2:
-        raise FormatError(f"codes: last dimension must be even, got shape {c.shape}")
+        raise FormatError(f"codes: expected an even last dimension, got shape {c.shape}")
     return (c[..., 0::2] | (c[..., 1::2] << np.uint8(4))).astype(np.uint8)
 
 
@@ -232,8 +232,8 @@ def _check_triplet(packed, scales, name_scales="weight_scale"):
         raise FormatError(f"packed: expected a uint8 array of rank >= 1, "
                           f"got dtype {p.dtype} shape {p.shape}")
     if p.shape[-1] % (BLOCK_SIZE // 2):
-        raise FormatError(f"packed: last dimension must be a multiple of {BLOCK_SIZE // 2} "
-                          f"(K a multiple of {BLOCK_SIZE}), got shape {p.shape}")
+        raise FormatError(f"packed: expected a last dimension that is a multiple of "
+                          f"{BLOCK_SIZE // 2} (K a multiple of {BLOCK_SIZE}), got shape {p.shape}")
     s = decode_e4m3(scales)
     want = p.shape[:-1] + (2 * p.shape[-1] // BLOCK_SIZE,)
     if s.shape != want:
