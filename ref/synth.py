@@ -149,7 +149,7 @@ def dense_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return _normal(rng, shape, 1 / math.sqrt(shape[1]))
 
 
-class _Experts:
+class ExpertWeights:
     """Routed-expert tensors, drawn per (layer, expert, projection) so both layouts agree."""
 
     def __init__(self, cfg: Config, seed: int, recipe: str, fast: bool):
@@ -195,7 +195,7 @@ class _Experts:
 
 def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool) -> dict[str, LazyTensor]:
     """Every tensor of the checkpoint in file order, as LazyTensors."""
-    t, experts = cfg.text, _Experts(cfg, seed, recipe, fast)
+    t, experts = cfg.text, ExpertWeights(cfg, seed, recipe, fast)
     dense = layout.dense_tensors(cfg)
     plan: dict[str, LazyTensor] = {}
 
@@ -218,7 +218,7 @@ def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool) -
     return plan
 
 
-def _expert_plan(cfg: Config, layer, experts: _Experts, expert_layout: str) -> dict[str, LazyTensor]:
+def _expert_plan(cfg: Config, layer, experts: ExpertWeights, expert_layout: str) -> dict[str, LazyTensor]:
     t, n = cfg.text, cfg.text.num_experts
     p = "mtp.layers.0.mlp.experts" if layer == "mtp" else f"{cfg.text_prefix}layers.{layer}.mlp.experts"
     bf16 = layer == "mtp"
