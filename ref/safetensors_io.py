@@ -212,13 +212,22 @@ def _raw_bytes(a: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(a.reshape(-1)).view(np.uint8))
 
 
-def overwrite_tensor(path: str | Path, name: str, value: np.ndarray) -> None:
-    """Replace the bytes of an existing tensor in place (same dtype and shape)."""
-    info = SafetensorsFile(path).info(name)
-    value = np.asarray(value)
-    if dtype_name(value.dtype) != info.dtype or value.shape != info.shape:
-        raise CheckpointError(f"{path}: tensor '{name}' is {info.dtype} {list(info.shape)}, "
-                              f"got {dtype_name(value.dtype)} {list(value.shape)}")
+def overwrite_tensors(path: str | Path, values: Mapping[str, np.ndarray]) -> None:
+    """Replace the bytes of existing tensors in place (same dtype and shape each)."""
+    tensors, _ = read_header(path)
     with open(path, "r+b") as f:
-        f.seek(info.begin)
-        f.write(_raw_bytes(value))
+        for name, value in values.items():
+            info = tensors.get(name)
+            value = np.asarray(value)
+            if info is None:
+                raise CheckpointError(f"{path}: no tensor '{name}'")
+            if dtype_name(value.dtype) != info.dtype or value.shape != info.shape:
+                raise CheckpointError(f"{path}: tensor '{name}' is {info.dtype} {list(info.shape)}, "
+                                      f"got {dtype_name(value.dtype)} {list(value.shape)}")
+            f.seek(info.begin)
+            f.write(_raw_bytes(value))
+
+
+def overwrite_tensor(path: str | Path, name: str, value: np.ndarray) -> None:
+    """Replace one tensor's bytes in place (same dtype and shape)."""
+    overwrite_tensors(path, {name: value})

@@ -38,7 +38,7 @@ from ref.config import FULL, LINEAR, QWEN35_397B, SEED_EXCLUDE_MODULES, Config, 
     VisionConfig, config_dict, hf_quant_config_dict
 from ref.errors import CheckpointError, ConfigError, FormatError
 from ref.nvfp4 import E2M1_VALUES, E4M3_MAX, GLOBAL_DIVISOR, dequantize, quantize_weight
-from ref.safetensors_io import LazyTensor, overwrite_tensor, write_safetensors
+from ref.safetensors_io import LazyTensor, overwrite_tensors, write_safetensors
 from ref.synth_tokenizer import SPECIAL_ID, build_tokenizer, tokenizer_config
 
 PRESETS = ("tiny", "small", "397b")
@@ -365,8 +365,11 @@ def _store_input_scales(ckpt, layer: int, scales: np.ndarray) -> None:
     else:
         values = {f"{p}.{e}.{proj}.input_scale": scales[e, 1 if proj == "down_proj" else 0]
                   for e in range(len(scales)) for proj in layout.PROJS}
+    by_file: dict[Path, dict[str, np.ndarray]] = {}
     for name, v in values.items():
-        overwrite_tensor(ckpt.file_of(name).path, name, np.asarray(v, np.float32))
+        by_file.setdefault(ckpt.file_of(name).path, {})[name] = np.asarray(v, np.float32)
+    for path, vals in by_file.items():
+        overwrite_tensors(path, vals)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from ref.errors import CheckpointError
-from ref.safetensors_io import DTYPES, LazyTensor, SafetensorsFile, overwrite_tensor, read_header, write_safetensors
+from ref.safetensors_io import DTYPES, LazyTensor, SafetensorsFile, overwrite_tensors, read_header, write_safetensors
 
 
 def _sample(dtype: str, shape) -> np.ndarray:
@@ -93,11 +93,13 @@ def test_rows_and_lazy_tensors(tmp_path):
 def test_overwrite_tensor_in_place(tmp_path):
     path = tmp_path / "x.safetensors"
     write_safetensors(path, {"s": np.asarray(np.float32(1)), "w": _sample("U8", (8,))})
-    overwrite_tensor(path, "s", np.asarray(np.float32(0.25)))
+    overwrite_tensors(path, {"s": np.asarray(np.float32(0.25))})
     f = SafetensorsFile(path)
     assert f.tensor("s") == np.float32(0.25) and f.tensor("s").shape == ()
     with pytest.raises(CheckpointError, match="is F32 \\[\\], got F32 \\[1\\]"):
-        overwrite_tensor(path, "s", np.array([1.0], np.float32))
+        overwrite_tensors(path, {"s": np.array([1.0], np.float32)})
+    with pytest.raises(CheckpointError, match="no tensor 'nope'"):
+        overwrite_tensors(path, {"nope": np.float32(1)})
 
 
 # ---- untrusted headers -------------------------------------------------------------------------
