@@ -89,6 +89,12 @@ class Runner:
         self._ropes: dict = {}
         self.timings = Timings()
 
+    def set_params(self, params) -> None:
+        """Swap in other parameters of the same structure and shapes (compiled functions are kept)."""
+        if jax.tree.structure(params) != jax.tree.structure(self.params):
+            raise ValueError("set_params: parameter tree differs from the compiled one")
+        self.params = jax.device_put(params, self.param_shardings)
+
     # -- compiled functions ------------------------------------------------------------------------
     def _compile(self, key, fn, args, **jit_kw):
         if key not in self._compiled:
@@ -142,7 +148,8 @@ class Runner:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None) -> list[Result]:
         """Prefill all prompts together, then decode them together until each has max_new_tokens or
-        produced a stop id (kept as its last token). on_step(step, tokens [B], done [B]) after each token."""
+        produced a stop id (kept as its last token). on_step(results, done [B]) runs after each token and
+        may return a bool array [B] of further sequences to stop (e.g. on stop text)."""
         B = len(prompts)
         S = max_context or self.context_for(prompts, max_new_tokens)
         lengths = np.array([len(p) for p in prompts], np.int32)
@@ -172,7 +179,8 @@ class Runner:
                     results[b].logits.append(np.asarray(logits[b]))
                 done[b] |= int(host[b]) in stop or len(results[b].token_ids) >= max_new_tokens
             if on_step:
-                on_step(step, host, done)
+                more = on_step(results, done)
+                done |= False if more is None else np.asarray(more, bool)
             if done.all():
                 break
             logits, cache = self.decode(cache, tok, pos, S)

@@ -1,0 +1,151 @@
+"""jaxrun on one CPU device against ref: NVFP4 decoding, logits, greedy tokens, batching, compiles, CLI.
+
+One Runner (f32, one device, cache of CONTEXT positions) is shared by the module so each shape is
+compiled once; the fused-layout checkpoint reuses its compiled functions.
+"""
+import json
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from jaxrun.generate import main as cli_main
+from jaxrun.load import load
+from jaxrun.model import dequant_nvfp4
+from jaxrun.runner import Runner
+from jaxrun.sharding import make_mesh
+from ref.model import Model
+from ref.nvfp4 import dequantize
+from ref.tokenizer import load_tokenizer
+
+CONTEXT = 256
+PROMPTS = [[5, 17, 300, 42, 7, 99, 250, 1, 3], [64, 2, 11, 400]]
+STEPS = 8
+TOL = 1e-4  # f32 runner vs f64 reference, max |Δ logit|
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoint):
+    mesh = make_mesh(1)
+    ckpt, params = load(str(tiny_checkpoint), mesh, "f32", progress=False)
+    return Runner(params, ckpt.config.text, mesh, "f32")
+
+
+@pytest.fixture(scope="module")
+def ref_model(tiny_checkpoint):
+    return Model(str(tiny_checkpoint), "f64")
+
+
+@pytest.fixture(scope="module")
+def single(runner):
+    """Greedy generation of each prompt alone, logits kept."""
+    return [runner.generate([p], STEPS, max_context=CONTEXT, keep_logits=True)[0] for p in PROMPTS]
+
+
+# ---- NVFP4 decoding ----------------------------------------------------------------------------
+
+_dequant = jax.jit(dequant_nvfp4)
+_finite_f32 = st.integers(0, 2 ** 32 - 1).map(lambda b: np.uint32(b).view(np.float32)).filter(np.isfinite)
+
+
+@given(packed=st.binary(min_size=32, max_size=32), scales=st.binary(min_size=4, max_size=4), g=_finite_f32)
+def test_nvfp4_decode_bit_identical_to_ref(packed, scales, g):
+    """Every code byte, every E4M3 byte (NaN included), every finite float32 global (subnormals too)."""
+    q = np.frombuffer(packed, np.uint8).reshape(2, 16)                  # K = 32
+    s = np.frombuffer(scales, np.uint8).reshape(2, 2).view(ml_dtypes.float8_e4m3fn)
+    with np.errstate(all="ignore"):
+        want = dequantize(q, s, np.float32(g))
+    got = np.asarray(_dequant(q, s, np.float32(g)))
+    nan = np.isnan(want)
+    assert np.array_equal(nan, np.isnan(got))
+    assert np.array_equal(want.view(np.uint32)[~nan], got.view(np.uint32)[~nan])
+
+
+# ---- logits and tokens against ref -------------------------------------------------------------
+
+def _check_logits(runner, ref_model, results):
+    for r in results:
+        seq = r.prompt_token_ids + r.token_ids
+        full = ref_model.logits(seq)
+        n = len(r.prompt_token_ids)
+        jx = np.stack(r.logits)                                           # prefill's last row, then each decode step
+        assert np.abs(jx - full[n - 1:n - 1 + len(r.token_ids)]).max() <= TOL
+        tokens = np.zeros((1, 16), np.int32)
+        tokens[0, :n] = r.prompt_token_ids
+        lg, _ = runner.prefill(tokens, np.array([n]), CONTEXT, all_logits=True)
+        assert np.abs(np.asarray(lg)[0, :n] - full[:n]).max() <= TOL
+
+
+def test_logits_match_ref_per_expert_layout(runner, ref_model, single):
+    _check_logits(runner, ref_model, single)
+
+
+def test_logits_match_ref_fused_layout(runner, ref_model, tiny_checkpoint, tiny_checkpoint_fused):
+    _, fused = load(str(tiny_checkpoint_fused), runner.mesh, "f32", progress=False)
+    runner.set_params(fused)
+    try:
+        results = [runner.generate([p], STEPS, max_context=CONTEXT, keep_logits=True)[0] for p in PROMPTS]
+        _check_logits(runner, ref_model, results)
+    finally:
+        runner.set_params(load(str(tiny_checkpoint), runner.mesh, "f32", progress=False)[1])
+
+
+def test_greedy_tokens_equal_ref(ref_model, single):
+    for p, r in zip(PROMPTS, single):
+        assert r.token_ids == ref_model.generate(p, STEPS)
+
+
+def test_batch_equals_single(runner, single):
+    batch = runner.generate(PROMPTS, STEPS, max_context=CONTEXT, keep_logits=True)
+    for b, s in zip(batch, single):
+        assert b.token_ids == s.token_ids
+        assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL  # f32 rounding of other shapes
+
+
+def test_decode_compiles_once(runner, single):
+    """Generating more tokens or other prompt lengths of the same bucket compiles nothing new."""
+    before = dict(runner.traces)
+    runner.generate([PROMPTS[0]], 2 * STEPS, max_context=CONTEXT)
+    runner.generate([PROMPTS[0][:5]], 3, max_context=CONTEXT)
+    assert runner.traces == before
+    assert runner.traces["decode"] == sum(k[0] == "decode" for k in runner._compiled)  # once per (B, S)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def test_cli_json_contract_and_check(tiny_checkpoint, single):
+    ids = ",".join(map(str, PROMPTS[0]))
+    out = subprocess.run([sys.executable, "-m", "jaxrun.generate", "--model", str(tiny_checkpoint), "--token-ids", ids,
+                          "--max-new-tokens", str(STEPS), "--json", "--check", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    obj = json.loads(out.stdout.strip().splitlines()[-1])
+    assert obj["prompt_token_ids"] == PROMPTS[0]
+    want = single[0].token_ids
+    eos = set(Model(str(tiny_checkpoint)).cfg.eos_token_ids) | set(load_tokenizer(tiny_checkpoint).eos_token_ids)
+    cut = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))
+    assert obj["token_ids"] == want[:cut]
+    assert isinstance(obj["text"], str) and obj["finish_reason"] in ("stop", "length")
+    for k in ("compile_s", "prefill_tok_s", "decode_tok_s"):
+        assert k in obj["timings"]
+    assert "tok/s" in out.stderr and "check: PASS" in out.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--devices", "8"], "--devices 8"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--token-ids", "1,x"], "--token-ids"),
+    (["--token-ids", "1,99999"], "99999"),
+    (["--token-ids", "1,2", "--max-context", "8", "--max-new-tokens", "7"], "exceeds the context"),
+])
+def test_cli_bad_input_exits_2(tiny_checkpoint, capsys, args, words):
+    argv = args if args[0] == "--model" else ["--model", str(tiny_checkpoint), *args]
+    assert cli_main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and words in err[0]
