@@ -80,6 +80,19 @@ def rel_err(ref: np.ndarray, eng: np.ndarray) -> float:
     return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
+def max_row_rel_err(ref: np.ndarray, eng: np.ndarray) -> float:
+    """Worst row (token) of a [T, ...] tensor: max_t ||eng_t - ref_t||_2 / ||ref_t||_2; inf on NaN/inf."""
+    r = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    e = np.asarray(eng, dtype=np.float64).reshape(len(eng), -1)
+    if not np.all(np.isfinite(e)):
+        return float("inf")
+    num = np.linalg.norm(e - r, axis=-1)
+    den = np.linalg.norm(r, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(den > 0, num / den, np.where(num == 0, 0.0, np.inf))
+    return float(np.max(rel)) if rel.size else 0.0
+
+
 def max_abs(ref: np.ndarray, eng: np.ndarray) -> float:
     d = np.abs(np.asarray(eng, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
     return float(np.max(d)) if d.size else 0.0

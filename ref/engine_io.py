@@ -378,11 +378,12 @@ def load_json_file(path: str | Path) -> Any:
 # --------------------------------------------------------------------------- arrays
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from ref.errors import CheckpointError
+    from ref.safetensors_io import SafetensorsFile
     try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as e:
+        f = SafetensorsFile(path)
+        return {name: np.array(f.tensor(name)) for name in f.tensors}
+    except (OSError, CheckpointError) as e:
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 

@@ -1,0 +1,280 @@
+"""ref.crosscheck end to end: faithful engines pass; engines with the bugs users hit are flagged, and the
+layer dumps point at the layer where the bug was injected.
+
+Engines are the reference itself (bf16, W4A4), with one bug injected either by rewriting tensors of
+one layer in a copy of the tiny checkpoint or by wrapping a ref.layers function for one layer.
+"""
+import contextlib
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from ref import crosscheck as X
+from ref import divergence as D
+from ref import layers as L
+from ref.checkpoint import open_checkpoint
+from ref.model import Model
+from ref.safetensors_io import SafetensorsFile, overwrite_tensor
+
+T = 80  # > one DeltaNet chunk (64), so a state dropped between chunks shows
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return open_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ids(ckpt):
+    return np.random.default_rng(7).integers(0, ckpt.config.text.vocab_size, T).tolist()
+
+
+def engine(ckpt, ids, **kw):
+    """An 'engine' = ref.model in some mode -> (logits [T, V], dumps)."""
+    dumps = {}
+    logits, _ = Model(ckpt, **kw).prefill(ids, dumps=dumps)
+    return np.asarray(logits, np.float64), dumps
+
+
+def check(ckpt, ids, eng_logits, dumps, **kw):
+    return X.crosscheck(ckpt, ids, eng_logits=eng_logits, eng_dumps=dumps, lint=False, **kw)
+
+
+# ---------------------------------------------------------------- bug injection
+
+def rewrite_layer(src, dst, edits):
+    """Copy checkpoint `src` to `dst`, applying edits {tensor name: fn(array) -> array} in place."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, fn in edits.items():
+        shard = dst / index[name]
+        overwrite_tensor(shard, name, fn(np.array(SafetensorsFile(shard).tensor(name))))
+    return open_checkpoint(dst)
+
+
+def expert_edits(ckpt, layer, suffix, fn):
+    pre = f"{ckpt.config.text_prefix}layers.{layer}.mlp.experts."
+    return {n: fn for n in ckpt.names() if n.startswith(pre) and n.endswith(suffix)}
+
+
+@contextlib.contextmanager
+def deltanet_bug(ckpt, layer, bug):
+    """Wrap ref.layers.gated_deltanet so that only `layer` (found by its A_log) runs `bug`."""
+    target = np.asarray(ckpt.lm(f"layers.{layer}.linear_attn.A_log"), np.float64)
+    original = L.gated_deltanet
+
+    def wrapped(x, prm, *args, **kw):
+        if np.allclose(np.asarray(prm.A_log, np.float64), target, rtol=1e-2):
+            return bug(original, x, prm, *args, **kw)
+        return original(x, prm, *args, **kw)
+
+    L.gated_deltanet = wrapped
+    try:
+        yield
+    finally:
+        L.gated_deltanet = original
+
+
+def state_not_carried(original, x, prm, *args, **kw):
+    """Each chunk of the chunked rule starts again from the initial state."""
+    rule = L.delta_rule_chunked
+
+    def per_chunk(q, k, v, g, beta, state, chunk=L.CHUNK):
+        outs, S = [], state
+        for s in range(0, q.shape[0], chunk):
+            o, S = rule(q[s:s + chunk], k[s:s + chunk], v[s:s + chunk], g[s:s + chunk], beta[s:s + chunk], state, chunk)
+            outs.append(o)
+        return np.concatenate(outs), S
+
+    L.delta_rule_chunked = per_chunk
+    try:
+        return original(x, prm, *args, **kw)
+    finally:
+        L.delta_rule_chunked = rule
+
+
+def tiled_heads(original, x, prm, n_k_heads, *args, **kw):
+    """Value head h paired with key head h % Hk (tiled) instead of h // (Hv/Hk) (consecutive): the same
+    as the right pairing on value heads reordered so that heads sharing a key head are adjacent."""
+    Hv, dv = prm.A_log.shape[0], prm.norm.shape[0]
+    key_dim = (prm.conv1d.shape[0] - Hv * dv) // 2
+    perm = [h for kh in range(n_k_heads) for h in range(Hv) if h % n_k_heads == kh]
+    vrows = np.concatenate([np.arange(h * dv, (h + 1) * dv) for h in perm])
+    rows = np.concatenate([np.arange(2 * key_dim), 2 * key_dim + vrows])
+    prm = prm._replace(in_proj_qkv=prm.in_proj_qkv[rows], conv1d=prm.conv1d[rows], in_proj_z=prm.in_proj_z[vrows],
+                       in_proj_b=prm.in_proj_b[perm], in_proj_a=prm.in_proj_a[perm], dt_bias=prm.dt_bias[perm],
+                       A_log=prm.A_log[perm], out_proj=prm.out_proj[:, vrows])
+    return original(x, prm, n_k_heads, *args, **kw)
+
+
+# ---------------------------------------------------------------- faithful engines pass
+
+@pytest.mark.parametrize("precision, activations", [("bf16", "w4a16"), ("f32", "w4a4")])
+def test_faithful_engine_passes(ckpt, ids, precision, activations):
+    """Against the f64 reference in the engine's activation mode."""
+    logits, dumps = engine(ckpt, ids, precision=precision, activations=activations)
+    rep = check(ckpt, ids, logits, dumps, activations=activations)
+    assert rep["verdict"]["ok"], X.format_report(rep)
+    assert rep["summary"]["kl_kind"] == "full" and len(rep["positions"]) == T
+    assert any(r["name"] == "layers.3.after_moe" for r in rep["layers"])
+
+
+def test_faithful_engine_topk_json_passes(ckpt, ids):
+    """Only an engine's top-5 logprobs, in vLLM's prompt_logprobs shape."""
+    from ref import engine_io as io
+    logits, _ = engine(ckpt, ids, precision="bf16")
+    rec = io.read_engine_json(vllm_response(ids, logits, 5))
+    rep = X.crosscheck(ckpt, None, rec, lint=False)
+    assert rep["verdict"]["ok"] and rep["summary"]["kl_kind"] == "topk" and rep["engine"]["k"] == 5
+
+
+# ---------------------------------------------------------------- injected bugs are flagged where they are
+
+BUGS = {
+    # name: (how to build the engine, layer, first step expected to diverge)
+    "rmsnorm without +1": ("ckpt", 1, "after_mixer"),
+    "swapped nibble order": ("ckpt", 2, "after_moe"),
+    "inverted global scale": ("ckpt", 0, "after_moe"),
+    "tiled deltanet heads": ("patch", 2, "after_mixer"),
+    "deltanet state not carried across chunks": ("patch", 1, "after_mixer"),
+}
+
+
+def buggy_engine(name, ckpt, ids, tmp_path):
+    layer = BUGS[name][1]
+    if name == "rmsnorm without +1":  # the engine multiplies by w; ref by (1 + w): store w - 1
+        norm = f"{ckpt.config.text_prefix}layers.{layer}.input_layernorm.weight"
+        bad = rewrite_layer(ckpt.directory, tmp_path / "c", {norm: lambda w: (w.astype(np.float32) - 1).astype(w.dtype)})
+        return engine(bad, ids, precision="bf16")
+    if name == "swapped nibble order":
+        swap = lambda b: ((b & 0x0F) << 4 | b >> 4).astype(np.uint8)  # noqa: E731
+        return engine(rewrite_layer(ckpt.directory, tmp_path / "c", expert_edits(ckpt, layer, "_proj.weight", swap)),
+                      ids, precision="bf16")
+    if name == "inverted global scale":  # 1/weight_scale_2 used as the multiplier (divisor convention)
+        inv = lambda s: (np.float32(1) / s).astype(np.float32)  # noqa: E731
+        return engine(rewrite_layer(ckpt.directory, tmp_path / "c", expert_edits(ckpt, layer, "weight_scale_2", inv)),
+                      ids, precision="bf16")
+    bug = tiled_heads if name == "tiled deltanet heads" else state_not_carried
+    with deltanet_bug(ckpt, layer, bug):
+        return engine(ckpt, ids, precision="bf16")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the inverted scale blows the MoE up to inf
+@pytest.mark.parametrize("name", list(BUGS))
+def test_injected_bug_is_flagged_at_its_layer(name, ckpt, ids, tmp_path):
+    logits, dumps = buggy_engine(name, ckpt, ids, tmp_path)
+    rep = check(ckpt, ids, logits, dumps)
+    _, layer, step = BUGS[name]
+    assert not rep["verdict"]["ok"], X.format_report(rep)
+    first = rep["verdict"]["first_divergent"]
+    assert (first["name"], first["layer"]) == (f"layers.{layer}.{step}", layer), X.format_report(rep)
+    # without dumps, the logprobs alone still say the engine diverges
+    assert not check(ckpt, ids, logits, None)["verdict"]["ok"]
+
+
+def test_w4a4_max_over_experts_scale_is_flagged(ckpt, ids):
+    """A bf16 W4A4 engine collapses the per-expert activation scales to their max; checked against the
+    reference with the engine's rounding points (bf16, W4A4) and per-expert scales."""
+    logits, dumps = engine(ckpt, ids, precision="bf16", activations="w4a4", act_scale="max")
+    rep = check(ckpt, ids, logits, dumps, precision="bf16", activations="w4a4")
+    assert not rep["verdict"]["ok"], X.format_report(rep)
+    assert rep["verdict"]["first_divergent"]["name"] == "layers.0.after_moe", X.format_report(rep)
+
+
+# ---------------------------------------------------------------- CLI: live server, files, exit codes
+
+def vllm_response(ids, logits, k):
+    """A vLLM /v1/completions body with prompt_logprobs=k and return_token_ids for engine logits."""
+    lp = D.log_softmax(logits)
+    pl = [None]
+    for t in range(1, len(ids)):
+        order = D.top_ids(lp[t - 1], lp.shape[1])
+        rank = {int(i): r + 1 for r, i in enumerate(order)}
+        d = {str(ids[t]): {"logprob": float(lp[t - 1, ids[t]]), "rank": rank[ids[t]], "decoded_token": None}}
+        for i in order[:k]:
+            d.setdefault(str(int(i)), {"logprob": float(lp[t - 1, i]), "rank": rank[int(i)], "decoded_token": None})
+        pl.append(d)
+    nxt = int(np.argmax(lp[-1]))
+    return {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": "tiny",
+            "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                         "token_ids": [nxt], "prompt_logprobs": pl, "prompt_token_ids": list(ids)}],
+            "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids) + 1, "completion_tokens": 1}}
+
+
+@pytest.fixture
+def server():
+    """127.0.0.1 server (ephemeral port) answering /v1/completions with whatever body is set."""
+    class Handler(BaseHTTPRequestHandler):
+        body: dict = {}
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.dumps(Handler.body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", Handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_cli_server_pass_and_diverge(ckpt, ids, server, tmp_path, capsys):
+    url, handler = server
+    argv = ["--model", str(ckpt.directory), "--server", url, "--server-model", "tiny", "--top-k", "5",
+            "--token-ids", ",".join(map(str, ids))]
+    handler.body = vllm_response(ids, engine(ckpt, ids, precision="bf16")[0], 5)
+    out = tmp_path / "rep.json"
+    assert X.main(argv + ["--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text.splitlines()[-1] and "vllm prompt_logprobs" in text
+    rep = json.loads(out.read_text())
+    assert rep["verdict"]["ok"] and len(rep["positions"]) == T - 1 and rep["engine"]["k"] == 5
+    assert isinstance(rep["lint"], list)
+    with deltanet_bug(ckpt, 1, state_not_carried):
+        handler.body = vllm_response(ids, engine(ckpt, ids, precision="bf16")[0], 5)
+    assert X.main(argv) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("DIVERGES")
+
+
+def test_cli_files(ckpt, ids, tmp_path, capsys):
+    logits, dumps = buggy_engine("tiled deltanet heads", ckpt, ids, tmp_path)
+    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
+    save_file({k: np.ascontiguousarray(v) for k, v in dumps.items() if k != "logits"}, str(tmp_path / "d.safetensors"))
+    argv = ["--model", str(ckpt.directory), "--engine-logits", str(tmp_path / "logits.npy"),
+            "--engine-dumps", str(tmp_path / "d.safetensors"), "--token-ids", ",".join(map(str, ids)), "--no-lint"]
+    assert X.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "layers.2.after_mixer" in out.splitlines()[-1] and "<-- first step past tolerance" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "nothing to compare"),
+    (["--engine-logits", "missing.npy", "--token-ids", "1,2"], "missing.npy: no such file"),
+    (["--engine-json", "{json}", "--token-ids", "1,x"], "--token-ids: expected integers"),
+    (["--engine-logits", "{npy}", "--token-ids", "1,2,3,4,5"], "engine logits: shape (3, 512)"),
+    (["--engine-logits", "{npy}", "--token-ids", "1,2,999999"], "outside the vocabulary"),
+    (["--engine-logits", "{npy}", "--token-ids", "1,2,3", "--backend", "jax"], "--backend jax runs"),
+    (["--engine-json", "{json}", "--max-kl", "0"], "--max-kl: must be > 0"),
+])
+def test_cli_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
+    np.save(tmp_path / "l.npy", np.zeros((3, 512), np.float32))
+    (tmp_path / "r.json").write_text("{}")
+    args = [a.format(npy=tmp_path / "l.npy", json=tmp_path / "r.json") for a in args]
+    out = tmp_path / "never.json"
+    assert X.main(["--model", str(ckpt.directory), "--json", str(out)] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
