@@ -157,6 +157,12 @@ class ExpertWeights:
         self.shapes = layout.expert_shapes(cfg.text)
         self.arrays = lru_cache(maxsize=64)(self._arrays)
 
+    def get(self, layer, e: int, key: str) -> np.ndarray:
+        """One array, e.g. get(0, 5, "up_proj.weight_scale"); --fast scalars without drawing the codes."""
+        if self.fast and key.endswith(("weight_scale_2", "input_scale")):
+            return self._scalars(layer, e)[key]
+        return self.arrays(layer, e)[key]
+
     def _float(self, layer, e: int, proj: str) -> np.ndarray:
         out, k = self.shapes[proj]
         return _normal(_rng(self.seed, "expert", layer, e, proj), (out, k), 1 / math.sqrt(k))
@@ -227,7 +233,7 @@ def _expert_plan(cfg: Config, layer, experts: ExpertWeights, expert_layout: str)
         for e in range(n):
             for proj, (rows, k) in experts.shapes.items():
                 def get(key, e=e, proj=proj):
-                    return experts.arrays(layer, e)[f"{proj}.{key}"]
+                    return experts.get(layer, e, f"{proj}.{key}")
                 if bf16:
                     plan[f"{p}.{e}.{proj}.weight"] = LazyTensor(BF16, (rows, k), lambda get=get: get("weight"))
                     continue
@@ -243,7 +249,7 @@ def _expert_plan(cfg: Config, layer, experts: ExpertWeights, expert_layout: str)
 
     def stacked(projs, key) -> Callable[[], np.ndarray]:  # [E, 2] for (gate, up), [E] for one projection
         def f():
-            a = np.array([[experts.arrays(layer, e)[f"{q}.{key}"] for q in projs] for e in range(n)], np.float32)
+            a = np.array([[experts.get(layer, e, f"{q}.{key}") for q in projs] for e in range(n)], np.float32)
             return a if len(projs) > 1 else a[:, 0]
         return f
 
@@ -447,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, FormatError, OSError) as e:
         print(f"ref.synth: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ref.synth: interrupted; {a.out_dir} left as it was", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
     return 0
 
