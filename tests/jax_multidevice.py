@@ -1,0 +1,41 @@
+"""Run by tests/test_jax_sharded.py in a subprocess with 4 simulated CPU devices (XLA_FLAGS is set
+before JAX starts): greedy generation on meshes of 2 and 4 devices, experts and dense weights
+replicated or sharded; prints one JSON object with tokens, logits and the placed shardings.
+
+    python tests/jax_multidevice.py CHECKPOINT_DIR PROMPTS_JSON STEPS CONTEXT
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxrun.load import load  # noqa: E402
+from jaxrun.runner import Runner  # noqa: E402
+from jaxrun.sharding import make_mesh  # noqa: E402
+
+CONFIGS = [(2, "replicated"), (4, "replicated"), (4, "sharded")]
+
+
+def main(ckpt_dir, prompts, steps, context):
+    out = {"devices": len(jax.devices()), "runs": []}
+    for n, dense in CONFIGS:
+        mesh = make_mesh(n)
+        ckpt, params = load(ckpt_dir, mesh, "f32", dense, progress=False)
+        r = Runner(params, ckpt.config.text, mesh, "f32", dense)
+        res = r.generate(prompts, steps, max_context=context, keep_logits=True)
+        placed = {jax.tree_util.keystr(p): [list(a.sharding.spec), list(a.addressable_shards[0].data.shape)]
+                  for p, a in jax.tree_util.tree_flatten_with_path(r.params)[0]}
+        out["runs"].append({"devices": n, "dense": dense, "tokens": [x.token_ids for x in res],
+                            "logits": [np.stack(x.logits).tolist() for x in res], "placed": placed,
+                            "decode_traces": r.traces["decode"]})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,110 @@
+"""jaxrun on 2 and 4 simulated CPU devices (a subprocess, tests/jax_multidevice.py) against ref, and
+the PartitionSpec of every parameter (the sharding rules of jaxrun.sharding, as a snapshot)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxrun.load import describe
+from jaxrun.sharding import param_specs
+from ref.checkpoint import open_checkpoint
+from ref.model import Model
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 250, 1, 3], [64, 2, 11, 400]]
+STEPS, CONTEXT, TOL = 8, 256, 1e-4
+E = "expert"
+
+# parameter path (layer index as *) -> (spec with --dense replicated, spec with --dense sharded), N = 4
+SNAPSHOT = {
+    "['embed']": ((), (E, None)),
+    "['layers'][*]['attn']['A_log']": ((), ()),
+    "['layers'][*]['attn']['a']['w']": ((), (E, None)),
+    "['layers'][*]['attn']['b']['w']": ((), (E, None)),
+    "['layers'][*]['attn']['conv']": ((), (E, None)),
+    "['layers'][*]['attn']['dt_bias']": ((), ()),
+    "['layers'][*]['attn']['k']['w']": ((), (E, None)),
+    "['layers'][*]['attn']['k_norm']": ((), ()),
+    "['layers'][*]['attn']['norm']": ((), ()),
+    "['layers'][*]['attn']['o']['w']": ((), (None, E)),
+    "['layers'][*]['attn']['out']['w']": ((), (None, E)),
+    "['layers'][*]['attn']['q']['w']": ((), (E, None)),
+    "['layers'][*]['attn']['q_norm']": ((), ()),
+    "['layers'][*]['attn']['qkv']['w']": ((), (E, None)),
+    "['layers'][*]['attn']['v']['w']": ((), (E, None)),
+    "['layers'][*]['attn']['z']['w']": ((), (E, None)),
+    "['layers'][*]['input_norm']": ((), ()),
+    "['layers'][*]['mlp']['experts']['down']['q']": ((E, None, None), (E, None, None)),
+    "['layers'][*]['mlp']['experts']['down']['s']": ((E, None, None), (E, None, None)),
+    "['layers'][*]['mlp']['experts']['down']['s2']": ((E,), (E,)),
+    "['layers'][*]['mlp']['experts']['gate']['q']": ((E, None, None), (E, None, None)),
+    "['layers'][*]['mlp']['experts']['gate']['s']": ((E, None, None), (E, None, None)),
+    "['layers'][*]['mlp']['experts']['gate']['s2']": ((E,), (E,)),
+    "['layers'][*]['mlp']['experts']['up']['q']": ((E, None, None), (E, None, None)),
+    "['layers'][*]['mlp']['experts']['up']['s']": ((E, None, None), (E, None, None)),
+    "['layers'][*]['mlp']['experts']['up']['s2']": ((E,), (E,)),
+    "['layers'][*]['mlp']['router']['w']": ((), ()),
+    "['layers'][*]['mlp']['shared']['down']['w']": ((), (None, E)),
+    "['layers'][*]['mlp']['shared']['gate']['w']": ((), (E, None)),
+    "['layers'][*]['mlp']['shared']['up']['w']": ((), (E, None)),
+    "['layers'][*]['mlp']['shared_gate']['w']": ((), ()),
+    "['layers'][*]['post_norm']": ((), ()),
+    "['lm_head']['w']": ((), (E, None)),
+    "['norm']": ((), ()),
+}
+
+
+def _pattern(path: str) -> str:
+    return re.sub(r"\[\d+\]", "[*]", path)
+
+
+@pytest.mark.parametrize("mode", [0, 1], ids=["replicated", "sharded"])
+def test_partition_spec_snapshot(tiny_checkpoint, mode):
+    tree = describe(open_checkpoint(tiny_checkpoint), jnp.float32)
+    specs = param_specs(tree, 4, ("replicated", "sharded")[mode])
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    got = {jax.tree_util.keystr(p): tuple(s) for p, s in flat}
+    assert {_pattern(k) for k in got} == set(SNAPSHOT)
+    for k, spec in got.items():
+        assert spec == SNAPSHOT[_pattern(k)][mode], k
+
+
+@pytest.fixture(scope="module")
+def multidevice(tiny_checkpoint):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    script = Path(__file__).with_name("jax_multidevice.py")
+    out = subprocess.run([sys.executable, str(script), str(tiny_checkpoint), json.dumps(PROMPTS), str(STEPS),
+                          str(CONTEXT)], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_greedy_tokens_identical_on_2_and_4_devices_and_to_ref(tiny_checkpoint, multidevice):
+    assert multidevice["devices"] == 4
+    ref = Model(str(tiny_checkpoint), "f64")
+    want = [ref.generate(p, STEPS) for p in PROMPTS]
+    for run in multidevice["runs"]:
+        assert run["tokens"] == want, (run["devices"], run["dense"])
+        assert run["decode_traces"] == 1
+        for p, toks, lg in zip(PROMPTS, run["tokens"], run["logits"]):
+            full = ref.logits(p + toks)
+            assert np.abs(np.array(lg) - full[len(p) - 1:len(p) - 1 + STEPS]).max() <= TOL
+
+
+def test_placed_arrays_follow_the_rules(tiny_checkpoint, multidevice):
+    cfg = open_checkpoint(tiny_checkpoint).config.text
+    for run in multidevice["runs"]:
+        n, mode = run["devices"], ("replicated", "sharded").index(run["dense"])
+        for path, (spec, shard_shape) in run["placed"].items():
+            assert tuple(spec) == SNAPSHOT[_pattern(path)][mode], path
+            if "['experts']" in path:
+                assert shard_shape[0] == cfg.num_experts // n, path             # E/N experts per device
