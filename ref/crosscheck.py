@@ -119,8 +119,8 @@ def recompute_from_engine(ckpt, eng_dumps: dict, precision: str = "f64", activat
         if h_in is not None:
             mix = m._attention(pre) if kind == "full_attention" else m._deltanet(pre)
             h = p.act(h_in)
-            out[f"layers.{i}.after_mixer"] = p.act(h + mix(L.rms_norm(h, m._vec(pre + "input_layernorm.weight"), eps, p),
-                                                           None, 0)[0])
+            x = L.rms_norm(h, m._vec(pre + "input_layernorm.weight"), eps, p)
+            out[f"layers.{i}.after_mixer"] = p.act(h + mix(x, None, 0)[0])
         a = eng_dumps.get(f"layers.{i}.after_mixer", out.get(f"layers.{i}.after_mixer"))
         if a is not None:
             a = p.act(a)
@@ -353,7 +353,8 @@ def format_report(rep: dict, max_rows: int = 40) -> str:
                    f"first greedy divergence t={s['first_greedy_divergence'] or '-'}")
     if rep["layers"]:
         first = (rep["verdict"]["first_divergent"] or {}).get("name")
-        out.append(f"{'dumped tensor':<28} {'step err':>9} {'worst tok':>9} {'cumul.':>9} {'max_abs':>9} {'experts':>8}")
+        out.append(f"{'dumped tensor':<28} {'step err':>9} {'worst tok':>9} {'cumul.':>9} {'max_abs':>9} "
+                   f"{'experts':>8}")
         out.append(f"{'':<28} {'(local)':>9} {'(local)':>9} {'rel_err':>9} {'(cumul.)':>9} {'differ':>8}")
         for r in rep["layers"]:
             mark = "  <-- first step past tolerance" if r["name"] == first else ("  !" if r.get("flagged") else "")
@@ -372,12 +373,10 @@ def format_report(rep: dict, max_rows: int = 40) -> str:
 
 def plot_report(rep: dict, path: str | Path) -> None:
     """Per-position KL and per-layer rel_err, log scale, thresholds dashed. Needs matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FormatError("--plot needs matplotlib: pip install 'qwen35-nvfp4-spec[plot]'") from None
+    _require_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     th = rep["thresholds"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     key = "kl_full" if rep["summary"].get("kl_kind") == "full" else "kl_topk"
@@ -416,12 +415,17 @@ def _atomic_write(path: str | Path, write, binary: bool = False) -> None:
         raise
 
 
-def _lint(ckpt) -> list[str]:
+def _lint(ckpt, block_scales: bool) -> list[str]:
+    """ref.checkpoint_check findings (errors and lint warnings) as report lines."""
+    from ref.checkpoint_check import findings
+    return [f"{f.severity}: {f}" for f in findings(ckpt, block_scales=block_scales)]
+
+
+def _require_matplotlib() -> None:
     try:
-        from ref.checkpoint_check import lint
+        import matplotlib  # noqa: F401
     except ImportError:
-        return []
-    return [str(x) for x in lint(ckpt)]
+        raise FormatError("--plot needs matplotlib: pip install 'qwen35-nvfp4-spec[plot]'") from None
 
 
 # --------------------------------------------------------------------------- driver
@@ -431,7 +435,8 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
                precision: str = "f64", activations: str = "w4a16", act_scale: str = "per-expert",
                max_kl: float = DEFAULTS["max_kl"], max_kl_pos: float = DEFAULTS["max_kl_pos"],
                min_top1: float = DEFAULTS["min_top1"], layer_rtol: float = DEFAULTS["layer_rtol"],
-               token_rtol: float = DEFAULTS["token_rtol"], top_k: int = DEFAULTS["top_k"], lint: bool = True, ignored_dumps=()) -> dict:
+               token_rtol: float = DEFAULTS["token_rtol"], top_k: int = DEFAULTS["top_k"], lint: bool = True,
+               lint_block_scales: bool = False, ignored_dumps=()) -> dict:
     """Compare what an engine produced with the reference. -> the full report (JSON-able dict)."""
     if token_ids is None:
         if eng is None:
@@ -466,7 +471,7 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
         "thresholds": {"max_kl": max_kl, "max_kl_pos": max_kl_pos, "min_top1": min_top1, "layer_rtol": layer_rtol,
                        "token_rtol": token_rtol},
         "positions": positions, "summary": summary, "layers": layers, "ignored_dumps": list(ignored_dumps),
-        "lint": _lint(ckpt) if lint else [], "verdict": v,
+        "lint": _lint(ckpt, lint_block_scales) if lint else [], "verdict": v,
     }
 
 
@@ -512,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = ap.add_argument_group("output")
     out.add_argument("--json", help="write the full report as JSON to this file")
     out.add_argument("--plot", help="write per-position KL and per-layer error to this PNG (needs matplotlib)")
-    out.add_argument("--no-lint", action="store_true", help="skip the checkpoint lint")
+    out.add_argument("--no-lint", action="store_true", help="skip the checkpoint lint (ref.checkpoint_check)")
+    out.add_argument("--lint-block-scales", action="store_true",
+                     help="let the lint scan every FP8 block scale too (reads ~1/9 of an NVFP4 checkpoint)")
     return ap
 
 
@@ -557,6 +564,8 @@ def run(args) -> dict:
             raise FormatError(f"{flag}: must be > 0, got {val}")
     if not 0 <= args.min_top1 <= 1 or args.top_k < 1:
         raise FormatError("--min-top1 must be in [0, 1] and --top-k >= 1")
+    if args.plot:
+        _require_matplotlib()
     ckpt = open_checkpoint(args.model)
     token_ids = _token_ids_arg(args, ckpt)
     eng = None
@@ -577,7 +586,8 @@ def run(args) -> dict:
                       activations=args.activations, act_scale=args.act_scale, max_kl=args.max_kl,
                       max_kl_pos=args.max_kl_pos, min_top1=args.min_top1, layer_rtol=args.layer_rtol,
                       token_rtol=args.token_rtol,
-                      top_k=args.top_k, lint=not args.no_lint, ignored_dumps=ignored)
+                      top_k=args.top_k, lint=not args.no_lint, lint_block_scales=args.lint_block_scales,
+                      ignored_dumps=ignored)
 
 
 def _jsonable(x):
@@ -596,10 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rep = run(args)
-        if args.json:
-            _atomic_write(args.json, lambda f: json.dump(_jsonable(rep), f, indent=1))
         if args.plot:
             plot_report(rep, args.plot)
+        if args.json:
+            _atomic_write(args.json, lambda f: json.dump(_jsonable(rep), f, indent=1))
     except (FormatError, CheckpointError, ConfigError) as e:
         print(f"crosscheck: {e}", file=sys.stderr)
         return 2

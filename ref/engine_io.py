@@ -64,7 +64,7 @@ class EngineLogprobs:
         rep = self.reported or [None] * t
         sizes = [n if n is not None else len(d or ()) for n, d in zip(rep, self.top)]
         sizes = [n for n in sizes if n]
-        self.k = min(sizes) if sizes else 0
+        self.k = min(sizes) if sizes and any(self.top) else 0
         self.top = [dict(sorted(d.items(), key=lambda kv: -kv[1])[:self.k]) if d else None
                     for d in self.top]
 
@@ -191,7 +191,8 @@ def _vllm_prompt_logprobs(pl: list, ids: list[int], where: str) -> tuple[list, l
 
 
 def _legacy_logprobs(lp: dict, lookup: TokenLookup, where: str) -> tuple[list, list, list, int, list]:
-    """Legacy completions `logprobs` -> (ids, logprob, top, dropped, reported sizes)."""
+    """Legacy completions `logprobs` -> (ids, logprob, top, dropped, reported sizes). ids[t] is None
+    where the token string matches no vocabulary id (exact ids from elsewhere must then fill it)."""
     for key in ("tokens", "token_logprobs"):
         if not isinstance(lp.get(key), list):
             raise FormatError(f"{where}.logprobs.{key}: missing or not a list")
@@ -200,7 +201,7 @@ def _legacy_logprobs(lp: dict, lookup: TokenLookup, where: str) -> tuple[list, l
     if not (len(toks) == len(tlps) == len(tops_raw)):
         raise FormatError(f"{where}.logprobs: tokens/token_logprobs/top_logprobs lengths "
                           f"{len(toks)}/{len(tlps)}/{len(tops_raw)} differ")
-    ids = [_resolve(lookup, s, None, f"{where}.logprobs.tokens[{t}]") for t, s in enumerate(toks)]
+    ids = [lookup(s, None) if isinstance(s, str) else None for s in toks]  # None: resolved from ids, or an error
     lps = [_lp(x, f"{where}.logprobs.token_logprobs[{t}]") for t, x in enumerate(tlps)]
     tops, dropped, reported = [], 0, [len(d or ()) for d in tops_raw]
     for t, d in enumerate(tops_raw):
@@ -262,12 +263,13 @@ def _sglang_tops(rows: list | None, n: int, where: str) -> list:
 
 def _read_sglang_native(obj: dict, where: str) -> EngineLogprobs:
     mi = obj["meta_info"]
-    in_ids, in_lps = _sglang_triples(mi.get("input_token_logprobs") or [], f"{where}.meta_info.input_token_logprobs")
-    out_ids, out_lps = _sglang_triples(mi.get("output_token_logprobs") or [], f"{where}.meta_info.output_token_logprobs")
-    in_tops = _sglang_tops(mi.get("input_top_logprobs"), len(in_ids), f"{where}.meta_info.input_top_logprobs")
-    out_tops = _sglang_tops(mi.get("output_top_logprobs"), len(out_ids), f"{where}.meta_info.output_top_logprobs")
+    w = f"{where}.meta_info"
+    in_ids, in_lps = _sglang_triples(mi.get("input_token_logprobs") or [], f"{w}.input_token_logprobs")
+    out_ids, out_lps = _sglang_triples(mi.get("output_token_logprobs") or [], f"{w}.output_token_logprobs")
+    in_tops = _sglang_tops(mi.get("input_top_logprobs"), len(in_ids), f"{w}.input_top_logprobs")
+    out_tops = _sglang_tops(mi.get("output_top_logprobs"), len(out_ids), f"{w}.output_top_logprobs")
     if not in_ids:
-        raise FormatError(f"{where}.meta_info.input_token_logprobs: empty (request with return_logprob=true, "
+        raise FormatError(f"{w}.input_token_logprobs: empty (request with return_logprob=true, "
                           f"logprob_start_len=0)")
     return EngineLogprobs(in_ids + out_ids, in_lps + out_lps, in_tops + out_tops, len(in_ids),
                           "sglang /generate input_token_logprobs")
@@ -327,7 +329,12 @@ def read_engine_json(obj: Any, lookup: TokenLookup = ids_only_lookup, token_ids:
         if len(ch["token_ids"]) != len(gen_ids):
             raise FormatError(f"{w}.token_ids: {len(ch['token_ids'])} ids for {len(gen_ids)} logprobs")
         gen_ids = list(ch["token_ids"])  # exact ids beat ids recovered from strings
-
+    first = (len(prompt_ids) if echo is not None else 0) + gen_ids.index(None) if None in gen_ids else None
+    if prompt_ids is not None and None in prompt_ids:
+        first = prompt_ids.index(None)
+    if first is not None:
+        raise FormatError(f"{w}.logprobs.tokens[{first}]: token {lp['tokens'][first]!r} matches no vocabulary id "
+                          f"(give the checkpoint's tokenizer, --token-ids, or ask the server for token ids)")
     if isinstance(pl, list):
         prompt_ids = _need_prompt(prompt_ids, f"{w}.prompt_logprobs")
         p_lps, p_tops = _vllm_prompt_logprobs(pl, prompt_ids, w)

@@ -7,6 +7,7 @@ one layer in a copy of the tiny checkpoint or by wrapping a ref.layers function 
 import contextlib
 import json
 import shutil
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -19,7 +20,9 @@ from ref import divergence as D
 from ref import layers as L
 from ref.checkpoint import open_checkpoint
 from ref.model import Model
+from ref.errors import FormatError
 from ref.safetensors_io import SafetensorsFile, overwrite_tensor
+from ref.tokenizer import load_tokenizer
 
 T = 80  # > one DeltaNet chunk (64), so a state dropped between chunks shows
 
@@ -149,7 +152,8 @@ def buggy_engine(name, ckpt, ids, tmp_path):
     layer = BUGS[name][1]
     if name == "rmsnorm without +1":  # the engine multiplies by w; ref by (1 + w): store w - 1
         norm = f"{ckpt.config.text_prefix}layers.{layer}.input_layernorm.weight"
-        bad = rewrite_layer(ckpt.directory, tmp_path / "c", {norm: lambda w: (w.astype(np.float32) - 1).astype(w.dtype)})
+        minus_one = lambda w: (w.astype(np.float32) - 1).astype(w.dtype)  # noqa: E731
+        bad = rewrite_layer(ckpt.directory, tmp_path / "c", {norm: minus_one})
         return engine(bad, ids, precision="bf16")
     if name == "swapped nibble order":
         swap = lambda b: ((b & 0x0F) << 4 | b >> 4).astype(np.uint8)  # noqa: E731
@@ -278,3 +282,60 @@ def test_cli_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_cli_prompt_lint_and_plot(ckpt, tmp_path, capsys):
+    """--prompt goes through the checkpoint tokenizer; lint findings print next to the verdict; --plot."""
+    bad = rewrite_layer(ckpt.directory, tmp_path / "c", {
+        f"{ckpt.config.text_prefix}layers.1.mlp.experts.5.up_proj.weight_scale_2": lambda s: (2 * s).astype(s.dtype)})
+    prompt = "The quick brown fox jumps over the lazy dog."
+    ids = load_tokenizer(bad.directory).encode(prompt)
+    np.save(tmp_path / "l.npy", engine(bad, ids, precision="bf16")[0])
+    argv = ["--model", str(bad.directory), "--engine-logits", str(tmp_path / "l.npy"), "--prompt", prompt]
+    pytest.importorskip("matplotlib")
+    assert X.main(argv + ["--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "lint: warning:" in out and "gate/up weight_scale_2 not tied" in out
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_plot_without_matplotlib(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    np.save(tmp_path / "l.npy", np.zeros((3, 512), np.float32))
+    argv = ["--model", str(ckpt.directory), "--engine-logits", str(tmp_path / "l.npy"), "--token-ids", "1,2,3",
+            "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")]
+    assert X.main(argv) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_token_strings_through_the_checkpoint_tokenizer(ckpt):
+    """SGLang's OpenAI echo answer names tokens by their text; the tiny tokenizer maps them back. Text
+    that lost bytes (a partial UTF-8 token decodes to U+FFFD) needs the ids from elsewhere."""
+    from ref import engine_io as io
+    tok = load_tokenizer(ckpt.directory)
+
+    def body(ids):
+        text = [tok.decode([i]) for i in ids]
+        top = [None] + [{text[t]: -0.1, text[t - 1]: -2.5} for t in range(1, len(ids))]
+        return {"choices": [{"index": 0, "text": "", "logprobs": {
+            "text_offset": [-1] * len(ids), "tokens": text, "token_logprobs": [None] + [-0.1] * (len(ids) - 1),
+            "top_logprobs": top}}]}
+
+    ids = tok.encode("Hello! How are you today? Two plus two is four.")
+    rec = io.read_engine_json(body(ids), X._lookup(ckpt))
+    assert rec.token_ids == ids and rec.top[3] == {ids[3]: -0.1, ids[2]: -2.5}
+    ids = tok.encode("Le café était très bon.")
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)
+    with pytest.raises(FormatError, match="matches no vocabulary id"):
+        io.read_engine_json(body(ids), X._lookup(ckpt))
+    assert io.read_engine_json(body(ids), X._lookup(ckpt), token_ids=ids).token_ids == ids
+
+
+def test_jax_backend(ckpt, ids):
+    """The reference logits from jaxrun (f32) instead of ref.model."""
+    logits, _ = engine(ckpt, ids, precision="bf16")
+    rep = X.crosscheck(ckpt, ids, eng_logits=logits, backend="jax", precision="f32", lint=False)
+    assert rep["verdict"]["ok"] and rep["reference"]["backend"] == "jax"
+    with pytest.raises(FormatError, match="--engine-dumps needs --backend ref"):
+        X.crosscheck(ckpt, ids, eng_logits=logits, eng_dumps={"logits": logits}, backend="jax", precision="f32")

@@ -62,9 +62,15 @@ def test_sglang_legacy_echo_token_text():
     assert rec.top[7] == {7: -0.4, 8: -1.4}
 
 
-def test_sglang_text_without_tokenizer_is_a_clear_error():
-    with pytest.raises(FormatError, match=r"token 'The' matches no vocabulary id"):
-        io.read_engine_json(load("sglang_completions_echo.json"))
+def test_sglang_text_without_tokenizer():
+    """Exact ids (return_token_ids) carry the sequence; the text-keyed top-k needs the vocabulary."""
+    rec = io.read_engine_json(load("sglang_completions_echo.json"))
+    assert rec.token_ids == PROMPT + [7] and rec.logprob == PROMPT_LP + [-0.4]
+    assert rec.dropped == 21 and rec.k == 0 and all(t is None for t in rec.top)
+    obj = load("sglang_completions_echo.json")
+    del obj["choices"][0]["prompt_token_ids"], obj["choices"][0]["token_ids"]
+    with pytest.raises(FormatError, match=r"tokens\[0\]: token 'The' matches no vocabulary id"):
+        io.read_engine_json(obj)
 
 
 def test_sglang_generate_native():
