@@ -129,9 +129,10 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.directory}: no tensor '{name}'") from None
 
-    def tensor(self, name: str, row: int | None = None) -> np.ndarray:
-        """Zero-copy view of a tensor as stored (or of its row `row` along the first axis)."""
-        return self.file_of(name).tensor(name, row)
+    def tensor(self, name: str, row: int | None = None, prefetch: bool = False) -> np.ndarray:
+        """Zero-copy view of a tensor as stored (or of its row `row` along the first axis).
+        prefetch=True starts reading all of it at once (for callers that will read it whole)."""
+        return self.file_of(name).tensor(name, row, prefetch)
 
     def lm(self, name: str) -> np.ndarray:
         """A language-model tensor by its name under the text prefix, e.g. lm("norm.weight")."""
@@ -144,7 +145,8 @@ class Checkpoint:
         if not self.has(module + ".weight_scale"):
             return DenseWeight(self._matrix(module + ".weight"))
         opt = module + ".input_scale"
-        return self._nvfp4(module + ".weight", self.tensor(module + ".weight"), self.tensor(module + ".weight_scale"),
+        return self._nvfp4(module + ".weight", self.tensor(module + ".weight", prefetch=True),
+                           self.tensor(module + ".weight_scale", prefetch=True),
                            _scalar(self.tensor(module + ".weight_scale_2"), self._at(module + ".weight_scale_2")),
                            _scalar(self.tensor(opt), self._at(opt)) if self.has(opt) else None)
 
@@ -200,7 +202,7 @@ class Checkpoint:
         return f"{self.file_of(name).path}: tensor '{name}'"
 
     def _matrix(self, name: str, row: int | None = None) -> np.ndarray:
-        w = self.tensor(name, row)
+        w = self.tensor(name, row, prefetch=True)
         if w.ndim != 2:
             raise CheckpointError(f"{self._at(name)}: expected a 2-D weight, got shape {list(w.shape)}")
         return w
@@ -243,7 +245,7 @@ class Checkpoint:
             raise CheckpointError(f"{self._at(name)}: {w.shape[0]} rows do not split into {halves} equal halves")
         if not self.has(name + "_weight_scale"):
             return [DenseWeight(w[h * rows:(h + 1) * rows]) for h in range(halves)]
-        scale = self.tensor(name + "_weight_scale", e)
+        scale = self.tensor(name + "_weight_scale", e, prefetch=True)
         g2 = self._expert_scales(name + "_weight_scale_2", halves, e)
         opt = name + "_input_scale"
         ins = self._expert_scales(opt, halves, e) if self.has(opt) else None

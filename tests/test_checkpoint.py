@@ -34,7 +34,7 @@ def _same_weight(a, b) -> bool:
 
 def test_open_reads_headers_only(tiny_checkpoint, monkeypatch):
     touched = []
-    monkeypatch.setattr(SafetensorsFile, "view_bytes", lambda self, b, e: touched.append((b, e)))
+    monkeypatch.setattr(SafetensorsFile, "view_bytes", lambda self, b, e, prefetch=False: touched.append((b, e)))
     ckpt = open_checkpoint(tiny_checkpoint)
     assert len(ckpt.names()) > 900 and touched == []
     assert ckpt.has(f"{P0}.3.gate_proj.weight") and not ckpt.has("nonexistent")
@@ -132,9 +132,9 @@ def test_reading_one_expert_touches_only_its_bytes(tiny_checkpoint, tiny_checkpo
     touched = []
     real = SafetensorsFile.view_bytes
 
-    def spy(self, begin, end):
+    def spy(self, begin, end, prefetch=False):
         touched.append((self.path, begin, end))
-        return real(self, begin, end)
+        return real(self, begin, end, prefetch)
 
     monkeypatch.setattr(SafetensorsFile, "view_bytes", spy)
     ex = ckpt.expert(layer, e)
