@@ -42,6 +42,7 @@ import numpy as np
 
 from ref import divergence as D
 from ref import engine_io as io
+from ref.config import FULL
 from ref.errors import CheckpointError, ConfigError, FormatError
 
 # Thresholds for a bf16 engine checked against the f64 reference, measured as ref bf16 vs ref f64 on
@@ -69,11 +70,11 @@ def run_reference(ckpt, token_ids: list[int], backend: str = "ref", precision: s
         logits, _ = model.prefill(list(token_ids), dumps=dumps)
         return np.asarray(logits, np.float64), dumps
     if backend == "jax":
-        return _run_jax(ckpt, token_ids, precision, activations, act_scale, want_dumps)
+        return _run_jax(ckpt, token_ids, precision, activations, want_dumps)
     raise FormatError(f"--backend: expected 'ref' or 'jax', got {backend!r}")
 
 
-def _run_jax(ckpt, token_ids, precision, activations, act_scale, want_dumps):
+def _run_jax(ckpt, token_ids, precision, activations, want_dumps):
     """Teacher-forced logits from jaxrun (one prefill over all devices JAX sees). jaxrun computes in
     f32 or bf16 with weights dequantized (w4a16) and writes no layer dumps."""
     if precision not in ("f32", "bf16") or activations != "w4a16":
@@ -117,7 +118,7 @@ def recompute_from_engine(ckpt, eng_dumps: dict, precision: str = "f64", activat
     for i, kind in enumerate(c.layer_types):
         pre = f"{prefix}layers.{i}."
         if h_in is not None:
-            mix = m._attention(pre) if kind == "full_attention" else m._deltanet(pre)
+            mix = m._attention(pre) if kind == FULL else m._deltanet(pre)
             h = p.act(h_in)
             x = L.rms_norm(h, m._vec(pre + "input_layernorm.weight"), eps, p)
             out[f"layers.{i}.after_mixer"] = p.act(h + mix(x, None, 0)[0])
@@ -450,19 +451,23 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     ref_logits, ref_dumps = run_reference(ckpt, token_ids, backend, precision, activations, act_scale,
                                           want_dumps=bool(eng_dumps))
     positions = compare_positions(ref_logits, token_ids, eng, eng_logits, top_k)
-    for t in ("embeddings",):
-        if eng_dumps and t in eng_dumps and eng_dumps[t].shape[0] != len(token_ids):
-            raise FormatError(f"engine dump '{t}': {eng_dumps[t].shape[0]} tokens, expected {len(token_ids)}")
     layers = []
     if eng_dumps:
+        for name in sorted(set(eng_dumps) & set(ref_dumps)):
+            if np.shape(eng_dumps[name]) != ref_dumps[name].shape:
+                raise FormatError(f"engine dump '{name}': shape {tuple(np.shape(eng_dumps[name]))}, expected "
+                                  f"{tuple(ref_dumps[name].shape)} for {len(token_ids)} tokens")
         local = recompute_from_engine(ckpt, eng_dumps, precision, activations, act_scale)
         layers = compare_layers(ref_dumps, eng_dumps, local, layer_rtol, token_rtol, ckpt.config.text.num_experts)
+    if not positions and not layers:
+        raise FormatError("nothing to compare: the engine output holds no logprobs, logits or dump the "
+                          "reference also has")
     summary = summarize(positions)
     v = verdict(summary, layers, max_kl, max_kl_pos, min_top1)
-    if eng is not None:
-        source, k, dropped = eng.source, eng.k, eng.dropped
-    else:
-        source, k, dropped = ("engine logits" if eng_logits is not None else "engine dumps"), top_k, 0
+    parts = ([eng.source] if eng is not None else []) + (["logits"] if eng_logits is not None else []) + \
+        (["layer dumps"] if eng_dumps else [])
+    source = "engine " + " + ".join(parts) if eng is None else " + ".join(parts)
+    k, dropped = (eng.k, eng.dropped) if eng is not None else (top_k, 0)
     return {
         "reference": {"model": str(ckpt.directory), "backend": backend, "precision": precision,
                       "activations": activations, "act_scale": act_scale},
@@ -486,7 +491,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ref.crosscheck", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m ref.crosscheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or HF repo id")
     src = ap.add_argument_group("engine outputs (at least one)")

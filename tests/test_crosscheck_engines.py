@@ -339,3 +339,22 @@ def test_jax_backend(ckpt, ids):
     assert rep["verdict"]["ok"] and rep["reference"]["backend"] == "jax"
     with pytest.raises(FormatError, match="--engine-dumps needs --backend ref"):
         X.crosscheck(ckpt, ids, eng_logits=logits, eng_dumps={"logits": logits}, backend="jax", precision="f32")
+
+
+def test_hf_style_hidden_states_dumps(ckpt, ids, tmp_path):
+    """Dumps named like HF output_hidden_states (one tensor per layer output): the step checked is
+    then the whole layer, and the tiled-heads bug of layer 2 is still found in layer 2."""
+    from ref import engine_io as io
+    _, dumps = buggy_engine("tiled deltanet heads", ckpt, ids, tmp_path)
+    L_ = ckpt.config.text.num_hidden_layers
+    hs = {"hidden_states.0": dumps["embeddings"], f"hidden_states.{L_}": dumps["final_hidden"]}
+    hs.update({f"hidden_states.{i + 1}": dumps[f"layers.{i}.after_moe"] for i in range(L_ - 1)})
+    save_file({k: np.ascontiguousarray(v) for k, v in hs.items()}, str(tmp_path / "hs.safetensors"))
+    eng, ignored = io.read_dumps(tmp_path / "hs.safetensors", L_)
+    assert not ignored and sorted(eng) == sorted(["embeddings", "final_hidden"] +
+                                                 [f"layers.{i}.after_moe" for i in range(L_ - 1)])
+    rep = check(ckpt, ids, None, eng)
+    assert rep["verdict"]["first_divergent"]["name"] == "layers.2.after_moe", X.format_report(rep)
+    bad = dict(eng, embeddings=eng["embeddings"][:-1])
+    with pytest.raises(FormatError, match=r"engine dump 'embeddings': shape \(79, 64\), expected \(80, 64\)"):
+        check(ckpt, ids, None, bad)
