@@ -23,20 +23,22 @@ SIGN_RULES = ("modelopt", "cuda")
 RECIPES = ("modelopt-0.37", "modelopt-0.45")
 SWIZZLE_ROWS = 128                   # CUTLASS SM100 scale-factor atom: 128 rows x 4 scale columns
 SWIZZLE_COLS = 4
+# E2M1 rounding thresholds (midpoints between neighbouring magnitudes); a tie goes to the even code
+TIES_DOWN = (0.25, 1.25, 2.5, 5.0)   # |x| == t -> the lower magnitude (0, 1, 2, 4)
+TIES_UP = (0.75, 1.75, 3.5)          # |x| == t -> the upper magnitude (1, 2, 4)
 
 # code -> value, bit 3 = sign, bits 2..1 = exponent (bias 1), bit 0 = mantissa
 E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                         -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
 
 E4M3 = ml_dtypes.float8_e4m3fn
-_F4 = ml_dtypes.float4_e2m1fn
+_CHUNK = 1 << 17                     # elements per step of the vectorised loops (fits in L2)
 _FLOAT_INPUTS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
                  np.dtype(np.float32), np.dtype(np.float64))
 
 # byte -> (value of low nibble, value of high nibble): one table read decodes two elements.
 _PAIRS = np.stack([E2M1_VALUES[np.arange(256) & 15], E2M1_VALUES[np.arange(256) >> 4]], axis=-1)
-_PAIR_F32 = np.ascontiguousarray(_PAIRS).view(np.uint64).reshape(256)          # [256] 2 x f32
-_PAIR_F64 = (_PAIRS[:, 0].astype(np.float64) + 1j * _PAIRS[:, 1]).astype(np.complex128)  # [256]
+_E4M3_BYTES = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)      # [256] byte -> value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +103,28 @@ def encode_e2m1(x, sign="modelopt"):
     if sign not in SIGN_RULES:
         raise FormatError(f"sign: expected one of {SIGN_RULES}, got {sign!r}")
     a = _float_array(x, "x")
-    y = _to_float32_odd(a)
-    mag = np.abs(y).astype(_F4).view(np.uint8) & np.uint8(7)
-    neg = (y < 0) if sign == "modelopt" else np.signbit(y)
-    codes = mag | (neg.astype(np.uint8) << np.uint8(3))
-    return np.where(np.isnan(y), np.uint8(NAN_CODE), codes).astype(np.uint8).reshape(a.shape)
+    y = _to_float32_odd(a).reshape(-1)                        # [n] float32
+    codes = np.empty(y.shape, np.uint8)
+    for i in range(0, y.size, _CHUNK):
+        codes[i:i + _CHUNK] = _encode_f32(y[i:i + _CHUNK], sign)
+    return codes.reshape(a.shape)
+
+
+def _encode_f32(y, sign):
+    """encode_e2m1 of a 1-D float32 array (no checks)."""
+    mag = np.abs(y)
+    below = np.zeros(y.shape, np.uint8)                       # thresholds at or above |y|
+    for t in TIES_DOWN:
+        below += mag <= t
+    for t in TIES_UP:
+        below += mag < t
+    codes = np.uint8(NAN_CODE) - below                        # NaN fails every test -> 7
+    if sign == "modelopt":
+        neg = y < 0
+    else:
+        neg = (y.view(np.int32) < 0) & (mag <= np.inf)        # sign bit, except on NaN
+    codes |= neg.view(np.uint8) << np.uint8(3)
+    return codes
 
 
 def _check_codes(c, name, limit):
@@ -128,7 +147,13 @@ def pack_e2m1(codes):
     c = _check_codes(codes, "codes", 15)
     if c.ndim < 1 or c.shape[-1] % 2:
         raise FormatError(f"codes: expected an even last dimension, got shape {c.shape}")
-    return (c[..., 0::2] | (c[..., 1::2] << np.uint8(4))).astype(np.uint8)
+    return _pack(np.ascontiguousarray(c))
+
+
+def _pack(c):
+    """pack_e2m1 of a contiguous uint8 code array (no checks)."""
+    pairs = c.view("<u2")                                     # [..., n]: c[2j] | c[2j+1] << 8
+    return (pairs | (pairs >> np.uint16(4))).astype(np.uint8)
 
 
 def unpack_e2m1(packed):
@@ -178,13 +203,17 @@ def round_to_bf16(x):
 # weights (ModelOpt export) and dequantization
 
 
+def _row_chunks(rows, k):
+    """Row ranges of about _CHUNK elements each (the per-chunk temporaries stay in cache)."""
+    step = max(1, _CHUNK // max(k, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 def _block_amax(y):
-    """|y| maximum over each block of 16 along the last axis. [..., K] -> [..., K/16] float32."""
-    m = np.abs(y).reshape(y.shape[:-1] + (y.shape[-1] // BLOCK_SIZE, BLOCK_SIZE))
-    while m.shape[-1] > 1:
-        h = m.shape[-1] // 2
-        m = np.maximum(m[..., :h], m[..., h:])
-    return m[..., 0]
+    """|y| maximum over each block of 16 of a float32 [rows, K] tile (NaN propagates)
+    -> [rows, K/16]."""
+    a = np.abs(y).reshape(-1, BLOCK_SIZE)                     # [blocks, 16]
+    return a.T.copy().max(axis=0).reshape(y.shape[0], -1)    # transposed: 16 fast row maxima
 
 
 def quantize_weight(w, recipe="modelopt-0.37", global_scale=None):
@@ -206,8 +235,12 @@ def quantize_weight(w, recipe="modelopt-0.37", global_scale=None):
         raise FormatError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
     a = _float_array(w, "w")
     _check_blocked(a, "w")
-    w32 = a.astype(np.float32, copy=False)                       # [..., K]
-    bmax = _block_amax(w32)                                      # [..., K/16]
+    k = a.shape[-1]
+    w2 = a.reshape(-1, k)                                        # [R, K]
+    chunks = _row_chunks(w2.shape[0], k)
+    bmax = np.empty((w2.shape[0], k // BLOCK_SIZE), np.float32)  # [R, K/16]
+    for r0, r1 in chunks:
+        bmax[r0:r1] = _block_amax(w2[r0:r1].astype(np.float32))
     if global_scale is None:
         amax = np.float32(bmax.max()) if bmax.size else np.float32(0)
     else:
@@ -219,14 +252,18 @@ def quantize_weight(w, recipe="modelopt-0.37", global_scale=None):
         if recipe == "modelopt-0.45":
             s = np.clip(s, np.float32(E4M3_MIN_SUBNORMAL), np.float32(E4M3_MAX))
         weight_scale = np.asarray(s.astype(E4M3))
-        den = (weight_scale.astype(np.float32) * scale_2).astype(np.float32)
-        y = w32.reshape(bmax.shape + (BLOCK_SIZE,)) / den[..., None]
-    codes = encode_e2m1(y.reshape(a.shape), sign="modelopt")
-    return pack_e2m1(codes), weight_scale, np.asarray(scale_2, dtype=np.float32)
+        den = (weight_scale.astype(np.float32) * scale_2).astype(np.float32)   # [R, K/16]
+        packed = np.empty((w2.shape[0], k // 2), np.uint8)                      # [R, K/2]
+        for r0, r1 in chunks:
+            y = w2[r0:r1].astype(np.float32).reshape(r1 - r0, -1, BLOCK_SIZE) / den[r0:r1, :, None]
+            packed[r0:r1] = _pack(_encode_f32(y.reshape(-1), "modelopt").reshape(r1 - r0, k))
+    return (packed.reshape(a.shape[:-1] + (k // 2,)),
+            weight_scale.reshape(a.shape[:-1] + (k // BLOCK_SIZE,)),
+            np.asarray(scale_2, dtype=np.float32))
 
 
 def _check_triplet(packed, scales, name_scales="weight_scale"):
-    """Validate packed bytes against block scales; return (packed, float32 scales)."""
+    """Validate packed bytes against block scales; return (packed, scale bytes uint8)."""
     p = np.asarray(packed)
     if p.dtype != np.uint8 or p.ndim < 1:
         raise FormatError(f"packed: expected a uint8 array of rank >= 1, "
@@ -234,7 +271,10 @@ def _check_triplet(packed, scales, name_scales="weight_scale"):
     if p.shape[-1] % (BLOCK_SIZE // 2):
         raise FormatError(f"packed: expected a last dimension that is a multiple of "
                           f"{BLOCK_SIZE // 2} (K a multiple of {BLOCK_SIZE}), got shape {p.shape}")
-    s = decode_e4m3(scales)
+    s = np.asarray(scales)
+    if s.dtype != np.uint8 and s.dtype != np.dtype(E4M3):
+        raise FormatError(f"{name_scales}: expected float8_e4m3fn or uint8, got dtype {s.dtype}")
+    s = s.view(np.uint8)
     want = p.shape[:-1] + (2 * p.shape[-1] // BLOCK_SIZE,)
     if s.shape != want:
         raise FormatError(f"{name_scales}: expected shape {want} for packed {p.shape}, "
@@ -249,20 +289,22 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32):
     to float32 (dtype=float32) or exact (dtype=float64). Also decodes activations
     (scales from quantize_activation, global = input_scale).
     """
-    p, s = _check_triplet(packed, weight_scale)
+    p, sb = _check_triplet(packed, weight_scale)
     g = _scalar_f32(weight_scale_2, "weight_scale_2")
     dtype = np.dtype(dtype)
-    factor = (s * g).astype(np.float32)                                # [..., K/16]
-    k = 2 * p.shape[-1]
-    if dtype == np.float32:
-        vals = _PAIR_F32[p].view(np.float32)                           # [..., K]
-    elif dtype == np.float64:
-        vals = _PAIR_F64[p].view(np.float64)
-    else:
+    if dtype not in (np.float32, np.float64):
         raise FormatError(f"dtype: expected float32 or float64, got {dtype}")
-    blocks = vals.reshape(p.shape[:-1] + (k // BLOCK_SIZE, BLOCK_SIZE))
-    blocks *= factor[..., None].astype(dtype)
-    return vals.reshape(p.shape[:-1] + (k,))
+    # table [scale byte, packed byte] -> both elements' final values, one read per two elements
+    factor = (_E4M3_BYTES * g).astype(np.float32).astype(dtype)         # [256]
+    table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).astype(dtype)  # [256, 256, 2]
+    table = table.view(np.uint64 if dtype == np.float32 else np.complex128).reshape(65536)
+    k = 2 * p.shape[-1]
+    p2, s2 = p.reshape(-1, k // 2), sb.reshape(-1, k // BLOCK_SIZE)
+    out = np.empty(s2.shape + (8,), table.dtype)                        # [R, K/16, 8] pairs
+    for r0, r1 in _row_chunks(p2.shape[0], k):
+        idx = (s2[r0:r1, :, None].astype(np.uint16) << np.uint16(8)) | p2[r0:r1].reshape(r1 - r0, -1, 8)
+        np.take(table, idx, out=out[r0:r1], mode="clip")
+    return out.view(dtype).reshape(p.shape[:-1] + (k,))                  # [..., K]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,11 +354,8 @@ def _round_once(acc, dtype):
 
 
 def _block_values(packed, scales):
-    """e2m1(code) * fp32(scale) in float64 (exact): [..., K/2], [..., K/16] -> [..., K]."""
-    vals = _PAIR_F64[packed].view(np.float64)
-    blocks = vals.reshape(scales.shape + (BLOCK_SIZE,))
-    blocks *= scales[..., None].astype(np.float64)
-    return vals
+    """e2m1(code) * fp32(scale), exact in float64: [..., K/2], [..., K/16] -> [..., K]."""
+    return dequantize(packed, scales, np.float32(1), dtype=np.float64)
 
 
 def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtype=np.float64,
@@ -343,7 +382,7 @@ def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtyp
     else:
         s_in = _scalar_f32(input_scale, "input_scale", positive=True)
         pa, sa = quantize_activation(a, s_in, sign=sign)
-        xa = _block_values(pa, decode_e4m3(sa))                              # [..., K]
+        xa = _block_values(pa, sa)                                           # [..., K]
         wb = _block_values(p, sw)                                            # [N, K]
         alpha = np.float32(s_in * g)
         acc = (xa @ wb.T) * np.float64(alpha)                                # [..., N]

@@ -1,0 +1,53 @@
+"""NVFP4 codec speed on real expert sizes, as ratios to a plain float32 copy of the output.
+
+python bench/nvfp4_bench.py [--repeat N]
+Each line: operation, best time, best time of np.copy of a float32 array of the output's size
+(measured in the same run), ratio. Targets: dequantize <= 8x, quantize_weight <= 40x.
+"""
+import argparse
+import time
+
+import ml_dtypes
+import numpy as np
+
+from ref import nvfp4
+
+SHAPES = {"gate_up": (2048, 4096), "down": (4096, 1024)}
+ACT_ROWS = 16
+
+
+def best_of(fn, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"{'matrix':8} {'operation':22} {'time ms':>9} {'f32 copy ms':>12} {'ratio':>7}")
+    for name, (n, k) in SHAPES.items():
+        w = (rng.standard_normal((n, k)) * 0.02).astype(ml_dtypes.bfloat16)     # [N, K] bf16
+        x = rng.standard_normal((ACT_ROWS, k)).astype(ml_dtypes.bfloat16)       # [16, K] bf16
+        packed, scale, scale_2 = nvfp4.quantize_weight(w)
+        input_scale = np.float32(np.abs(x.astype(np.float32)).max() / nvfp4.GLOBAL_DIVISOR)
+        out_w = np.empty((n, k), np.float32)
+        out_x = np.empty((ACT_ROWS, k), np.float32)
+        cases = [
+            ("quantize_weight", lambda: nvfp4.quantize_weight(w), out_w),
+            ("dequantize", lambda: nvfp4.dequantize(packed, scale, scale_2), out_w),
+            ("quantize_activation", lambda: nvfp4.quantize_activation(x, input_scale), out_x),
+        ]
+        for op, fn, out in cases:
+            t_op = best_of(fn, args.repeat)
+            t_copy = best_of(lambda: np.copy(out), args.repeat * 3)
+            print(f"{name:8} {op:22} {t_op * 1e3:9.2f} {t_copy * 1e3:12.3f} {t_op / t_copy:7.1f}x")
+
+
+if __name__ == "__main__":
+    main()
