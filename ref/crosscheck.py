@@ -490,8 +490,13 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 (through main), not argparse's usage block
+        raise FormatError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ref.crosscheck", description=__doc__,
+    ap = _Parser(prog="python -m ref.crosscheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or HF repo id")
     src = ap.add_argument_group("engine outputs (at least one)")
@@ -571,6 +576,9 @@ def run(args) -> dict:
         raise FormatError("--min-top1 must be in [0, 1] and --top-k >= 1")
     if args.plot:
         _require_matplotlib()
+    for out in (args.json, args.plot):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise FormatError(f"{out}: no such directory to write into")
     ckpt = open_checkpoint(args.model)
     token_ids = _token_ids_arg(args, ckpt)
     eng = None
@@ -608,19 +616,22 @@ def _jsonable(x):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         rep = run(args)
         if args.plot:
             plot_report(rep, args.plot)
         if args.json:
             _atomic_write(args.json, lambda f: json.dump(_jsonable(rep), f, indent=1))
-    except (FormatError, CheckpointError, ConfigError) as e:
+    except ValueError as e:  # FormatError, CheckpointError, ConfigError, and the model's input checks
         print(f"crosscheck: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # the model's own input checks (token ids outside the vocabulary, ...)
-        print(f"crosscheck: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"crosscheck: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("crosscheck: interrupted", file=sys.stderr)
+        return 130
     print(format_report(rep))
     return 0 if rep["verdict"]["ok"] else 1
 

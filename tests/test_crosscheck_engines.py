@@ -272,6 +272,8 @@ def test_cli_files(ckpt, ids, tmp_path, capsys):
     (["--engine-logits", "{npy}", "--token-ids", "1,2,999999"], "outside the vocabulary"),
     (["--engine-logits", "{npy}", "--token-ids", "1,2,3", "--backend", "jax"], "--backend jax runs"),
     (["--engine-json", "{json}", "--max-kl", "0"], "--max-kl: must be > 0"),
+    (["--engine-json", "{json}", "--precision", "f16"], "argument --precision: invalid choice"),
+    (["--engine-logits", "{npy}", "--token-ids", "1,2,3", "--json", "/nonexistent/dir/r.json"], "/nonexistent/dir"),
 ])
 def test_cli_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
     np.save(tmp_path / "l.npy", np.zeros((3, 512), np.float32))
