@@ -502,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_argument_group("engine outputs (at least one)")
     src.add_argument("--engine-json", help="OpenAI-compatible (vLLM, SGLang) or SGLang /generate response JSON")
     src.add_argument("--engine-logits", help=".npy or .safetensors logits [T, vocab]")
-    src.add_argument("--engine-dumps", help="safetensors layer dumps (names as ref.run --dump-layers writes)")
+    src.add_argument("--engine-dumps", help="safetensors layer dumps: the names ref.run --dump-layers writes "
+                     "(embeddings, layers.{i}.after_mixer|after_moe|router_logits|topk_ids|topk_weights, "
+                     "final_hidden, logits) or an alias from ref.engine_io.DUMP_ALIASES (HF hidden_states.{k}, ...)")
     src.add_argument("--server", help="base URL of a live OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     src.add_argument("--server-api", default="openai", choices=("openai", "sglang"))
     src.add_argument("--server-model", help="model name for the server (default: the first in /v1/models)")

@@ -491,6 +491,14 @@ def read_dumps(path: str | Path, num_layers: int) -> tuple[dict[str, np.ndarray]
 
 # --------------------------------------------------------------------------- live server
 
+class _HTTPRefused(FormatError):
+    """The server answered with an HTTP error status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def _post(url: str, body: dict, timeout: float) -> Any:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -503,7 +511,7 @@ def _fetch(req: urllib.request.Request | str, url: str, timeout: float) -> Any:
             data = r.read()
     except urllib.error.HTTPError as e:
         detail = e.read()[:300].decode("utf-8", "replace").replace("\n", " ")
-        raise FormatError(f"{url}: HTTP {e.code} ({detail})") from None
+        raise _HTTPRefused(f"{url}: HTTP {e.code} ({detail})", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise FormatError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
     try:
@@ -526,7 +534,8 @@ def query_server(base: str, token_ids: list[int], top_k: int, api: str = "openai
     """Ask a live server for prompt logprobs of `token_ids` (plus one greedy token); returns the raw JSON.
 
     api="openai": POST /v1/completions with echo + logprobs (vLLM and SGLang), and vLLM's
-    prompt_logprobs / return_token_ids / return_tokens_as_token_ids, which other servers ignore.
+    prompt_logprobs / return_token_ids / return_tokens_as_token_ids, which other servers ignore; a
+    server that refuses them (HTTP 400/422) is asked again without them.
     api="sglang": POST /generate with return_logprob, logprob_start_len=0 (exact token ids)."""
     base = base.rstrip("/")
     if api == "sglang":
@@ -536,6 +545,11 @@ def query_server(base: str, token_ids: list[int], top_k: int, api: str = "openai
     if api != "openai":
         raise FormatError(f"--server-api: expected 'openai' or 'sglang', got {api!r}")
     body = {"model": model or server_model(base, timeout), "prompt": list(token_ids), "max_tokens": 1,
-            "temperature": 0.0, "echo": True, "logprobs": top_k, "prompt_logprobs": top_k,
-            "return_token_ids": True, "return_tokens_as_token_ids": True}
-    return _post(f"{base}/v1/completions", body, timeout)
+            "temperature": 0.0, "echo": True, "logprobs": top_k}
+    extras = {"prompt_logprobs": top_k, "return_token_ids": True, "return_tokens_as_token_ids": True}
+    try:
+        return _post(f"{base}/v1/completions", {**body, **extras}, timeout)
+    except _HTTPRefused as e:  # a strict server rejecting the vLLM fields: ask again with plain OpenAI ones
+        if e.code not in (400, 422):
+            raise
+        return _post(f"{base}/v1/completions", body, timeout)

@@ -168,10 +168,14 @@ class _Recorded(BaseHTTPRequestHandler):
     def do_GET(self):
         self._send(200, {"object": "list", "data": [{"id": "nvidia/Qwen3.5-397B-A17B-NVFP4", "object": "model"}]})
 
+    strict = False  # refuse fields outside the OpenAI schema, as a strict server would
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append((self.path, body))
-        if self.path in self.responses:
+        if self.strict and "prompt_logprobs" in body:
+            self._send(422, {"object": "error", "message": "extra fields not permitted", "code": 422})
+        elif self.path in self.responses:
             self._send(200, self.responses[self.path])
         else:
             self._send(400, {"object": "error", "message": "unknown path", "code": 400})
@@ -185,7 +189,7 @@ def recorded_server():
     """A real HTTP server on 127.0.0.1 (ephemeral port) serving the recorded responses."""
     _Recorded.responses = {"/v1/completions": load("vllm_completions_prompt_logprobs.json"),
                            "/generate": load("sglang_generate.json")}
-    _Recorded.seen = []
+    _Recorded.seen, _Recorded.strict = [], False
     srv = HTTPServer(("127.0.0.1", 0), _Recorded)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
@@ -202,6 +206,16 @@ def test_server_openai(recorded_server):
     path, body = handler.seen[-1]
     assert path == "/v1/completions" and body["prompt"] == PROMPT and body["echo"] is True
     assert body["model"] == "nvidia/Qwen3.5-397B-A17B-NVFP4" and body["prompt_logprobs"] == body["logprobs"] == 3
+
+
+def test_server_strict_openai_schema(recorded_server):
+    """A server refusing vLLM's extra fields is asked again with echo + logprobs only."""
+    url, handler = recorded_server
+    handler.strict = True
+    handler.responses["/v1/completions"] = load("sglang_completions_echo.json")
+    rec = io.read_engine_json(io.query_server(url, PROMPT, top_k=3, model="m"), LOOKUP, token_ids=PROMPT)
+    assert rec.token_ids == PROMPT + [7] and rec.top[4] == TOP_AT_4
+    assert [("prompt_logprobs" in b) for _, b in handler.seen] == [True, False]
 
 
 def test_server_sglang(recorded_server):
