@@ -30,11 +30,9 @@ import numpy as np
 from jax import lax
 
 from ref.config import FULL, TextConfig
-from ref.nvfp4 import decode_e2m1
 
 CHUNK = 64  # DeltaNet chunk length in prefill
 HIGHEST = lax.Precision.HIGHEST
-_E2M1 = np.asarray(decode_e2m1(np.arange(16, dtype=np.uint8)), np.float32)  # code -> value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,8 +68,7 @@ def dequant_nvfp4(q, s, s2):
     """Packed E2M1 codes [..., K/2] (element 2j in the low nibble), E4M3 block scales [..., K/16],
     float32 global scale (0-d, or one per leading index of s) -> float32 [..., K], bit-identical to
     ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor)."""
-    lut = jnp.asarray(_E2M1)
-    vals = jnp.stack([lut[q & 0xF], lut[q >> 4]], axis=-1)            # [..., K/2, 2]
+    vals = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32)  # [..., K/2, 2], low nibble first
     vals = vals.reshape(*q.shape[:-1], s.shape[-1], 16)                 # [..., K/16, 16]
     s2 = jnp.asarray(s2, jnp.float32)
     s2 = jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)

@@ -1,0 +1,101 @@
+"""jaxrun vs ref.model on the `small` synthetic checkpoint (CPU), and the 397B per-device footprint.
+
+    python bench/jax_bench.py [--model DIR] [--prompt-tokens 128] [--new-tokens 32] [--devices N]
+
+Prints, from one run: prefill and decode tokens/s of jaxrun (f32, compiled; compile time apart)
+and of ref.model (f32) on the same prompt, as ratios (target >= 10x); then the parameter bytes one
+device holds for the published 397B configuration on 4 devices, from the shardings alone
+(jax.eval_shape of the parameter tree, no weights). Without --model, the small checkpoint is
+written once under $XDG_CACHE_HOME/qwen35-nvfp4-spec/small.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def small_checkpoint() -> Path:
+    from ref.synth import write_checkpoint
+    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen35-nvfp4-spec" / "small"
+    if not (d / "config.json").exists():
+        d.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing the small synthetic checkpoint to {d} (once)", file=sys.stderr)
+        write_checkpoint(d, preset="small", seed=0)
+    return d
+
+
+def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> None:
+    import numpy as np
+    from jaxrun.load import load
+    from jaxrun.runner import Runner
+    from jaxrun.sharding import make_mesh
+    from ref.model import Model
+
+    mesh = make_mesh(devices)
+    ckpt, params = load(model, mesh, "f32", progress=False)
+    cfg = ckpt.config.text
+    prompt = [int(x) for x in np.random.default_rng(0).integers(0, cfg.vocab_size - 64, n_prompt)]
+    runner = Runner(params, cfg, mesh, "f32")
+    runner.generate([prompt], n_new)                                     # compile + warm up
+    compile_s, jp, jd = runner.timings.compile_s, 0.0, 0.0
+    for _ in range(3):                                                   # best of 3 (shared machines are noisy)
+        runner.timings = type(runner.timings)()
+        res = runner.generate([prompt], n_new)[0]
+        t = runner.timings
+        jp, jd = max(jp, t.prefill_tokens / t.prefill_s), max(jd, t.decode_tokens / t.decode_s)
+
+    ref = Model(ckpt, "f32")
+    t0 = time.perf_counter()
+    logits, cache = ref.prefill(prompt)
+    rp_s = time.perf_counter() - t0
+    steps = min(n_new - 1, 8)
+    t0 = time.perf_counter()
+    tok = int(np.argmax(logits[-1]))
+    for _ in range(steps):
+        last, cache = ref.decode(tok, cache)
+        tok = int(np.argmax(last))
+    rd_s = time.perf_counter() - t0
+    rp, rd = n_prompt / rp_s, steps / rd_s
+    same = ref.generate(prompt, 4) == res.token_ids[:4]
+    print(f"small model ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts top-"
+          f"{cfg.num_experts_per_tok}), prompt {n_prompt} tokens, {mesh.size} {mesh.devices.flat[0].platform} device(s)")
+    print(f"  jaxrun f32 : prefill {jp:9.1f} tok/s   decode {jd:8.1f} tok/s   compile {compile_s:.1f} s")
+    print(f"  ref f32    : prefill {rp:9.1f} tok/s   decode {rd:8.1f} tok/s")
+    print(f"  ratio      : prefill {jp / rp:9.1f}x       decode {jd / rd:8.1f}x      (target >= 10x)")
+    print(f"  first 4 greedy tokens equal to ref: {same}")
+
+
+def bench_footprint(n: int = 4) -> None:
+    import jax
+    import jax.numpy as jnp
+    from jaxrun.model import init_params
+    from jaxrun.sharding import bytes_per_device, param_specs
+    from ref.config import QWEN35_397B
+
+    cfg = QWEN35_397B.text
+    shapes = jax.eval_shape(lambda k: init_params(k, cfg, jnp.bfloat16), jax.random.PRNGKey(0))
+    total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+    gb = 1e9
+    print(f"397B parameters (bf16 dense, NVFP4 routed experts, no MTP/vision): {total / gb:.1f} GB in all")
+    for mode in ("replicated", "sharded"):
+        per = bytes_per_device(shapes, param_specs(shapes, n, mode), n)
+        print(f"  N = {n}, dense {mode:10s}: {per / gb:6.1f} GB per device")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--devices", type=int)
+    a = p.parse_args(argv)
+    bench_speed(a.model or str(small_checkpoint()), a.prompt_tokens, a.new_tokens, a.devices)
+    bench_footprint()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
