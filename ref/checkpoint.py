@@ -79,6 +79,7 @@ class Checkpoint:
         self.config: Config = load_config(self.directory)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}  # tensor name -> shard file name
+        self._names: list[str] | None = None
         index = self.directory / INDEX
         if index.exists():
             self._read_index(index)
@@ -118,7 +119,9 @@ class Checkpoint:
     # ---- names and tensors --------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(self._where)
+        if self._names is None:
+            self._names = sorted(self._where)
+        return list(self._names)
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -150,42 +150,51 @@ def dense_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 class ExpertWeights:
-    """Routed-expert tensors, drawn per (layer, expert, projection) so both layouts agree."""
+    """Routed-expert tensors, drawn per (layer, expert, projection) so both layouts agree.
+
+    Each array is generated once however the layout orders the tensors: BF16 (MTP) weights and
+    --fast codes / block scales / scalars come from their own generators; quantized experts are
+    cached a layer at a time (quantization yields codes and scales together)."""
 
     def __init__(self, cfg: Config, seed: int, recipe: str, fast: bool):
         self.cfg, self.seed, self.recipe, self.fast = cfg, seed, recipe, fast
         self.shapes = layout.expert_shapes(cfg.text)
-        self.arrays = lru_cache(maxsize=64)(self._arrays)
+        self._quantized = lru_cache(maxsize=cfg.text.num_experts)(self._quantize)
 
     def get(self, layer, e: int, key: str) -> np.ndarray:
-        """One array, e.g. get(0, 5, "up_proj.weight_scale"); --fast scalars without drawing the codes."""
-        if self.fast and key.endswith(("weight_scale_2", "input_scale")):
+        """One array, e.g. get(0, 5, "up_proj.weight_scale")."""
+        proj, kind = key.split(".", 1)
+        if layer == "mtp":
+            return self._float(layer, e, proj)
+        if kind in ("weight_scale_2", "input_scale") and (self.fast or kind == "input_scale"):
             return self._scalars(layer, e)[key]
-        return self.arrays(layer, e)[key]
+        if not self.fast:
+            return self._quantized(layer, e)[key]
+        rows, k = self.shapes[proj]
+        rng = _rng(self.seed, kind, layer, e, proj)
+        if kind == "weight":
+            return rng.integers(0, 256, (rows, k // 2), dtype=np.uint8)
+        return rng.uniform(E4M3_MAX / 4, E4M3_MAX, (rows, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+
+    def arrays(self, layer, e: int) -> dict[str, np.ndarray]:
+        """All of expert e's arrays: {proj.weight, proj.weight_scale, proj.weight_scale_2,
+        proj.input_scale} (NVFP4), or {proj.weight} (BF16, the MTP experts)."""
+        kinds = ("weight",) if layer == "mtp" else ("weight", "weight_scale", "weight_scale_2", "input_scale")
+        return {f"{p}.{k}": self.get(layer, e, f"{p}.{k}") for p in layout.PROJS for k in kinds}
 
     def _float(self, layer, e: int, proj: str) -> np.ndarray:
         out, k = self.shapes[proj]
         return _normal(_rng(self.seed, "expert", layer, e, proj), (out, k), 1 / math.sqrt(k))
 
-    def _arrays(self, layer, e: int) -> dict[str, np.ndarray]:
-        """{proj.weight, proj.weight_scale, proj.weight_scale_2, proj.input_scale} (NVFP4), or
-        {proj.weight} (BF16, the MTP experts)."""
-        if layer == "mtp":
-            return {f"{p}.weight": self._float(layer, e, p) for p in layout.PROJS}
-        out = self._scalars(layer, e) if self.fast else {}
-        if self.fast:
-            for proj, (rows, k) in self.shapes.items():
-                rng = _rng(self.seed, "codes", layer, e, proj)
-                out[f"{proj}.weight"] = rng.integers(0, 256, (rows, k // 2), dtype=np.uint8)
-                out[f"{proj}.weight_scale"] = rng.uniform(E4M3_MAX / 4, E4M3_MAX, (rows, k // 16)).astype(ml_dtypes.float8_e4m3fn)
-            return out
+    def _quantize(self, layer, e: int) -> dict[str, np.ndarray]:
+        """ModelOpt export of expert e: gate and up share one global amax (tied weight_scale_2)."""
         w = {p: self._float(layer, e, p).astype(np.float32) for p in layout.PROJS}
         tied = np.float32(max(np.abs(w["gate_proj"]).max(), np.abs(w["up_proj"]).max()))
+        out = {}
         for proj in layout.PROJS:
-            packed, scale, scale_2 = quantize_weight(w[proj], self.recipe, global_scale=None if proj == "down_proj"
-                                                     else tied)
-            out |= {f"{proj}.weight": packed, f"{proj}.weight_scale": scale, f"{proj}.weight_scale_2": scale_2,
-                    f"{proj}.input_scale": self._scalars(layer, e)[f"{proj}.input_scale"]}
+            packed, scale, scale_2 = quantize_weight(w[proj], self.recipe,
+                                                     global_scale=None if proj == "down_proj" else tied)
+            out |= {f"{proj}.weight": packed, f"{proj}.weight_scale": scale, f"{proj}.weight_scale_2": scale_2}
         return out
 
     def _scalars(self, layer, e: int) -> dict[str, np.ndarray]:
