@@ -83,6 +83,14 @@ def dequant_nvfp4(q, s, s2):
     return w.reshape(shape)
 
 
+def dot(eq, a, b):
+    """einsum with float32 accumulation and result. XLA:CPU has no bf16 x bf16 -> f32 dot, so there
+    the (exactly representable) bf16 inputs are widened first: the same products and sums."""
+    if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(eq, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+
+
 def weight(p, dt):
     """The dense [out, in] matrix of a linear param, in dtype dt."""
     if "w" in p:
@@ -93,7 +101,7 @@ def weight(p, dt):
 def linear(x, p, dt):
     """x [..., in] @ W.T -> [..., out]; float32 accumulation, result in dt."""
     w = weight(p, dt)
-    y = jnp.einsum("...i,oi->...o", x.astype(dt), w, precision=HIGHEST, preferred_element_type=jnp.float32)
+    y = dot("...i,oi->...o", x.astype(dt), w)
     return y.astype(dt)
 
 
@@ -268,11 +276,10 @@ def _attn_qkv(x, p, cfg: TextConfig, dt):
 
 def _attend(q, k, v, mask, dt):
     """q [B, Tq, nKV, G, D], k, v [B, nKV, S, D], mask [B, Tq, S] -> [B, Tq, nKV*G*D]."""
-    mm = partial(jnp.einsum, precision=HIGHEST, preferred_element_type=jnp.float32)
-    sc = mm("btngd,bnsd->bngts", q, k) * q.shape[-1] ** -0.5
+    sc = dot("btngd,bnsd->bngts", q, k) * q.shape[-1] ** -0.5
     sc = jnp.where(mask[:, None, None], sc, -jnp.inf)
     pr = jax.nn.softmax(sc, axis=-1).astype(dt)
-    o = mm("bngts,bnsd->btngd", pr, v).astype(dt)
+    o = dot("bngts,bnsd->btngd", pr, v).astype(dt)
     return o.reshape(*o.shape[:2], -1)
 
 
@@ -353,7 +360,7 @@ def local_experts(x, ids, wts, experts, first, dt):
         tk = lax.dynamic_slice_in_dim(tok, r0, tm)
         wg, wu, wd = expert_weights(e)
         xe = x[tk].astype(dt)                                            # [tm, H]
-        mm = partial(jnp.einsum, "ti,oi->to", precision=HIGHEST, preferred_element_type=jnp.float32)
+        mm = partial(dot, "ti,oi->to")
         h = (jax.nn.silu(mm(xe, wg).astype(dt)) * mm(xe, wu).astype(dt)).astype(dt)
         o = mm(h, wd).astype(dt).astype(jnp.float32)
         o = jnp.where(valid[:, None], o * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None], 0.0)

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One prepared GPU check for jaxrun (< 8 minutes). Run from the repository root on a machine with
+# jax[cuda12] installed:
+#
+#     bash bench/gpu_check.sh            # 397B shapes, 4-layer slice (3 DeltaNet + 1 attention)
+#     bash bench/gpu_check.sh --dry-run  # the same steps on CPU with the tiny shapes (checks the script)
+#
+# Steps: (1) device-to-device copy bandwidth; (2) NVFP4 decode bit-identity with ref.nvfp4 on the
+# device, subnormal results included; (3) tiny synthetic checkpoint: jaxrun f32 logits vs ref f64
+# (`generate --check`); (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
+# experts packed, bf16 dense), decode-step time at batch 1 and 8, and the bytes one step must read
+# over that time, next to the measured copy bandwidth.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+export GPU_CHECK_DRY=$DRY
+if [[ $DRY == 0 ]]; then
+  python -c "import jax; d = jax.devices(); print(d); assert d[0].platform == 'gpu', 'no GPU visible'"
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+timeout 120 python - "$tmp" <<'EOF'
+import sys, time
+import numpy as np, jax, jax.numpy as jnp, ml_dtypes
+from ref.nvfp4 import dequantize
+from jaxrun.model import dequant_nvfp4
+
+# (1) copy bandwidth: read + write of a large buffer, best of 10
+n = (1 << 28) if jax.default_backend() == "gpu" else (1 << 24)   # bf16 elements: 512 MiB on GPU
+x = jnp.ones((n,), jnp.bfloat16)
+copy = jax.jit(lambda a: a + jnp.bfloat16(1))
+copy(x).block_until_ready()
+best = min((lambda t0: (copy(x).block_until_ready(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(10))
+bw = 2 * n * 2 / best
+print(f"copy bandwidth: {bw / 1e9:.0f} GB/s ({jax.devices()[0].device_kind})")
+open(sys.argv[1] + "/bw", "w").write(repr(bw))
+
+# (2) NVFP4 decoding on the device vs ref.nvfp4 (all code bytes, all scale bytes, wide globals)
+rng = np.random.default_rng(0)
+q = rng.integers(0, 256, (4096, 8), dtype=np.uint8)
+s = rng.integers(0, 256, (4096, 1), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+f = jax.jit(dequant_nvfp4)
+bad = 0
+for g in [1.0, 1e-3, 3e-38, 1e-40, 2.5e-44, 7e30, 4e35]:
+    with np.errstate(all="ignore"):
+        want = dequantize(q, s, np.float32(g))
+    got = np.asarray(f(q, s, np.float32(g)))
+    nan = np.isnan(want)
+    diff = int((want.view(np.uint32) != got.view(np.uint32))[~nan].sum() + (nan != np.isnan(got)).sum())
+    bad += diff
+    print(f"nvfp4 decode, global {g:.1e}: {diff} of {want.size} values differ from ref.nvfp4")
+print("nvfp4 decode bit-identical:", bad == 0)
+EOF
+
+timeout 120 python -c "from ref.synth import write_checkpoint; write_checkpoint('$tmp/tiny', preset='tiny')" >/dev/null
+echo "== tiny checkpoint: jaxrun f32 vs ref f64 (--check) =="
+timeout 180 python -m jaxrun.generate --model "$tmp/tiny" --token-ids 5,17,300,42,7,99,250,1,3 \
+  --max-new-tokens 8 --precision f32 --check --quiet --json 2>&1 | grep -E "check:|tok/s" || true
+
+echo "== 4-layer slice of the 397B shapes, random weights =="
+timeout 300 python - "$tmp" <<'EOF'
+import dataclasses, os, sys, time
+import numpy as np, jax, jax.numpy as jnp
+from ref.config import FULL, LINEAR, QWEN35_397B
+from jaxrun import model
+from jaxrun.runner import Runner
+from jaxrun.sharding import make_mesh, param_specs, shardings
+
+dry = os.environ.get("GPU_CHECK_DRY") == "1"
+if dry:
+    from ref.synth import preset_config
+    base = preset_config("tiny").text
+else:
+    base = QWEN35_397B.text
+cfg = dataclasses.replace(base, num_hidden_layers=4, layer_types=(LINEAR, LINEAR, LINEAR, FULL))
+bw = float(open(sys.argv[1] + "/bw").read())
+mesh = make_mesh()
+dt = jnp.bfloat16
+t0 = time.perf_counter()
+params = model.init_params(jax.random.PRNGKey(0), cfg, dt)          # op by op: no giant compile
+shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+params = jax.block_until_ready(jax.device_put(params, shardings(param_specs(shapes, mesh.size, "replicated"), mesh)))
+print(f"random parameters on {mesh.size} device(s): {time.perf_counter() - t0:.1f} s")
+runner = Runner(params, cfg, mesh, "bf16")
+
+leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+nbytes = lambda a: a.size * a.dtype.itemsize
+expert_bytes = sum(nbytes(a) for p, a in leaves if "experts" in jax.tree_util.keystr(p)) // (cfg.num_experts * 4)
+embed_bytes = nbytes(shapes["embed"])
+dense_bytes = sum(nbytes(a) for p, a in leaves if "experts" not in jax.tree_util.keystr(p)) - embed_bytes
+row = embed_bytes // cfg.vocab_size
+print(f"per layer and expert {expert_bytes / 1e6:.2f} MB (packed codes + scales); dense weights read per step "
+      f"{dense_bytes / 1e9:.2f} GB (lm_head included, embedding rows apart)")
+
+ctx, steps = 256, 16
+for B in (1, 8):
+    prompts = [[int(t) for t in np.random.default_rng(b).integers(0, cfg.vocab_size, 32)] for b in range(B)]
+    lengths = np.full(B, 32, np.int32)
+    logits, cache = runner.prefill(np.array(prompts, np.int32), lengths, ctx)
+    tok = np.argmax(np.asarray(logits), -1).astype(np.int32)
+    pos = lengths.copy()
+    logits, cache = runner.decode(cache, tok, pos, ctx)               # compile + warm up
+    jax.block_until_ready(logits)
+    times = []
+    for i in range(steps):
+        pos = pos + 1
+        t0 = time.perf_counter()
+        logits, cache = runner.decode(cache, tok, pos, ctx)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t0)
+        tok = np.argmax(np.asarray(logits), -1).astype(np.int32)
+    step = float(np.median(times))
+    experts = min(B * cfg.num_experts_per_tok, cfg.num_experts)     # distinct per layer: exact at B = 1, at most at B = 8
+    read = dense_bytes + B * row + 4 * experts * expert_bytes
+    print(f"batch {B}: decode step {step * 1e3:.2f} ms (median of {steps}), {B / step:.1f} tok/s; reads <= "
+          f"{read / 1e9:.3f} GB/step -> <= {read / step / 1e9:.0f} GB/s = {100 * read / step / bw:.0f}% of copy "
+          f"bandwidth ({bw / 1e9:.0f} GB/s)")
+print(f"compile time: {runner.timings.compile_s:.1f} s; decode traces: {runner.traces['decode']} (one per batch size)")
+EOF
+echo "gpu_check done"
