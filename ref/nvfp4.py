@@ -341,16 +341,26 @@ def quantize_activation(x, input_scale, sign="cuda"):
 # GEMM
 
 
-def _round_once(acc, dtype):
-    """float64 result -> dtype with one rounding (float64, float32 or bfloat16)."""
-    dtype = np.dtype(dtype)
+_OUT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+
+
+def _round_product(acc, alpha, dtype):
+    """dtype(alpha * acc) with one rounding: acc float64 [...], alpha a float32 scalar."""
+    a = np.float64(alpha)
+    p = acc * a
     if dtype == np.float64:
-        return acc
+        return p
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = acc * 134217729.0                                   # Veltkamp split: 26 + 27 bits
+        hi = c - (c - acc)
+        e = (a * hi - p) + a * (acc - hi)                       # Dekker: p + e == a * acc
+        inexact = (e != 0) & np.isfinite(p)
+        above = inexact & ((e > 0) != (p > 0))                  # |p| exceeds the exact value
+    p = np.where(above, np.nextafter(p, 0), p)
+    odd = (p.view(np.uint64) | inexact.astype(np.uint64)).view(np.float64)   # round to odd
     if dtype == np.float32:
-        return acc.astype(np.float32)
-    if dtype == np.dtype(ml_dtypes.bfloat16):
-        return _to_float32_odd(acc).astype(ml_dtypes.bfloat16)
-    raise FormatError(f"dtype: expected float64, float32 or bfloat16, got {dtype}")
+        return odd.astype(np.float32)                           # then one correct rounding
+    return _to_float32_odd(odd).astype(dtype)
 
 
 def _block_values(packed, scales):
@@ -360,13 +370,17 @@ def _block_values(packed, scales):
 
 def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtype=np.float64,
                  sign="cuda"):
-    """x [..., K] @ W.T for an NVFP4 weight W [N, K] -> [..., N] in dtype (one final rounding).
+    """x [..., K] @ W.T for an NVFP4 weight W [N, K] -> [..., N] in dtype (float64, float32, bf16).
 
     W4A4 (input_scale given): x is quantized by quantize_activation(x, input_scale, sign);
-      out = fp32(input_scale * weight_scale_2) * sum_b sa[m, b] * sw[n, b] * sum_{k in b} a * w,
-      every product and block sum exact, accumulated in float64.
-    W4A16 (input_scale None): out = x @ dequantize(W, float64).T in float64.
+      acc = sum_b sa[m, b] * sw[n, b] * sum_{k in b} a * w  (every product and block sum exact,
+      accumulated in float64); out = dtype(alpha * acc), rounded once,
+      alpha = fp32(input_scale * weight_scale_2).
+    W4A16 (input_scale None): out = dtype(x @ dequantize(W, float64).T), the matmul in float64.
     """
+    dtype = np.dtype(dtype)
+    if dtype not in _OUT_DTYPES:
+        raise FormatError(f"dtype: expected float64, float32 or bfloat16, got {dtype}")
     p, sw = _check_triplet(packed, weight_scale)
     if p.ndim != 2:
         raise FormatError(f"packed: expected a 2-D weight [N, K/2], got shape {p.shape}")
@@ -377,16 +391,13 @@ def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtyp
         raise FormatError(f"x: expected last dimension K = {k} (packed {p.shape}), "
                           f"got shape {a.shape}")
     if input_scale is None:
-        w = dequantize(p, weight_scale, g, dtype=np.float64)                 # [N, K]
-        acc = a.astype(np.float64) @ w.T                                     # [..., N]
-    else:
-        s_in = _scalar_f32(input_scale, "input_scale", positive=True)
-        pa, sa = quantize_activation(a, s_in, sign=sign)
-        xa = _block_values(pa, sa)                                           # [..., K]
-        wb = _block_values(p, sw)                                            # [N, K]
-        alpha = np.float32(s_in * g)
-        acc = (xa @ wb.T) * np.float64(alpha)                                # [..., N]
-    return _round_once(acc, dtype)
+        w = dequantize(p, sw, g, dtype=np.float64)                           # [N, K]
+        return _round_product(a.astype(np.float64) @ w.T, np.float32(1), dtype)
+    s_in = _scalar_f32(input_scale, "input_scale", positive=True)
+    pa, sa = quantize_activation(a, s_in, sign=sign)
+    xa = _block_values(pa, sa)                                               # [..., K]
+    wb = _block_values(p, sw)                                                # [N, K]
+    return _round_product(xa @ wb.T, np.float32(s_in * g), dtype)           # [..., N]
 
 
 # ---------------------------------------------------------------------------------------------

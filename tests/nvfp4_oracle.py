@@ -67,28 +67,33 @@ def e4m3_byte(v: float, saturate: bool = True) -> int:
     return idx | sign
 
 
-def bf16_round(v: float) -> float:
-    """Nearest bfloat16 value (8 significant bits, exponent >= -126 with subnormals), ties to even."""
-    if math.isnan(v) or math.isinf(v) or v == 0:
-        return v
-    f = abs(Fraction(v))
-    e = max(math.floor(math.log2(abs(v))), -126)
-    while Fraction(2) ** e > f:                       # guard log2 rounding
+def round_binary(f: Fraction, bits: int, emin: int = -126, emax: int = 127) -> float:
+    """Exact rational -> nearest binary float with `bits` significant bits (subnormals below
+    2^emin, overflow to inf past the largest finite value), ties to even."""
+    if f == 0:
+        return 0.0
+    a = abs(f)
+    e = a.numerator.bit_length() - a.denominator.bit_length()    # 2^e <= a < 2^(e+2)
+    while Fraction(2) ** e > a:
         e -= 1
-    while Fraction(2) ** (e + 1) <= f and e >= -126:
+    while Fraction(2) ** (e + 1) <= a:
         e += 1
-    e = max(e, -126)
-    q = f / Fraction(2) ** (e - 7)
+    e = max(e, emin)
+    q = a / Fraction(2) ** (e - bits + 1)
     n = math.floor(q)
     rem = q - n
     if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2 == 1):
         n += 1
-    r = n * Fraction(2) ** (e - 7)
-    if r >= 2 ** 128:
-        out = math.inf
-    else:
-        out = float(r)
-    return -out if v < 0 else out
+    r = n * Fraction(2) ** (e - bits + 1)
+    out = math.inf if r >= Fraction(2) ** (emax + 1) else float(r)
+    return -out if f < 0 else out
+
+
+def bf16_round(v: float) -> float:
+    """Nearest bfloat16 value (8 significant bits, exponent >= -126 with subnormals), ties to even."""
+    if math.isnan(v) or math.isinf(v) or v == 0:
+        return v
+    return round_binary(Fraction(v), 8)
 
 
 def modelopt_weight(w32: np.ndarray, recipe: str, global_scale=None):

@@ -1,4 +1,6 @@
 """nvfp4_matmul (W4A4 and W4A16) against float64 dequantize-then-matmul; CUTLASS scale swizzle."""
+from fractions import Fraction
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ref import nvfp4
+from nvfp4_oracle import round_binary
 
 F32 = np.float32
 
@@ -29,15 +32,17 @@ def test_w4a4_equals_float64_dequantized_matmul(case, dtype):
     # independent: decode both operands without their globals, multiply in float64, apply alpha
     xa = nvfp4.dequantize(pa, sa, F32(1), dtype=np.float64)
     wd = nvfp4.dequantize(packed, scale, F32(1), dtype=np.float64)
-    want = (xa @ wd.T) * float(F32(input_scale * g))
+    acc = xa @ wd.T
+    alpha = F32(input_scale * g)
+    want = acc * float(alpha)
     got = nvfp4.nvfp4_matmul(x, packed, scale, g, input_scale=input_scale, dtype=dtype)
     assert got.dtype == np.dtype(dtype) and got.shape == (x.shape[0], w.shape[0])
     if dtype == np.float64:
         assert np.array_equal(got, want)        # small K: every partial sum is exact in float64
-    else:
-        assert np.array_equal(got.astype(np.float64),
-                              nvfp4.round_to_bf16(want) if dtype == ml_dtypes.bfloat16
-                              else want.astype(np.float32).astype(np.float64))
+    else:                                       # one rounding of the exact alpha * acc
+        bits = 8 if dtype == ml_dtypes.bfloat16 else 24
+        exact = [round_binary(Fraction(float(v)) * Fraction(float(alpha)), bits) for v in acc.flat]
+        assert got.astype(np.float64).reshape(-1).tolist() == exact
 
 
 @given(case=gemm_case())
@@ -93,3 +98,13 @@ def test_swizzle_small_example():
 def test_unswizzle_rejects_wrong_padding():
     with pytest.raises(nvfp4.FormatError, match="padded shape"):
         nvfp4.unswizzle_scales(np.zeros((128, 4), np.uint8), 129, 4)
+
+
+@given(acc=st.floats(min_value=-1e30, max_value=1e30), alpha=st.floats(min_value=2.0 ** -100, max_value=2.0 ** 33, width=32),
+       bf16=st.booleans())
+def test_scaled_accumulator_is_rounded_once(acc, alpha, bf16):
+    # the last step of nvfp4_matmul: dtype(alpha * acc) for float64 acc, float32 alpha
+    dtype = np.dtype(ml_dtypes.bfloat16 if bf16 else np.float32)
+    got = nvfp4._round_product(np.array([acc]), F32(alpha), dtype)
+    want = round_binary(Fraction(acc) * Fraction(alpha), 8 if bf16 else 24)
+    assert float(got[0]) == want
