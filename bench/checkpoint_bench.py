@@ -164,7 +164,7 @@ def main() -> int:
             cold_fetch.append(t)
             t, got2 = timed(plain_read, ranges[s_read])
             cold_read.append(t)
-            assert got == got2 == nbytes, (got, got2, nbytes)
+            assert got2 == nbytes and abs(got - nbytes) <= 64 * k, (got, got2, nbytes)  # fused: shared scalars
         gc.collect()
         warm_fetch = min(fresh_fetch(sets[0])[0] for _ in range(5))
         warm_read = min(timed(plain_read, ranges[0])[0] for _ in range(5))

@@ -15,7 +15,6 @@ import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import zlib
@@ -234,7 +235,7 @@ def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool) -
 
 
 def _expert_plan(cfg: Config, layer, experts: ExpertWeights, expert_layout: str) -> dict[str, LazyTensor]:
-    t, n = cfg.text, cfg.text.num_experts
+    n = cfg.text.num_experts
     p = "mtp.layers.0.mlp.experts" if layer == "mtp" else f"{cfg.text_prefix}layers.{layer}.mlp.experts"
     bf16 = layer == "mtp"
     plan = {}
@@ -254,7 +255,7 @@ def _expert_plan(cfg: Config, layer, experts: ExpertWeights, expert_layout: str)
         return plan
 
     def rows_of(projs, key) -> Callable[[], Iterator[np.ndarray]]:  # expert by expert, gate rows first
-        return lambda: (np.concatenate([experts.arrays(layer, e)[f"{q}.{key}"] for q in projs]) for e in range(n))
+        return lambda: (np.concatenate([experts.get(layer, e, f"{q}.{key}") for q in projs]) for e in range(n))
 
     def stacked(projs, key) -> Callable[[], np.ndarray]:  # [E, 2] for (gate, up), [E] for one projection
         def f():
@@ -456,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=parse_size, help="bytes per shard, e.g. 5GB (default: per preset)")
     ap.add_argument("--force", action="store_true", help="replace an existing checkpoint directory")
     a = ap.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temporary dir goes too
     try:
         out = write_checkpoint(a.out_dir, a.preset, a.seed, a.expert_layout, a.recipe, a.fast, a.force, a.layers,
                                a.shard_size, log=print)
@@ -465,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ref.synth: interrupted; {a.out_dir} left as it was", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {out}")
     return 0
 

@@ -14,7 +14,7 @@ from ref import checkpoint_layout as layout
 from ref.checkpoint import INDEX, SINGLE, DenseWeight, NVFP4Weight, open_checkpoint
 from ref.errors import CheckpointError, ConfigError
 from ref.safetensors_io import SafetensorsFile, write_safetensors
-from ref.synth import ExpertWeights, dense_value, preset_config
+from ref.synth import ExpertWeights, dense_value
 
 P0 = "model.language_model.layers.0.mlp.experts"
 
