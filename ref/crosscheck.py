@@ -164,14 +164,15 @@ def _moe_given_routing(m, pre: str, layer: int, x: np.ndarray, eng_ids: np.ndarr
 
 def compare_positions(ref_logits: np.ndarray, token_ids: list[int], eng: io.EngineLogprobs | None = None,
                       eng_logits: np.ndarray | None = None, top_k: int = DEFAULTS["top_k"]) -> list[dict]:
-    """Per-position metrics. ref_logits [T, V] (row r predicts token r+1); eng_logits [T or T-1, V].
+    """Per-position metrics. ref_logits [T, V] (row r predicts token r+1); eng_logits [T' <= T, V] (the
+    rows of the first T' tokens).
     -> one dict per position t (1..T, t = T being the prediction after the last token)."""
     T = len(token_ids)
     ref_lp = D.log_softmax(ref_logits)
     eng_lp = None
     if eng_logits is not None:
-        if eng_logits.shape[0] not in (T, T - 1) or eng_logits.shape[1] != ref_logits.shape[1]:
-            raise FormatError(f"engine logits: shape {tuple(eng_logits.shape)}, expected [{T} (or {T - 1}), "
+        if not 0 < eng_logits.shape[0] <= T or eng_logits.shape[1] != ref_logits.shape[1]:
+            raise FormatError(f"engine logits: shape {tuple(eng_logits.shape)}, expected [<= {T}, "
                               f"{ref_logits.shape[1]}] for {T} tokens")
         eng_lp = D.log_softmax(eng_logits)
     rows = []
@@ -453,10 +454,7 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     positions = compare_positions(ref_logits, token_ids, eng, eng_logits, top_k)
     layers = []
     if eng_dumps:
-        for name in sorted(set(eng_dumps) & set(ref_dumps)):
-            if np.shape(eng_dumps[name]) != ref_dumps[name].shape:
-                raise FormatError(f"engine dump '{name}': shape {tuple(np.shape(eng_dumps[name]))}, expected "
-                                  f"{tuple(ref_dumps[name].shape)} for {len(token_ids)} tokens")
+        ref_dumps = _prefix_of(ref_dumps, eng_dumps, len(token_ids))
         local = recompute_from_engine(ckpt, eng_dumps, precision, activations, act_scale)
         layers = compare_layers(ref_dumps, eng_dumps, local, layer_rtol, token_rtol, ckpt.config.text.num_experts)
     if not positions and not layers:
@@ -478,6 +476,21 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
         "positions": positions, "summary": summary, "layers": layers, "ignored_dumps": list(ignored_dumps),
         "lint": _lint(ckpt, lint_block_scales) if lint else [], "verdict": v,
     }
+
+
+def _prefix_of(ref_dumps: dict, eng_dumps: dict, T: int) -> dict:
+    """The reference dumps cut to the tokens the engine dumped (its prefill may cover only the first
+    T' <= T tokens, e.g. the prompt of a response that also holds generated tokens). Checks shapes."""
+    lengths = {np.shape(v)[0] if np.ndim(v) else 0 for v in eng_dumps.values()}
+    if len(lengths) != 1 or not 0 < min(lengths) <= T:
+        raise FormatError(f"engine dumps: token counts {sorted(lengths)}, expected one count <= {T}")
+    n = lengths.pop()
+    ref_dumps = {k: v[:n] for k, v in ref_dumps.items()}
+    for name in sorted(set(eng_dumps) & set(ref_dumps)):
+        if np.shape(eng_dumps[name]) != ref_dumps[name].shape:
+            raise FormatError(f"engine dump '{name}': shape {tuple(np.shape(eng_dumps[name]))}, expected "
+                              f"{tuple(ref_dumps[name].shape)} for its {n} tokens")
+    return ref_dumps
 
 
 def _parse_ids(text: str) -> list[int]:

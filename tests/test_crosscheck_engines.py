@@ -268,7 +268,7 @@ def test_cli_files(ckpt, ids, tmp_path, capsys):
     ([], "nothing to compare"),
     (["--engine-logits", "missing.npy", "--token-ids", "1,2"], "missing.npy: no such file"),
     (["--engine-json", "{json}", "--token-ids", "1,x"], "--token-ids: expected integers"),
-    (["--engine-logits", "{npy}", "--token-ids", "1,2,3,4,5"], "engine logits: shape (3, 512)"),
+    (["--engine-logits", "{npy}", "--token-ids", "1,2"], "engine logits: shape (3, 512)"),
     (["--engine-logits", "{npy}", "--token-ids", "1,2,999999"], "outside the vocabulary"),
     (["--engine-logits", "{npy}", "--token-ids", "1,2,3", "--backend", "jax"], "--backend jax runs"),
     (["--engine-json", "{json}", "--max-kl", "0"], "--max-kl: must be > 0"),
@@ -358,5 +358,16 @@ def test_hf_style_hidden_states_dumps(ckpt, ids, tmp_path):
     rep = check(ckpt, ids, None, eng)
     assert rep["verdict"]["first_divergent"]["name"] == "layers.2.after_moe", X.format_report(rep)
     bad = dict(eng, embeddings=eng["embeddings"][:-1])
-    with pytest.raises(FormatError, match=r"engine dump 'embeddings': shape \(79, 64\), expected \(80, 64\)"):
+    with pytest.raises(FormatError, match=r"engine dumps: token counts \[79, 80\], expected one count <= 80"):
         check(ckpt, ids, None, bad)
+    bad = dict(eng, embeddings=eng["embeddings"][:, :32])
+    with pytest.raises(FormatError, match=r"engine dump 'embeddings': shape \(80, 32\), expected \(80, 64\)"):
+        check(ckpt, ids, None, bad)
+
+
+def test_dumps_of_a_prefix(ckpt, ids):
+    """An engine that dumped its prefill of the first 70 tokens of a longer scored sequence."""
+    logits, dumps = buggy_engine("deltanet state not carried across chunks", ckpt, ids[:70], None)
+    rep = check(ckpt, ids, logits, dumps)
+    assert len(rep["positions"]) == 70 and rep["layers"][0]["name"] == "embeddings"
+    assert rep["verdict"]["first_divergent"]["name"] == "layers.1.after_mixer", X.format_report(rep)
