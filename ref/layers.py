@@ -18,6 +18,7 @@ import numpy as np
 from ref import nvfp4
 
 CHUNK = 64  # chunk length of the chunked gated delta rule
+ROW_BLOCK_BYTES = 1 << 25  # weight rows converted at a time by `linear` (float64 bytes)
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,19 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def linear(x: np.ndarray, w: np.ndarray, p: Precision = F64) -> np.ndarray:
-    """x [..., in] @ w[out, in].T -> [..., out], one rounding of the result."""
-    return p.act(x @ w.T)
+def linear(x: np.ndarray, w, p: Precision = F64) -> np.ndarray:
+    """x [..., in] @ w[out, in].T -> [..., out], one rounding of the result.
+
+    `w` is an array in the compute dtype, or any array-like (shape, row slicing) whose row blocks
+    convert exactly to it, such as a memory-mapped bf16 tensor: that one is converted a block of
+    rows at a time, never whole (decode reads each weight once, from cache-sized blocks)."""
+    if isinstance(w, np.ndarray) and w.dtype == p.dtype:
+        return p.act(x @ w.T)
+    rows = max(1, ROW_BLOCK_BYTES // (8 * w.shape[1]))
+    out = np.empty(x.shape[:-1] + (w.shape[0],), p.dtype)
+    for lo in range(0, w.shape[0], rows):
+        out[..., lo:lo + rows] = x @ np.asarray(w[lo:lo + rows]).astype(p.dtype, copy=False).T
+    return p.act(out)
 
 
 # ------------------------------------------------------------------------------------------------

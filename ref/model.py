@@ -8,7 +8,6 @@ and caches to it.
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from ref import layers as L
 from ref.config import FULL
 from ref.nvfp4 import dequantize
 
-LM_HEAD_BLOCK = 16384  # vocabulary rows of lm_head converted at a time
 ACTIVATIONS = ("w4a16", "w4a4")
 ACT_SCALES = ("per-expert", "max")
 
@@ -37,6 +35,20 @@ class Cache:
 
 def _is_nvfp4(w) -> bool:
     return hasattr(w, "packed")
+
+
+class _NVFP4Rows:
+    """An NVFP4 weight [out, in] as an array-like whose row slices are dequantized on access:
+    exactly (float64, then rounded once to bf16 in bf16 mode) or to float32 in f32 mode."""
+
+    def __init__(self, w, p: L.Precision):
+        self.w, self.p, self.shape = w, p, w.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        w = self.w
+        exact = dequantize(w.packed[rows], w.weight_scale[rows], w.weight_scale_2,
+                           dtype=np.float32 if self.p.name == "f32" else np.float64)
+        return self.p.act(exact)
 
 
 class Model:
@@ -57,7 +69,6 @@ class Model:
         self.p = L.Precision(precision)
         self.activations, self.act_scale = activations, act_scale
         self.progress = progress
-        self._buffers: dict[tuple, np.ndarray] = {}  # conversion buffers, one per weight slot
         c = self.cfg
         self.rope = L.Rope(c.rotary_dim, c.rope_theta, tuple(c.mrope_section), c.mrope_interleaved)
 
@@ -234,55 +245,41 @@ class Model:
             if w4a4 and _is_nvfp4(ex.gate) and ex.gate.input_scale is not None:
                 gu, dn = scales(e, ex)
                 return L.swiglu_w4a4(x, ex.gate, ex.up, ex.down, gu, dn, p)
-            return L.swiglu(x, self._weight(ex.gate, "expert.gate"), self._weight(ex.up, "expert.up"),
-                            self._weight(ex.down, "expert.down"), p)
+            return L.swiglu(x, self._weight(ex.gate), self._weight(ex.up), self._weight(ex.down), p)
 
         return run
 
     # -------------------------------------------------------------------------------------------
     # Weights -> compute dtype
 
-    def _array(self, x: np.ndarray, slot: str | None = None) -> np.ndarray:
-        """A stored tensor in the compute dtype (bf16 mode: rounded to bf16, as HF loads it).
-        BF16 tensors with a `slot` are converted into a buffer kept for that slot, which the same
-        tensor of the next layer overwrites: no fresh allocation per layer (with the page cache full
-        of checkpoint pages, every fresh page costs a reclaim)."""
-        if x.dtype != ml_dtypes.bfloat16:
-            return self.p.act(x)
-        if slot is None:
+    def _array(self, x: np.ndarray) -> np.ndarray:
+        """A stored tensor in the compute dtype (bf16 mode: rounded to bf16, as HF loads it)."""
+        if x.dtype == ml_dtypes.bfloat16:
             return x.astype(self.p.dtype)  # exact in every mode
-        key = (slot, x.shape)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = np.empty(x.shape, self.p.dtype)
-        np.copyto(buf, x)
-        return buf
+        return self.p.act(x)
 
     def _vec(self, name: str) -> np.ndarray:
         return self._array(self.ckpt.tensor(name))
 
-    def _weight(self, w, slot: str | None = None) -> np.ndarray:
+    def _weight(self, w):
+        """A linear weight [out, in] for L.linear: BF16 stays memory-mapped (linear converts row
+        blocks exactly), NVFP4 dequantizes the rows linear asks for, anything else is converted."""
         if _is_nvfp4(w):
-            exact = np.float32 if self.p.name == "f32" else np.float64  # exact values, then one rounding
-            return self._array(dequantize(w.packed, w.weight_scale, w.weight_scale_2, dtype=exact))
-        return self._array(w.weight, slot)
+            return _NVFP4Rows(w, self.p)
+        if w.weight.dtype == ml_dtypes.bfloat16:
+            return w.weight
+        return self._array(w.weight)
 
-    def _linear(self, module: str) -> np.ndarray:
-        """A linear's weight [out, in]; its buffer slot is the module name without the layer index."""
-        return self._weight(self.ckpt.linear(module), re.sub(r"layers\.\d+\.", "", module))
+    def _linear(self, module: str):
+        return self._weight(self.ckpt.linear(module))
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         table = self.ckpt.tensor(self.ckpt.config.text_prefix + "embed_tokens.weight")
         return self._array(table[ids])                                          # only the rows used
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
-        """x [T, H] -> logits [T, V], converting lm_head a block of rows at a time."""
-        w = self.ckpt.linear("lm_head")
-        if _is_nvfp4(w):
-            return L.linear(x, self._weight(w), self.p)
-        rows = w.weight.shape[0]
-        return np.concatenate([L.linear(x, self._array(w.weight[lo:lo + LM_HEAD_BLOCK], "lm_head"), self.p)
-                               for lo in range(0, rows, LM_HEAD_BLOCK)], axis=-1)
+        """x [T, H] -> logits [T, V] (lm_head is read in row blocks, never converted whole)."""
+        return L.linear(x, self._linear("lm_head"), self.p)
 
     def _check_ids(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids)
