@@ -369,6 +369,8 @@ def format_report(rep: dict, max_rows: int = 40) -> str:
         out.append(f"note: {rep['engine']['dropped']} top-k entries named tokens not in the vocabulary (dropped)")
     for line in rep.get("lint") or []:
         out.append(f"lint: {line}")
+    for line in rep.get("hints") or []:
+        out.append(f"hint: {line}")
     out.append(rep["verdict"]["line"])
     return "\n".join(out)
 
@@ -474,8 +476,21 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
         "thresholds": {"max_kl": max_kl, "max_kl_pos": max_kl_pos, "min_top1": min_top1, "layer_rtol": layer_rtol,
                        "token_rtol": token_rtol},
         "positions": positions, "summary": summary, "layers": layers, "ignored_dumps": list(ignored_dumps),
-        "lint": _lint(ckpt, lint_block_scales) if lint else [], "verdict": v,
+        "lint": _lint(ckpt, lint_block_scales) if lint else [], "hints": _hints(v, precision, activations),
+        "verdict": v,
     }
+
+
+def _hints(v: dict, precision: str, activations: str) -> list[str]:
+    if v["ok"]:
+        return []
+    if activations == "w4a4" and precision != "bf16":
+        return [f"a bf16 W4A4 engine differs from the {precision} W4A4 reference by NVFP4 code flips (its "
+                f"activations are rounded to bf16 before they are quantized); compare with --precision bf16"]
+    if activations == "w4a16":
+        return ["Blackwell engines quantize the routed experts' activations (W4A4); if this one does, "
+                "compare with --activations w4a4 (and --act-scale max for backends that take one scale per layer)"]
+    return []
 
 
 def _prefix_of(ref_dumps: dict, eng_dumps: dict, T: int) -> dict:
