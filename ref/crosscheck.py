@@ -288,7 +288,8 @@ def summarize(rows: list[dict]) -> dict:
         s[out] = float(np.mean([x for _, x in v])) if v else None
     v = col("max_dlp")
     s["max_dlp"] = max(x for _, x in v) if v else None
-    s["first_greedy_divergence"] = next((r["t"] for r in rows if r.get("top1_agree") is False), None)
+    i = D.first_true([r.get("top1_agree") is False for r in rows])
+    s["first_greedy_divergence"] = None if i is None else rows[i]["t"]
     return s
 
 
