@@ -18,7 +18,7 @@ import numpy as np
 from ref import nvfp4
 
 CHUNK = 64  # chunk length of the chunked gated delta rule
-ROW_BLOCK_BYTES = 1 << 25  # weight rows converted at a time by `linear` (float64 bytes)
+ROW_BLOCK_BYTES = 1 << 23  # weight rows converted at a time by `linear` (float64 bytes)
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,16 @@ def linear(x: np.ndarray, w, p: Precision = F64) -> np.ndarray:
     rows at a time, never whole (decode reads each weight once, from cache-sized blocks)."""
     if isinstance(w, np.ndarray) and w.dtype == p.dtype:
         return p.act(x @ w.T)
-    rows = max(1, ROW_BLOCK_BYTES // (8 * w.shape[1]))
-    out = np.empty(x.shape[:-1] + (w.shape[0],), p.dtype)
-    for lo in range(0, w.shape[0], rows):
-        out[..., lo:lo + rows] = x @ np.asarray(w[lo:lo + rows]).astype(p.dtype, copy=False).T
+    n, k = w.shape
+    rows = min(n, max(1, ROW_BLOCK_BYTES // (8 * k)))
+    out = np.empty(x.shape[:-1] + (n,), p.dtype)
+    buf = np.empty((rows, k), p.dtype)  # one small buffer, reused: no fresh pages per block
+    for lo in range(0, n, rows):
+        blk = np.asarray(w[lo:lo + rows])
+        if blk.dtype != p.dtype:
+            blk = buf[:blk.shape[0]]
+            np.copyto(blk, w[lo:lo + rows])
+        out[..., lo:lo + rows] = x @ blk.T
     return p.act(out)
 
 
