@@ -33,6 +33,7 @@ E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 
 E4M3 = ml_dtypes.float8_e4m3fn
 _CHUNK = 1 << 17                     # elements per step of the vectorised loops (fits in L2)
+_SMALL_BLOCKS = 4096                 # dequantize: below this many blocks skip the 64K-entry table
 _FLOAT_INPUTS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
                  np.dtype(np.float32), np.dtype(np.float64))
 
@@ -294,11 +295,17 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32):
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise FormatError(f"dtype: expected float32 or float64, got {dtype}")
+    pair_view = np.uint64 if dtype == np.float32 else np.complex128      # two values per item
+    pairs = _PAIRS.astype(dtype)                                        # [256, 2]
+    k = 2 * p.shape[-1]
+    if sb.size < _SMALL_BLOCKS:                                         # per-block multiply
+        vals = pairs.view(pair_view).reshape(256)[p].view(dtype)        # [..., K]
+        blocks = vals.reshape(sb.shape + (BLOCK_SIZE,))
+        blocks *= (_E4M3_BYTES[sb] * g).astype(np.float32).astype(dtype)[..., None]
+        return vals
     # table [scale byte, packed byte] -> both elements' final values, one read per two elements
     factor = (_E4M3_BYTES * g).astype(np.float32).astype(dtype)         # [256]
-    table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).astype(dtype)  # [256, 256, 2]
-    table = table.view(np.uint64 if dtype == np.float32 else np.complex128).reshape(65536)
-    k = 2 * p.shape[-1]
+    table = (pairs[None] * factor[:, None, None]).view(pair_view).reshape(65536)
     p2, s2 = p.reshape(-1, k // 2), sb.reshape(-1, k // BLOCK_SIZE)
     out = np.empty(s2.shape + (8,), table.dtype)                        # [R, K/16, 8] pairs
     for r0, r1 in _row_chunks(p2.shape[0], k):

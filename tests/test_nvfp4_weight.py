@@ -174,3 +174,17 @@ def test_dequantize_leading_dims_and_float64():
     assert d.shape == w.shape
     for i in range(2):
         assert np.array_equal(d[i], nvfp4.dequantize(p[i], s[i], g))
+
+
+def test_dequantize_large_table_path_equals_per_block_path():
+    # >= 4096 blocks use the [scale byte, packed byte] table; single rows use the per-block multiply,
+    # which test_dequantize_exact checks against exact rationals.
+    rng = np.random.default_rng(3)
+    packed = rng.integers(0, 256, (70, 512), dtype=np.uint8)
+    sbytes = rng.integers(0, 256, (70, 64), dtype=np.uint8)          # includes NaN bytes 0x7F/0xFF
+    for dtype in (np.float32, np.float64):
+        whole = nvfp4.dequantize(packed, sbytes, F32(0.0123), dtype=dtype)
+        rows = np.stack([nvfp4.dequantize(packed[r], sbytes[r], F32(0.0123), dtype=dtype)
+                         for r in range(70)])
+        assert whole.dtype == dtype
+        assert np.array_equal(whole.view(np.uint8), rows.view(np.uint8))
