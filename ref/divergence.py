@@ -39,9 +39,11 @@ def kl_topk(ref_lp: np.ndarray, eng_top: dict[int, float]) -> float:
 
 
 def top_ids(lp: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the k largest entries, largest first (ties: lower id first)."""
-    order = np.lexsort((np.arange(lp.shape[-1]), -lp))
-    return order[:k]
+    """Ids of the k largest entries of a row, largest first (ties: lower id first)."""
+    k = min(k, lp.shape[-1])
+    kth = np.partition(lp, lp.shape[-1] - k)[lp.shape[-1] - k]      # k-th largest value
+    cand = np.flatnonzero(lp >= kth)                                # every id that can be in the top k
+    return cand[np.lexsort((cand, -lp[cand]))][:k]
 
 
 def topk_overlap(ref_lp: np.ndarray, eng_ids: list[int]) -> float:

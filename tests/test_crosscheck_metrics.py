@@ -73,6 +73,12 @@ def test_kl_properties(logits, rnd):
     assert D.kl_topk(p, {i: float(q[i]) for i in ids}) >= -1e-12
 
 
+@given(arrays(np.float64, st.integers(1, 30), elements=st.sampled_from([-1.0, 0.0, 0.5, 2.0])), st.integers(1, 35))
+def test_top_ids_is_a_stable_descending_sort(lp, k):
+    """Many ties by construction: the partition shortcut must agree with the full stable sort."""
+    assert D.top_ids(lp, k).tolist() == np.lexsort((np.arange(len(lp)), -lp))[:k].tolist()
+
+
 def test_compare_positions_and_summary():
     """Two positions: engine equal to ref at t=1, engine top-1 flipped at t=2."""
     ref_logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
