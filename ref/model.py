@@ -1,10 +1,11 @@
 """The reference forward pass over a checkpoint: layer streaming, caches, batches, dumps, MTP.
 
 `Model` holds no weights between layers: for each decoder layer it reads that layer's tensors from
-the (memory-mapped) checkpoint, converts them to the compute dtype, runs every sequence of the batch
-through the layer, and drops them. Routed experts are read and dequantized only when some token is
-routed to them, one expert at a time. The maths lives in ref.layers; this module only wires weights
-and caches to it.
+the memory-mapped checkpoint and runs every sequence of the batch through the layer. Linear weights
+reach ref.layers.linear still memory-mapped (BF16) or packed (NVFP4) and are converted a block of
+rows at a time, so no weight matrix is ever materialised whole in float64. Routed experts are read
+and dequantized only when some token is routed to them, one expert at a time. The maths lives in
+ref.layers; this module only wires weights and caches to it.
 """
 from __future__ import annotations
 
@@ -130,6 +131,8 @@ class Model:
         `hidden` [T, H] defaults to the main model's own. -> [T-1, V]."""
         c, p = self.cfg, self.p
         ids = self._check_ids(token_ids)
+        if len(ids) < 2:
+            raise ValueError(f"MTP needs at least 2 tokens, got {len(ids)}")
         if not self.ckpt.has("mtp.fc.weight"):
             raise ValueError("checkpoint has no MTP head (mtp.fc.weight)")
         if hidden is None:
