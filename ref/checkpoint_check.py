@@ -259,15 +259,28 @@ def _group(name: str) -> str:
     return next((g for g, pat in GROUPS if re.search(pat, name)), "norms and other")
 
 
+def _linear_kind(ckpt: Checkpoint, name: str, shape: tuple) -> tuple[str | None, int]:
+    """('NVFP4' | 'float', number of [out, in] linears) for a tensor holding linear weights, else (None, 0)."""
+    if name.endswith(("gate_up_proj", "down_proj")) and len(shape) == 3:  # fused experts: E (x2 for gate_up)
+        return ("NVFP4" if ckpt.has(name + "_weight_scale") else "float"), shape[0] * (2 if "gate_up" in name else 1)
+    if layout.is_linear(name, shape):
+        return ("NVFP4" if ckpt.has(name[: -len("weight")] + "weight_scale") else "float"), 1
+    return None, 0
+
+
 def summary(ckpt: Checkpoint) -> str:
     t, q = ckpt.config.text, ckpt.config.quant
     kinds = Counter(t.layer_types)
     sizes: Counter = Counter()
     dtypes: dict[str, Counter] = defaultdict(Counter)
+    linears: dict[str, Counter] = defaultdict(Counter)  # group -> {"NVFP4": n, "float": n} linear layers
     for name in ckpt.names():
         info = ckpt.file_of(name).info(name)
         sizes[_group(name)] += info.nbytes
         dtypes[_group(name)][info.dtype] += info.nbytes
+        kind, per = _linear_kind(ckpt, name, info.shape)
+        if kind:
+            linears[_group(name)][kind] += per
     layouts = sorted({ckpt.expert_layout(layer) for layer in range(t.num_hidden_layers)})
     mtp = f"{ckpt.expert_layout('mtp')} MTP experts" if t.mtp_num_hidden_layers else "no MTP"
     files = {ckpt.file_of(n).path.name for n in ckpt.names()}
@@ -284,7 +297,8 @@ def summary(ckpt: Checkpoint) -> str:
     for g in [g for g, _ in GROUPS] + ["norms and other"]:
         if sizes[g]:
             by = ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in dtypes[g].most_common())
-            lines.append(f"    {g:<17} {sizes[g] / 1e6:12.1f} MB  ({by})")
+            n = " + ".join(f"{v} {k}" for k, v in sorted(linears[g].items()))
+            lines.append(f"    {g:<17} {sizes[g] / 1e6:12.1f} MB  ({by}){'; linears: ' + n if n else ''}")
     return "\n".join(lines)
 
 

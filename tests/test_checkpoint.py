@@ -282,3 +282,34 @@ def test_hub_offline_gives_one_line(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
         "error: nobody/no-such-model: not a directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"]
+
+
+def test_bf16_original_layout(tiny_checkpoint_fused, tmp_path):
+    """The BF16 release's form: fused 3-D BF16 experts, no quantization metadata."""
+    from ref.checkpoint_check import findings, summary
+    from ref.nvfp4 import dequantize
+    src = open_checkpoint(tiny_checkpoint_fused)
+    t = src.config.text
+    d = copy_checkpoint(tiny_checkpoint_fused, tmp_path / "bf16")
+    edits = {}
+    for i in range(t.num_hidden_layers):
+        p = src.experts_prefix(i)
+        ex = [src.expert(i, e) for e in range(t.num_experts)]
+        deq = [{k: dequantize(w.packed, w.weight_scale, w.weight_scale_2).astype(ml_dtypes.bfloat16)
+                for k, w in (("gate", x.gate), ("up", x.up), ("down", x.down))} for x in ex]
+        edits[f"{p}.gate_up_proj"] = lambda old, deq=deq: np.stack([np.concatenate([x["gate"], x["up"]]) for x in deq])
+        edits[f"{p}.down_proj"] = lambda old, deq=deq: np.stack([x["down"] for x in deq])
+        for proj in ("gate_up_proj", "down_proj"):
+            edits |= {f"{p}.{proj}_{k}": (lambda old: None) for k in ("weight_scale", "weight_scale_2", "input_scale")}
+    edit_tensors(d, edits)
+    edit_json(d / "config.json", lambda raw: raw.pop("quantization_config"))
+    (d / "hf_quant_config.json").unlink()
+    ckpt = open_checkpoint(d)
+    assert ckpt.config.quant is None and findings(ckpt) == []
+    assert "quantization: none" in summary(ckpt) and "linears: 192 float" in summary(ckpt)
+    ex, want = ckpt.expert(2, 11), src.expert(2, 11)
+    assert isinstance(ex.gate, DenseWeight) and ex.gate.weight.dtype == ml_dtypes.bfloat16
+    assert np.array_equal(ex.up.weight.astype(np.float32),
+                          dequantize(want.up.packed, want.up.weight_scale, want.up.weight_scale_2)
+                          .astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert ckpt.expert_input_scales(2) is None
