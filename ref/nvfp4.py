@@ -321,7 +321,9 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32):
 def quantize_activation(x, input_scale, sign="cuda"):
     """Engine activation quantizer: x [..., K] -> (packed uint8 [..., K/2], scales e4m3 [..., K/16]).
 
-    float32 operations in this order, exact reciprocals (GPUs use rcp.approx, see spec):
+    x is used as given (engines quantize bf16 activations). float32 operations in this order,
+    with exact reciprocals; the GPUs' rcp.approx.ftz can differ by one ulp and so flip a code next
+    to an E2M1 midpoint (spec/nvfp4.md section 5):
       G = fp32(1 / input_scale); vmax = max|x| over the block (NaN ignored)
       SF = fp32(G * fp32(vmax * fp32(1/6))); scale = e4m3 saturating(SF)
       out_scale = fp32(1 / fp32(fp32(scale) * fp32(1 / G))), or 0 when scale == 0
