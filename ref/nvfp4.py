@@ -85,9 +85,9 @@ def _scalar_f32(x, name, positive=False):
 
 
 def _check_blocked(a, name):
-    if a.ndim < 1 or a.shape[-1] % BLOCK_SIZE:
-        raise FormatError(f"{name}: expected a last dimension that is a multiple of {BLOCK_SIZE}, "
-                          f"got shape {a.shape}")
+    if a.ndim < 1 or a.shape[-1] % BLOCK_SIZE or a.shape[-1] == 0:
+        raise FormatError(f"{name}: expected a last dimension that is a positive multiple of "
+                          f"{BLOCK_SIZE}, got shape {a.shape}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +269,8 @@ def _check_triplet(packed, scales, name_scales="weight_scale"):
     if p.dtype != np.uint8 or p.ndim < 1:
         raise FormatError(f"packed: expected a uint8 array of rank >= 1, "
                           f"got dtype {p.dtype} shape {p.shape}")
-    if p.shape[-1] % (BLOCK_SIZE // 2):
-        raise FormatError(f"packed: expected a last dimension that is a multiple of "
+    if p.shape[-1] % (BLOCK_SIZE // 2) or p.shape[-1] == 0:
+        raise FormatError(f"packed: expected a last dimension that is a positive multiple of "
                           f"{BLOCK_SIZE // 2} (K a multiple of {BLOCK_SIZE}), got shape {p.shape}")
     s = np.asarray(scales)
     if s.dtype != np.uint8 and s.dtype != np.dtype(E4M3):
@@ -321,7 +321,8 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32):
 def quantize_activation(x, input_scale, sign="cuda"):
     """Engine activation quantizer: x [..., K] -> (packed uint8 [..., K/2], scales e4m3 [..., K/16]).
 
-    x is used as given (engines quantize bf16 activations). float32 operations in this order,
+    x is used as given (engines quantize bf16 activations; float64 is rounded to float32 first).
+    float32 operations in this order,
     with exact reciprocals; the GPUs' rcp.approx.ftz can differ by one ulp and so flip a code next
     to an E2M1 midpoint (spec/nvfp4.md section 5):
       G = fp32(1 / input_scale); vmax = max|x| over the block (NaN ignored)
@@ -329,21 +330,31 @@ def quantize_activation(x, input_scale, sign="cuda"):
       out_scale = fp32(1 / fp32(fp32(scale) * fp32(1 / G))), or 0 when scale == 0
       codes = encode_e2m1(fp32(x) * out_scale, sign)
     """
+    if sign not in SIGN_RULES:
+        raise FormatError(f"sign: expected one of {SIGN_RULES}, got {sign!r}")
     a = _float_array(x, "x")
     _check_blocked(a, "x")
     g = np.float32(1) / _scalar_f32(input_scale, "input_scale", positive=True)[()]
-    x32 = a.astype(np.float32, copy=False)                      # [..., K]
-    blocks = x32.reshape(a.shape[:-1] + (a.shape[-1] // BLOCK_SIZE, BLOCK_SIZE))
-    vmax = np.fmax.reduce(np.abs(blocks), axis=-1)               # [..., K/16]
-    with np.errstate(over="ignore", invalid="ignore"):
-        sf = g * (vmax * (np.float32(1) / np.float32(E2M1_MAX)))
-        scales = encode_e4m3(sf.astype(np.float32))
-        s = scales.astype(np.float32)
-        rg = np.float32(1) / g
-        with np.errstate(divide="ignore"):
+    rg, r6 = np.float32(1) / g, np.float32(1) / np.float32(E2M1_MAX)
+    k = a.shape[-1]
+    x2 = a.reshape(-1, k)                                              # [R, K]
+    packed = np.empty((x2.shape[0], k // 2), np.uint8)                 # [R, K/2]
+    scales = np.empty((x2.shape[0], k // BLOCK_SIZE), E4M3)            # [R, K/16]
+    for r0, r1 in _row_chunks(x2.shape[0], k):
+        xc = x2[r0:r1].astype(np.float32)                              # [r, K]
+        vmax = _block_amax(xc)                                         # [r, K/16]
+        nan = np.isnan(vmax)
+        if nan.any():                                                  # the max skips NaN elements
+            vmax[nan] = np.fmax.reduce(np.abs(xc).reshape(r1 - r0, -1, BLOCK_SIZE)[nan], axis=-1)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            sf = g * (vmax * r6)
+            s8 = np.minimum(sf, np.float32(E4M3_MAX)).astype(E4M3)     # saturating, NaN stays
+            s = s8.astype(np.float32)
             out_scale = np.where(s != 0, np.float32(1) / (s * rg), np.float32(0)).astype(np.float32)
-        y = blocks * out_scale[..., None]
-    return pack_e2m1(encode_e2m1(y.reshape(a.shape), sign=sign)), scales
+            y = xc.reshape(r1 - r0, -1, BLOCK_SIZE) * out_scale[..., None]
+        packed[r0:r1] = _pack(_encode_f32(y.reshape(-1), sign).reshape(r1 - r0, k))
+        scales[r0:r1] = s8
+    return packed.reshape(a.shape[:-1] + (k // 2,)), scales.reshape(a.shape[:-1] + (k // BLOCK_SIZE,))
 
 
 # ---------------------------------------------------------------------------------------------
