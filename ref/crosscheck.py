@@ -46,15 +46,17 @@ from ref.config import FULL
 from ref.errors import CheckpointError, ConfigError, FormatError
 
 # Thresholds for a bf16 engine checked against the f64 reference, measured as ref bf16 vs ref f64 on
-# the tiny synthetic checkpoint (w4a16; token ids from seeds 0-4, T = 16, 80, 200): mean KL
-# 5e-4..2.5e-3, worst position 6e-3..6e-2, top-1 agreement 0.875..1 (a random model's distributions
-# are flat, so near-ties flip), local step error 6.5e-3 (whole tensor) and 2.2e-2 (worst token).
-# Defaults sit about 4x above those. The injected bugs of tests/test_crosscheck_engines.py give
-# local step errors >= 4e-2 (max-over-experts activation scale) and 0.1..1e3 (the others).
+# the tiny synthetic checkpoint (w4a16, random token ids, T = 16..200). 63 runs: mean KL <= 7.7e-3,
+# worst position <= 6.4e-2, top-1 agreement >= 0.75 (T = 16; >= 0.89 for T >= 80: a random model's
+# distributions are flat, so near-ties flip). 15 runs with dumps: local step error <= 6.5e-3 (whole
+# tensor), <= 2.2e-2 (worst token). The injected bugs of tests/test_crosscheck_engines.py were
+# flagged, at their layer, in each of 24 runs (T = 16, 80, 150); the weakest by logits alone (DeltaNet
+# state not carried) gave mean KL >= 1.6e-2 over 48 runs, the weakest by dumps (max-over-experts
+# activation scale) a local step error >= 3e-2. Short sequences are noisy: prefer T >= 64, and dumps.
 # W4A4 engines: a bf16 W4A4 engine against the f64 W4A4 reference differs by NVFP4 code flips
 # (activations rounded to bf16 before quantizing): mean KL 6e-2, local MoE error 1.1..1.9e-2 on the
 # tiny model; check such engines against --precision bf16 --activations w4a4.
-DEFAULTS = {"max_kl": 1e-2, "max_kl_pos": 0.25, "min_top1": 0.8, "layer_rtol": 2.5e-2, "token_rtol": 0.1,
+DEFAULTS = {"max_kl": 1e-2, "max_kl_pos": 0.25, "min_top1": 0.7, "layer_rtol": 2.5e-2, "token_rtol": 0.1,
             "top_k": 10}
 
 
