@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ref import checkpoint_layout as layout
 from ref.config import Config, load_config
 from ref.errors import CheckpointError
 from ref.safetensors_io import SafetensorsFile
@@ -143,13 +144,14 @@ class Checkpoint:
 
     # ---- linears and experts ------------------------------------------------------------------
 
-    def linear(self, module: str) -> Weight:
-        """Any linear by full module name (no '.weight'): NVFP4 when '.weight_scale' is present."""
+    def linear(self, module: str, prefetch: bool = True) -> Weight:
+        """Any linear by full module name (no '.weight'): NVFP4 when '.weight_scale' is present.
+        prefetch: start reading the weight now (False when only the scalars will be looked at)."""
         if not self.has(module + ".weight_scale"):
-            return DenseWeight(self._matrix(module + ".weight"))
+            return DenseWeight(self._matrix(module + ".weight", None, prefetch))
         opt = module + ".input_scale"
-        return self._nvfp4(module + ".weight", self.tensor(module + ".weight", prefetch=True),
-                           self.tensor(module + ".weight_scale", prefetch=True),
+        return self._nvfp4(module + ".weight", self.tensor(module + ".weight", prefetch=prefetch),
+                           self.tensor(module + ".weight_scale", prefetch=prefetch),
                            _scalar(self.tensor(module + ".weight_scale_2"), self._at(module + ".weight_scale_2")),
                            _scalar(self.tensor(opt), self._at(opt)) if self.has(opt) else None)
 
@@ -172,17 +174,18 @@ class Checkpoint:
             return "fused"
         raise CheckpointError(f"{self.directory}: neither '{p}.0.gate_proj.weight' nor '{p}.gate_up_proj' present")
 
-    def expert(self, layer: int | str, e: int) -> Expert:
-        """gate [I, H], up [I, H], down [H, I] of routed expert e of `layer` (an int or "mtp")."""
+    def expert(self, layer: int | str, e: int, prefetch: bool = True) -> Expert:
+        """gate [I, H], up [I, H], down [H, I] of routed expert e of `layer` (an int or "mtp").
+        prefetch: start reading its bytes now (False when only the scalars will be looked at)."""
         p = self.experts_prefix(layer)
         n = self.config.text.num_experts
         if not (isinstance(e, (int, np.integer)) and 0 <= e < n):
             raise CheckpointError(f"{self.directory}: expert {e!r} not in 0..{n - 1}")
         e = int(e)
         if self.expert_layout(layer) == "per-expert":
-            return Expert(*(self.linear(f"{p}.{e}.{proj}") for proj in ("gate_proj", "up_proj", "down_proj")))
-        gate, up = self._fused(f"{p}.gate_up_proj", e, halves=2)
-        (down,) = self._fused(f"{p}.down_proj", e, halves=1)
+            return Expert(*(self.linear(f"{p}.{e}.{proj}", prefetch) for proj in layout.PROJS))
+        gate, up = self._fused(f"{p}.gate_up_proj", e, 2, prefetch)
+        (down,) = self._fused(f"{p}.down_proj", e, 1, prefetch)
         return Expert(gate, up, down)
 
     def expert_input_scales(self, layer: int | str) -> np.ndarray | None:
@@ -204,8 +207,8 @@ class Checkpoint:
     def _at(self, name: str) -> str:
         return f"{self.file_of(name).path}: tensor '{name}'"
 
-    def _matrix(self, name: str, row: int | None = None) -> np.ndarray:
-        w = self.tensor(name, row, prefetch=True)
+    def _matrix(self, name: str, row: int | None = None, prefetch: bool = True) -> np.ndarray:
+        w = self.tensor(name, row, prefetch)
         if w.ndim != 2:
             raise CheckpointError(f"{self._at(name)}: expected a 2-D weight, got shape {list(w.shape)}")
         return w
@@ -240,15 +243,15 @@ class Checkpoint:
         s = np.asarray(s, dtype=np.float32)
         return s if e is None else s[0]
 
-    def _fused(self, name: str, e: int, halves: int) -> list[Weight]:
+    def _fused(self, name: str, e: int, halves: int, prefetch: bool) -> list[Weight]:
         """Expert e's slice of a fused 3-D tensor, split into `halves` row blocks (gate, up)."""
-        w = self._matrix(name, e)
+        w = self._matrix(name, e, prefetch)
         rows = w.shape[0] // halves
         if w.shape[0] % halves:
             raise CheckpointError(f"{self._at(name)}: {w.shape[0]} rows do not split into {halves} equal halves")
         if not self.has(name + "_weight_scale"):
             return [DenseWeight(w[h * rows:(h + 1) * rows]) for h in range(halves)]
-        scale = self.tensor(name + "_weight_scale", e, prefetch=True)
+        scale = self.tensor(name + "_weight_scale", e, prefetch)
         g2 = self._expert_scales(name + "_weight_scale_2", halves, e)
         opt = name + "_input_scale"
         ins = self._expert_scales(opt, halves, e) if self.has(opt) else None

@@ -76,8 +76,9 @@ class _Checker:
 
     # ---- primitive checks -------------------------------------------------------------------
 
-    def get(self, name: str, dtypes: tuple[str, ...], shape: tuple | None) -> np.ndarray | None:
-        """The tensor if present with an allowed dtype and (if given) shape, else None (reported)."""
+    def get(self, name: str, dtypes: tuple[str, ...], shape: tuple | None, prefetch: bool = False) -> np.ndarray | None:
+        """The tensor if present with an allowed dtype and (if given) shape, else None (reported);
+        prefetch when its bytes will be scanned."""
         self.seen.add(name)
         if not self.ckpt.has(name):
             self.error(name, "missing")
@@ -89,7 +90,7 @@ class _Checker:
         if shape is not None and info.shape != tuple(shape):
             self.error(name, f"shape {list(info.shape)}, expected {list(shape)}")
             return None
-        return self.ckpt.tensor(name)
+        return self.ckpt.tensor(name, prefetch=prefetch)
 
     def scales(self, name: str, shapes: tuple[tuple, ...], required: bool = True) -> np.ndarray | None:
         """A global / input scale: one of `shapes`, F32 or BF16, finite and positive -> float64 values."""
@@ -109,7 +110,7 @@ class _Checker:
         return v
 
     def block_scales(self, name: str, shape: tuple) -> None:
-        t = self.get(name, ("F8_E4M3",), shape)
+        t = self.get(name, ("F8_E4M3",), shape, prefetch=self.scan)
         if t is None or not self.scan:
             return
         b = t.view(np.uint8)
@@ -177,7 +178,7 @@ class _Checker:
     def expert_scales(self, layer) -> None:
         """Lint the scalars of one layer's experts through the normalised accessor."""
         n = self.cfg.text.num_experts
-        ex = [self.ckpt.expert(layer, e) for e in range(n)]
+        ex = [self.ckpt.expert(layer, e, prefetch=False) for e in range(n)]
         if not isinstance(ex[0].gate, NVFP4Weight):
             return
         p = self.ckpt.experts_prefix(layer)
