@@ -100,8 +100,8 @@ def test_unswizzle_rejects_wrong_padding():
         nvfp4.unswizzle_scales(np.zeros((128, 4), np.uint8), 129, 4)
 
 
-@given(acc=st.floats(min_value=-1e30, max_value=1e30), alpha=st.floats(min_value=2.0 ** -100, max_value=2.0 ** 33, width=32),
-       bf16=st.booleans())
+@given(acc=st.floats(min_value=-1e30, max_value=1e30),
+       alpha=st.floats(min_value=2.0 ** -100, max_value=2.0 ** 33, width=32), bf16=st.booleans())
 def test_scaled_accumulator_is_rounded_once(acc, alpha, bf16):
     # the last step of nvfp4_matmul: dtype(alpha * acc) for float64 acc, float32 alpha
     dtype = np.dtype(ml_dtypes.bfloat16 if bf16 else np.float32)

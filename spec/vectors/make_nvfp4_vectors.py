@@ -36,10 +36,6 @@ def ints(a):
     return [int(v) for v in np.asarray(a).reshape(-1).view(np.uint8)]
 
 
-def _f32(bits):
-    return np.array([bits], np.uint32).view(F32)[0]
-
-
 class _Values:
     """Deterministic test values independent of NumPy's random streams: a 64-bit multiplicative
     hash of a counter, 24 bits of it scaled to [-3, 3) exactly (dyadic rationals)."""
