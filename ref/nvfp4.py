@@ -13,6 +13,12 @@ import ml_dtypes
 
 from ref.errors import FormatError
 
+__all__ = ["encode_e2m1", "decode_e2m1", "pack_e2m1", "unpack_e2m1", "encode_e4m3", "decode_e4m3",
+           "round_to_bf16", "quantize_weight", "dequantize", "quantize_activation", "nvfp4_matmul",
+           "swizzle_scales", "unswizzle_scales", "FormatError", "BLOCK_SIZE", "E2M1_MAX", "E4M3_MAX",
+           "E4M3_MIN_SUBNORMAL", "GLOBAL_DIVISOR", "NAN_CODE", "SIGN_RULES", "RECIPES",
+           "SWIZZLE_ROWS", "SWIZZLE_COLS", "TIES_DOWN", "TIES_UP", "E2M1_VALUES", "E4M3"]
+
 BLOCK_SIZE = 16                      # elements per block scale
 E2M1_MAX = 6.0                       # largest E2M1 magnitude
 E4M3_MAX = 448.0                     # largest finite float8_e4m3fn
