@@ -183,10 +183,17 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: expert {e!r} not in 0..{n - 1}")
         e = int(e)
         if self.expert_layout(layer) == "per-expert":
-            return Expert(*(self.linear(f"{p}.{e}.{proj}", prefetch) for proj in layout.PROJS))
-        gate, up = self._fused(f"{p}.gate_up_proj", e, 2, prefetch)
-        (down,) = self._fused(f"{p}.down_proj", e, 1, prefetch)
-        return Expert(gate, up, down)
+            ex = Expert(*(self.linear(f"{p}.{e}.{proj}", prefetch) for proj in layout.PROJS))
+            names = [f"{p}.{e}.{proj}.weight" for proj in layout.PROJS]
+        else:
+            gate, up = self._fused(f"{p}.gate_up_proj", e, 2, prefetch)
+            (down,) = self._fused(f"{p}.down_proj", e, 1, prefetch)
+            ex, names = Expert(gate, up, down), [f"{p}.gate_up_proj"] * 2 + [f"{p}.down_proj"]
+        for w, name, want in zip((ex.gate, ex.up, ex.down), names, layout.expert_shapes(self.config.text).values()):
+            if w.shape != want:
+                raise CheckpointError(f"{self._at(name)}: expert {e} is [out, in] = {list(w.shape)}, config implies "
+                                      f"{list(want)}")
+        return ex
 
     def expert_input_scales(self, layer: int | str) -> np.ndarray | None:
         """float32 [E]: per expert max(gate, up) input_scale; None when the experts are not NVFP4."""

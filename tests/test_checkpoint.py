@@ -313,3 +313,11 @@ def test_bf16_original_layout(tiny_checkpoint_fused, tmp_path):
                           dequantize(want.up.packed, want.up.weight_scale, want.up.weight_scale_2)
                           .astype(ml_dtypes.bfloat16).astype(np.float32))
     assert ckpt.expert_input_scales(2) is None
+
+
+def test_expert_shapes_checked_against_config(tiny_checkpoint, tmp_path):
+    d = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    edit_json(d / "config.json", lambda raw: raw["text_config"].update(moe_intermediate_size=16))
+    with pytest.raises(CheckpointError, match=f"{P0}.3.gate_proj.weight'.*expert 3 is \\[out, in\\] = \\[32, 64\\], "
+                                              f"config implies \\[16, 64\\]"):
+        open_checkpoint(d).expert(0, 3)
