@@ -233,7 +233,8 @@ def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local
     """Per dumped tensor, in forward order.
 
     Hidden states: rel_err and max_abs against the reference run (errors accumulated from every
-    earlier step); local_err (whole tensor) and local_tok_err (worst token) against `local`, the
+    earlier step); local_err (whole tensor) and local_tok_err (worst token, at local_worst_pos, the
+    0-based position in the sequence) against `local`, the
     reference step recomputed from the engine's own input (see recompute_from_engine; embeddings
     against the reference); flagged when local_err > layer_rtol or local_tok_err > token_rtol.
     Routing: mismatch / local_mismatch, the share of expert choices not shared; topk_weights as
@@ -265,7 +266,8 @@ def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local
             row["rel_err"], row["max_abs"] = D.rel_err(r, e), D.max_abs(r, e)
             if name in local:
                 row["local_err"] = D.rel_err(local[name], e)
-                row["local_tok_err"] = D.max_row_rel_err(local[name], e)
+                per_token = D.row_rel_err(local[name], e)
+                row["local_tok_err"], row["local_worst_pos"] = float(per_token.max()), int(per_token.argmax())
                 row["flagged"] = not (row["local_err"] <= layer_rtol and row["local_tok_err"] <= token_rtol)
         rows.append(row)
     return rows
@@ -310,7 +312,7 @@ def verdict(summary: dict, layers: list[dict], max_kl: float, max_kl_pos: float,
     first = next((row for row in layers if row.get("flagged")), None)
     if first is not None:
         fails.append(f"first divergent step {first['name']} (local error {first['local_err']:.3g}, "
-                     f"worst token {first['local_tok_err']:.3g})")
+                     f"worst token {first['local_tok_err']:.3g} at position {first['local_worst_pos']})")
     elif layers:
         notes.append("every dumped step within tolerance")
     ok = not fails
@@ -358,12 +360,13 @@ def format_report(rep: dict, max_rows: int = 40) -> str:
                    f"first greedy divergence t={s['first_greedy_divergence'] or '-'}")
     if rep["layers"]:
         first = (rep["verdict"]["first_divergent"] or {}).get("name")
-        out.append(f"{'dumped tensor':<28} {'step err':>9} {'worst tok':>9} {'cumul.':>9} {'max_abs':>9} "
+        out.append(f"{'dumped tensor':<28} {'step err':>9} {'worst token':>14} {'cumul.':>9} {'max_abs':>9} "
                    f"{'experts':>8}")
-        out.append(f"{'':<28} {'(local)':>9} {'(local)':>9} {'rel_err':>9} {'(cumul.)':>9} {'differ':>8}")
+        out.append(f"{'':<28} {'(local)':>9} {'(local) @pos':>14} {'rel_err':>9} {'(cumul.)':>9} {'differ':>8}")
         for r in rep["layers"]:
             mark = "  <-- first step past tolerance" if r["name"] == first else ("  !" if r.get("flagged") else "")
-            out.append(f"{r['name']:<28} {_fmt(r.get('local_err')):>9} {_fmt(r.get('local_tok_err')):>9} "
+            worst = f"{_fmt(r['local_tok_err'])} @{r['local_worst_pos']:<4}" if "local_tok_err" in r else "-"
+            out.append(f"{r['name']:<28} {_fmt(r.get('local_err')):>9} {worst:>14} "
                        f"{_fmt(r.get('rel_err')):>9} {_fmt(r.get('max_abs')):>9} "
                        f"{_fmt(r.get('local_mismatch', r.get('mismatch')), '.1%'):>8}{mark}")
     if rep.get("ignored_dumps"):
@@ -485,7 +488,9 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
 
 
 def _hints(v: dict, precision: str, activations: str) -> list[str]:
-    if v["ok"]:
+    """Mode mismatches worth ruling out, when the divergence could come from the routed experts."""
+    first = v["first_divergent"]
+    if v["ok"] or (first is not None and not first["name"].endswith("after_moe")):
         return []
     if activations == "w4a4" and precision != "bf16":
         return [f"a bf16 W4A4 engine differs from the {precision} W4A4 reference by NVFP4 code flips (its "

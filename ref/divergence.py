@@ -82,16 +82,23 @@ def rel_err(ref: np.ndarray, eng: np.ndarray) -> float:
     return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
-def max_row_rel_err(ref: np.ndarray, eng: np.ndarray) -> float:
-    """Worst row (token) of a [T, ...] tensor: max_t ||eng_t - ref_t||_2 / ||ref_t||_2; inf on NaN/inf."""
+def row_rel_err(ref: np.ndarray, eng: np.ndarray) -> np.ndarray:
+    """Per row (token) of a [T, ...] tensor: ||eng_t - ref_t||_2 / ||ref_t||_2 -> [T]; inf where the
+    engine's row has NaN/inf or the reference row is zero and the engine's is not."""
     r = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
     e = np.asarray(eng, dtype=np.float64).reshape(len(eng), -1)
-    if not np.all(np.isfinite(e)):
-        return float("inf")
+    bad = ~np.all(np.isfinite(e), axis=-1)
+    e = np.where(np.isfinite(e), e, 0.0)
     num = np.linalg.norm(e - r, axis=-1)
     den = np.linalg.norm(r, axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(den > 0, num / den, np.where(num == 0, 0.0, np.inf))
+    return np.where(bad, np.inf, rel)
+
+
+def max_row_rel_err(ref: np.ndarray, eng: np.ndarray) -> float:
+    """Worst row (token): max_t of row_rel_err."""
+    rel = row_rel_err(ref, eng)
     return float(np.max(rel)) if rel.size else 0.0
 
 

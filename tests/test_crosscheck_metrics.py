@@ -114,7 +114,7 @@ def test_compare_layers_first_flagged():
                      "layers.0.after_moe", "layers.1.after_mixer", "layers.1.after_moe"]
     assert rows[2]["mismatch"] == 0.25
     assert rows[6]["rel_err"] == pytest.approx(0.3) and rows[6]["local_err"] == pytest.approx(0.1 / 1.2)
-    assert rows[6]["local_tok_err"] == pytest.approx(0.1 / 1.2)
+    assert rows[6]["local_tok_err"] == pytest.approx(0.1 / 1.2) and rows[6]["local_worst_pos"] == 0
     assert not rows[6]["flagged"] and "flagged" not in rows[1]   # no local value, no flag
     v = verdict({}, rows, 1.0, 1.0, 0.0)
     assert not v["ok"] and v["first_divergent"]["name"] == "layers.1.after_mixer"
@@ -125,3 +125,6 @@ def test_max_row_rel_err():
     ref = np.array([[3.0, 4.0], [1.0, 0.0]])
     assert D.max_row_rel_err(ref, np.array([[3.0, 4.5], [1.0, 0.5]])) == pytest.approx(0.5)  # row 1: .5/1
     assert D.max_row_rel_err(np.zeros((1, 2)), np.zeros((1, 2))) == 0.0
+    ref, eng = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]]), np.array([[3.0, 4.0], [np.nan, 0.0], [0.0, 1.0]])
+    rows = D.row_rel_err(ref, eng)
+    assert rows.tolist() == [0.0, math.inf, math.inf]
