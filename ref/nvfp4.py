@@ -227,7 +227,9 @@ def quantize_weight(w, recipe="modelopt-0.37", global_scale=None):
     """ModelOpt's NVFP4 weight export: w [..., K] -> (packed uint8 [..., K/2],
     weight_scale float8_e4m3fn [..., K/16], weight_scale_2 float32 0-d).
 
-    All arithmetic in float32 (float64 input is first rounded to float32):
+    Leading dimensions are rows of one tensor with one weight_scale_2 (quantize fused experts
+    one expert at a time for per-expert globals). All arithmetic in float32 (float64 input is
+    first rounded to float32):
       amax = global_scale if given (tie gate/up: max of both amaxes) else max|w|
       weight_scale_2 = fp32(amax / 2688)
       s = fp32(block_amax / fp32(6 * weight_scale_2)); s == 0 -> 1.0
