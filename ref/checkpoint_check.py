@@ -221,6 +221,8 @@ class _Checker:
                 mod = next(m for m, v in self.quantized.items() if v)
                 self.warn(mod, "NVFP4 tensors present but the config declares no quantization")
             return
+        if q.quant_algo != "NVFP4":  # MIXED_PRECISION lists quantized_layers instead
+            return
         groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
         for module, quant in self.quantized.items():
             excluded = any(fnmatch.fnmatchcase(module, pat) for pat in q.exclude_modules)
@@ -238,8 +240,20 @@ class _Checker:
             self.warn(next(n for n in extra if re.sub(r"\.\d+\.", ".*.", n) == kind),
                       f"{count} tensor(s) like '{kind}' not implied by the config")
 
+    def kv_scales(self) -> None:
+        """FP8 / NVFP4 KV cache: k_proj.k_scale and v_proj.v_scale scalars on every full-attention layer."""
+        q = self.cfg.quant
+        if q is None or not q.kv_cache_quant_algo:
+            return
+        prefixes = [f"{self.cfg.text_prefix}layers.{i}" for i in self.cfg.text.full_attention_layers]
+        prefixes += ["mtp.layers.0"] if self.cfg.text.mtp_num_hidden_layers else []
+        for p in prefixes:
+            self.scales(f"{p}.self_attn.k_proj.k_scale", ((), (1,)))
+            self.scales(f"{p}.self_attn.v_proj.v_scale", ((), (1,)))
+
     def run(self) -> None:
         self.dense()
+        self.kv_scales()
         for layer in layout.expert_layers(self.cfg):
             self.experts(layer)
         self.exclude_list()

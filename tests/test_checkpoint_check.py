@@ -230,3 +230,20 @@ def test_lint_unexpected_tensors(tiny_checkpoint, tmp_path, capsys):
     found = lint(open_checkpoint(d))
     assert [f.message for f in found] == [
         "1 tensor(s) like 'model.language_model.layers.*.self_attn.k_proj.k_scale' not implied by the config"]
+
+
+def test_kv_cache_scales(tiny_checkpoint, tmp_path, capsys):
+    """kv_cache_quant_algo set: every full-attention layer (and MTP) needs k_scale / v_scale scalars."""
+    d = _broken(tiny_checkpoint, tmp_path, quant=lambda q: q["quantization"].update(kv_cache_quant_algo="FP8"))
+    code, _, err = run_check(d, capsys)
+    assert code == 2 and f"{L0[:-1]}3.self_attn.k_proj.k_scale': missing" in err and \
+        "mtp.layers.0.self_attn.v_proj.v_scale': missing" in err
+    from ref.safetensors_io import SafetensorsFile, write_safetensors
+    path = shard_of(d, "lm_head.weight")
+    f = SafetensorsFile(path)
+    extra = {f"{p}.self_attn.{k}_proj.{k}_scale": np.asarray(np.float32(1.0))
+             for p in (f"{L0[:-1]}3", "mtp.layers.0") for k in "kv"}
+    write_safetensors(path, {n: np.array(f.tensor(n)) for n in f.tensors} | extra)
+    edit_json(d / "model.safetensors.index.json", lambda raw: raw["weight_map"].update({n: path.name for n in extra}))
+    code, out, err = run_check(d, capsys)
+    assert code == 0 and "ok: valid, 0 lint warning(s)" in out and "kv cache: FP8" in out
