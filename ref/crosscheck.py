@@ -537,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="checkpoint directory or HF repo id")
     src = ap.add_argument_group("engine outputs (at least one)")
     src.add_argument("--engine-json", help="OpenAI-compatible (vLLM, SGLang) or SGLang /generate response JSON")
-    src.add_argument("--engine-logits", help=".npy or .safetensors logits [T, vocab]")
-    src.add_argument("--engine-dumps", help="safetensors layer dumps: the names ref.run --dump-layers writes "
+    src.add_argument("--engine-logits", help=".npy, .npz or .safetensors logits [T, vocab]")
+    src.add_argument("--engine-dumps", help=".safetensors or .npz layer dumps: the names ref.run --dump-layers writes "
                      "(embeddings, layers.{i}.after_mixer|after_moe|router_logits|topk_ids|topk_weights, "
                      "final_hidden, logits) or an alias from ref.engine_io.DUMP_ALIASES (HF hidden_states.{k}, ...)")
     src.add_argument("--server", help="base URL of a live OpenAI-compatible server, e.g. http://127.0.0.1:8000")

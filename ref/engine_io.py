@@ -16,7 +16,8 @@ JSON shapes understood (exactly as the servers write them):
 Token strings become ids from `token_id:N` (vLLM `return_tokens_as_token_ids`), from the chat `bytes`
 field, or through the checkpoint tokenizer's vocabulary (raw piece, then byte-level BPE spelling).
 
-Layer dumps: safetensors with the names `ref.run --dump-layers` writes (see `DUMP_ALIASES`).
+Logits: .npy, .npz or .safetensors [T, V]. Layer dumps: .safetensors or .npz with the names
+`ref.run --dump-layers` writes, or an alias (see `DUMP_ALIASES`).
 """
 from __future__ import annotations
 
@@ -394,27 +395,35 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def read_logits(path: str | Path) -> np.ndarray:
-    """Engine logits [T, V] (float64) from .npy or .safetensors (the one tensor, or the one named
-    `logits`). A leading batch dimension of 1 is dropped."""
-    path = Path(path)
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Named arrays of a .safetensors or .npz file (a .npy holds one, named by the file's stem)."""
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
-    if path.suffix == ".npy":
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if path.suffix in (".npy", ".npz"):
         try:
-            a = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{path}: not a .npy array ({e})") from None
-    elif path.suffix == ".safetensors":
-        d = _load_safetensors(path)
-        if "logits" in d:
-            a = d["logits"]
-        elif len(d) == 1:
-            a = next(iter(d.values()))
-        else:
-            raise FormatError(f"{path}: {len(d)} tensors and none named 'logits'")
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise FormatError(f"{path}: not a {path.suffix} file ({e})") from None
+        if isinstance(z, np.ndarray):
+            return {path.stem: z}
+        with z:
+            return {n: z[n] for n in z.files}
+    raise FormatError(f"{path}: expected .safetensors, .npz or .npy, got {path.suffix or 'no suffix'}")
+
+
+def read_logits(path: str | Path) -> np.ndarray:
+    """Engine logits [T, V] (float64) from .npy, .npz or .safetensors (the one array, or the one
+    named `logits`). A leading batch dimension of 1 is dropped."""
+    path = Path(path)
+    d = _load_arrays(path)
+    if "logits" in d:
+        a = d["logits"]
+    elif len(d) == 1:
+        a = next(iter(d.values()))
     else:
-        raise FormatError(f"{path}: expected .npy or .safetensors, got {path.suffix or 'no suffix'}")
+        raise FormatError(f"{path}: {len(d)} arrays and none named 'logits'")
     a = _squeeze_batch(a, f"{path}")
     if a.ndim != 2:
         raise FormatError(f"{path}: logits must be [T, vocab], got shape {a.shape}")
@@ -468,14 +477,10 @@ def canonical_dump_name(name: str, num_layers: int) -> str | None:
 
 
 def read_dumps(path: str | Path, num_layers: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Engine layer dumps -> ({canonical name: array}, [names not understood])."""
+    """Engine layer dumps (.safetensors or .npz) -> ({canonical name: array}, [names not understood])."""
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    if path.suffix != ".safetensors":
-        raise FormatError(f"{path}: expected a .safetensors dump, got {path.suffix or 'no suffix'}")
     out, ignored = {}, []
-    for name, a in _load_safetensors(path).items():
+    for name, a in _load_arrays(path).items():
         canon = canonical_dump_name(name, num_layers)
         if canon is None:
             ignored.append(name)

@@ -121,15 +121,20 @@ def test_malformed_json(mutate, message):
         io.read_engine_json(obj, LOOKUP)
 
 
-def test_read_logits_npy_and_safetensors(tmp_path):
+def test_read_logits_npy_npz_safetensors(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
     np.save(tmp_path / "l.npy", a)
     save_file({"logits": a[0].astype(ml_dtypes.bfloat16), "other": a[0]}, str(tmp_path / "l.safetensors"))
     assert io.read_logits(tmp_path / "l.npy").shape == (3, 4)
     got = io.read_logits(tmp_path / "l.safetensors")
     assert got.dtype == np.float64 and np.array_equal(got, a[0])
+    np.savez(tmp_path / "l.npz", logits=a, other=a)
+    assert io.read_logits(tmp_path / "l.npz").shape == (3, 4)
     (tmp_path / "bad.npy").write_text("nope")
-    for name, msg in (("bad.npy", "not a .npy"), ("missing.npy", "no such file")):
+    (tmp_path / "l.txt").write_text("")
+    np.savez(tmp_path / "two.npz", a=a, b=a)
+    for name, msg in (("bad.npy", "not a .npy"), ("missing.npy", "no such file"), ("two.npz", "none named 'logits'"),
+                      ("l.txt", "expected .safetensors, .npz or .npy")):
         with pytest.raises(FormatError, match=msg):
             io.read_logits(tmp_path / name)
 
@@ -147,6 +152,8 @@ def test_dump_aliases(tmp_path):
     dumps, ignored = io.read_dumps(tmp_path / "d.safetensors", 4)
     assert sorted(dumps) == ["embeddings", "layers.0.after_moe"] and ignored == ["mystery"]
     assert dumps["embeddings"].shape == (2, 4)
+    np.savez(tmp_path / "d.npz", **{"layer0.after_attn": x, "final_norm": x})
+    assert sorted(io.read_dumps(tmp_path / "d.npz", 4)[0]) == ["final_hidden", "layers.0.after_mixer"]
     save_file({"embed": x, "embeddings": x}, str(tmp_path / "dup.safetensors"))
     with pytest.raises(FormatError, match="both mean 'embeddings'"):
         io.read_dumps(tmp_path / "dup.safetensors", 4)
