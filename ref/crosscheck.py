@@ -233,10 +233,10 @@ def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local
     """Per dumped tensor, in forward order.
 
     Hidden states: rel_err and max_abs against the reference run (errors accumulated from every
-    earlier step); local_err (whole tensor) and local_tok_err (worst token, at local_worst_pos, the
-    0-based position in the sequence) against `local`, the
-    reference step recomputed from the engine's own input (see recompute_from_engine; embeddings
-    against the reference); flagged when local_err > layer_rtol or local_tok_err > token_rtol.
+    earlier step); local_err (whole tensor) and local_tok_err (worst token, at 0-based sequence
+    position local_worst_pos) against `local`, the reference step recomputed from the engine's own
+    input (see recompute_from_engine; embeddings against the reference); flagged when
+    local_err > layer_rtol or local_tok_err > token_rtol.
     Routing: mismatch / local_mismatch, the share of expert choices not shared; topk_weights as
     rel_err of the [T, E] routing matrices. Routing rows are never flagged: near-ties legitimately
     flip, and real routing bugs show in router_logits and after_moe."""
@@ -298,6 +298,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def verdict(summary: dict, layers: list[dict], max_kl: float, max_kl_pos: float, min_top1: float) -> dict:
+    """-> {"ok", "line" (the one-line verdict), "first_divergent" (first flagged layer row or None)}."""
     fails, notes = [], []
     if "mean_kl" in summary:
         kind = {"full": "KL", "topk": "top-k KL", "k3": "k3"}[summary["kl_kind"]]
@@ -309,7 +310,8 @@ def verdict(summary: dict, layers: list[dict], max_kl: float, max_kl_pos: float,
         a = summary["top1_agreement"]
         (fails if a < min_top1 else notes).append(f"top-1 {100 * a:.1f}% {'<' if a < min_top1 else '>='} "
                                                   f"{100 * min_top1:g}%")
-    first = next((row for row in layers if row.get("flagged")), None)
+    i = D.first_true([bool(row.get("flagged")) for row in layers])
+    first = None if i is None else layers[i]
     if first is not None:
         fails.append(f"first divergent step {first['name']} (local error {first['local_err']:.3g}, "
                      f"worst token {first['local_tok_err']:.3g} at position {first['local_worst_pos']})")
