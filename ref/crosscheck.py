@@ -26,6 +26,17 @@ given, else kl_topk, else (only the actual tokens' logprobs) mean k3.
 
 Defaults are sized for a bf16 engine against the f64 reference; see DEFAULTS below for how they were
 measured.
+
+Examples:
+  # a live vLLM or SGLang server (prompt logprobs of these tokens, top-10)
+  python -m ref.crosscheck --model nvidia/Qwen3.5-397B-A17B-NVFP4 --server http://127.0.0.1:8000 \
+      --prompt "The capital of France is" --activations w4a4 --precision bf16
+  # a saved response: curl .../v1/completions -d '{"model": ..., "prompt": [ids], "max_tokens": 1,
+  #   "prompt_logprobs": 10, "return_token_ids": true}' > resp.json
+  python -m ref.crosscheck --model DIR --engine-json resp.json
+  # logits and layer dumps of one prefill
+  python -m ref.crosscheck --model DIR --token-ids @ids.txt --engine-logits logits.npy \
+      --engine-dumps dumps.safetensors --json report.json --plot report.png
 """
 from __future__ import annotations
 
@@ -528,6 +539,10 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2 (through main), not argparse's usage block
         raise FormatError(message)
@@ -535,7 +550,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m ref.crosscheck", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=_Formatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or HF repo id")
     src = ap.add_argument_group("engine outputs (at least one)")
     src.add_argument("--engine-json", help="OpenAI-compatible (vLLM, SGLang) or SGLang /generate response JSON")
