@@ -40,31 +40,36 @@ def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> N
     prompt = [int(x) for x in np.random.default_rng(0).integers(0, cfg.vocab_size - 64, n_prompt)]
     runner = Runner(params, cfg, mesh, "f32")
     runner.generate([prompt], n_new)                                     # compile + warm up
-    compile_s, jp, jd = runner.timings.compile_s, 0.0, 0.0
+    compile_s = runner.timings.compile_s
+    best = {}
     for _ in range(3):                                                   # best of 3 (shared machines are noisy)
         runner.timings = type(runner.timings)()
         res = runner.generate([prompt], n_new)[0]
         t = runner.timings
-        jp, jd = max(jp, t.prefill_tokens / t.prefill_s), max(jd, t.decode_tokens / t.decode_s)
+        for k, v in (("p", t.prefill_tokens / t.prefill_s), ("d", t.decode_tokens / t.decode_s),
+                     ("pc", t.prefill_tokens / t.prefill_cpu_s), ("dc", t.decode_tokens / t.decode_cpu_s)):
+            best[k] = max(best.get(k, 0.0), v)
 
     ref = Model(ckpt, "f32")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logits, cache = ref.prefill(prompt)
-    rp_s = time.perf_counter() - t0
+    rp, rpc = n_prompt / (time.perf_counter() - t0), n_prompt / (time.process_time() - c0)
     steps = min(n_new - 1, 8)
-    t0 = time.perf_counter()
     tok = int(np.argmax(logits[-1]))
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         last, cache = ref.decode(tok, cache)
         tok = int(np.argmax(last))
-    rd_s = time.perf_counter() - t0
-    rp, rd = n_prompt / rp_s, steps / rd_s
+    rd, rdc = steps / (time.perf_counter() - t0), steps / (time.process_time() - c0)
     same = ref.generate(prompt, 4) == res.token_ids[:4]
     print(f"small model ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts top-"
           f"{cfg.num_experts_per_tok}), prompt {n_prompt} tokens, {mesh.size} {mesh.devices.flat[0].platform} device(s)")
-    print(f"  jaxrun f32 : prefill {jp:9.1f} tok/s   decode {jd:8.1f} tok/s   compile {compile_s:.1f} s")
-    print(f"  ref f32    : prefill {rp:9.1f} tok/s   decode {rd:8.1f} tok/s")
-    print(f"  ratio      : prefill {jp / rp:9.1f}x       decode {jd / rd:8.1f}x      (target >= 10x)")
+    print("                 wall clock                          per CPU second (all threads)")
+    print(f"  jaxrun f32 : prefill {best['p']:8.1f} tok/s  decode {best['d']:7.1f} tok/s   prefill {best['pc']:8.1f}"
+          f"  decode {best['dc']:7.1f}   compile {compile_s:.1f} s")
+    print(f"  ref f32    : prefill {rp:8.1f} tok/s  decode {rd:7.1f} tok/s   prefill {rpc:8.1f}  decode {rdc:7.1f}")
+    print(f"  ratio      : prefill {best['p'] / rp:8.1f}x       decode {best['d'] / rd:7.1f}x         prefill "
+          f"{best['pc'] / rpc:7.1f}x  decode {best['dc'] / rdc:6.1f}x   (target >= 10x)")
     print(f"  first 4 greedy tokens equal to ref: {same}")
 
 

@@ -20,7 +20,8 @@ prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length")
 token, max |Δ logit|, KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bound:
   f32:  max |Δ logit| <= 1e-3 * max(1, max |ref logit|), and top-1 equal unless the ref's top-2 gap
         is below 2 max |Δ| (a near tie);
-  bf16: KL <= 0.05 per token, and the same top-1 rule.
+  bf16: KL <= 0.02 on average over a sequence's tokens and <= 0.25 for every token (bf16 rounding
+        can flip a near-tied expert choice, a discrete jump at one token), and the same top-1 rule.
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
 values, token ids outside the vocabulary) prints one line on stderr and exits 2.
 """
@@ -32,7 +33,8 @@ import os
 import sys
 from pathlib import Path
 
-F32_BOUND, BF16_KL_BOUND = 1e-3, 0.05
+F32_BOUND = 1e-3                             # max |Δ logit| / max(1, max |ref logit|)
+BF16_MEAN_KL, BF16_MAX_KL = 0.02, 0.25       # KL(ref || jaxrun) per sequence (mean) and per token
 
 
 class UsageError(Exception):
@@ -184,6 +186,7 @@ def check(ckpt, results, precision: str) -> bool:
     ref = Model(ckpt, "f64")
     ok = True
     for n, r in enumerate(results):
+        kls = []
         full = ref.logits(r.prompt_token_ids + r.token_ids[:-1])
         rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
         for i, jl in enumerate(r.logits):
@@ -195,11 +198,15 @@ def check(ckpt, results, precision: str) -> bool:
             top = np.sort(a)[-2:]
             agree = int(np.argmax(a)) == int(np.argmax(b))
             near_tie = top[1] - top[0] < 2 * d
-            bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_KL_BOUND
+            kls.append(kl)
+            bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
             good = bound and (agree or near_tie)
             ok &= good
             print(f"check [{n}] step {i}: max|dlogit| {d:.3e}  KL {kl:.3e}  top1 {'agree' if agree else 'DIFFER'}"
                   f"{'' if good else '  <-- beyond bound'}", file=sys.stderr)
+        if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
+            ok = False
+            print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=sys.stderr)
     print(f"check: {'PASS' if ok else 'FAIL'} ({precision} vs ref f64)", file=sys.stderr)
     return ok
 

@@ -67,20 +67,23 @@ def _mul_exact(a, b, abits: int):
 def dequant_nvfp4(q, s, s2):
     """Packed E2M1 codes [..., K/2] (element 2j in the low nibble), E4M3 block scales [..., K/16],
     float32 global scale (0-d, or one per leading index of s) -> float32 [..., K], bit-identical to
-    ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor)."""
-    vals = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32)  # [..., K/2, 2], low nibble first
-    vals = vals.reshape(*q.shape[:-1], s.shape[-1], 16)                 # [..., K/16, 16]
+    ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor).
+    On CPU, where XLA flushes subnormals, both products are formed exactly in integers (the second
+    only when some factor is below 2^-120, i.e. when a result can be subnormal)."""
+    shape = (*q.shape[:-1], 2 * q.shape[-1])
     s2 = jnp.asarray(s2, jnp.float32)
     s2 = jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
-    shape = (*q.shape[:-1], 2 * q.shape[-1])
+
+    def values(q):  # [..., K/16, 16]
+        return lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
+
     if jax.default_backend() != "cpu":
-        return (vals * (s.astype(jnp.float32) * s2)[..., None]).reshape(shape)
+        return (values(q) * (s.astype(jnp.float32) * s2)[..., None]).reshape(shape)
     factor = _mul_exact(s.astype(jnp.float32), s2, 4)                   # [..., K/16]
     fb = lax.bitcast_convert_type(factor, jnp.uint32) & 0x7FFFFFFF
-    tiny = (fb != 0) & (fb < 0x03800000)                                 # |factor| < 2^-120: results may be subnormal
-    factor = jnp.broadcast_to(factor[..., None], vals.shape)
-    w = lax.cond(jnp.any(tiny), lambda: _mul_exact(vals, factor, 2), lambda: vals * factor)
-    return w.reshape(shape)
+    tiny = jnp.any((fb != 0) & (fb < 0x03800000))                        # |factor| < 2^-120
+    exact = lambda q, f: _mul_exact(values(q), jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
+    return lax.cond(tiny, exact, lambda q, f: values(q) * f[..., None], q, factor).reshape(shape)
 
 
 def dot(eq, a, b):

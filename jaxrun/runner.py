@@ -48,6 +48,8 @@ class Timings:
     compile_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    prefill_cpu_s: float = 0.0  # process CPU time (all threads), steadier than wall time on a shared machine
+    decode_cpu_s: float = 0.0
     prefill_tokens: int = 0
     decode_tokens: int = 0
 
@@ -162,16 +164,17 @@ class Runner:
             return results
         key = jax.random.PRNGKey(sampling.seed)
         self._warm(tokens, lengths, S)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits, cache = self.prefill(tokens, lengths, S)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
         host = np.asarray(tok)
         self.timings.prefill_s += time.perf_counter() - t0
+        self.timings.prefill_cpu_s += time.process_time() - c0
         self.timings.prefill_tokens += int(lengths.sum())
         done = np.zeros(B, bool)
         pos = lengths.copy()
         stop = set(stop_ids)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for step in range(max_new_tokens):
             for b in np.flatnonzero(~done):
                 results[b].token_ids.append(int(host[b]))
@@ -189,6 +192,7 @@ class Runner:
             host = np.asarray(tok)
             self.timings.decode_tokens += int((~done).sum())
         self.timings.decode_s += time.perf_counter() - t0
+        self.timings.decode_cpu_s += time.process_time() - c0
         return results
 
     def _warm(self, tokens, lengths, S):
