@@ -220,14 +220,13 @@ def run(a) -> int:
     from ref.tokenizer import load_tokenizer
     from jaxrun.load import load
     from jaxrun.runner import Runner, Sampling
-    from jaxrun.sharding import check_experts, make_mesh
+    from jaxrun.sharding import make_mesh
 
     precision = a.precision or ("f32" if jax.default_backend() == "cpu" else "bf16")
     try:
         mesh = make_mesh(a.devices)
         model = a.model or default_model()
         ckpt, params = load(str(model), mesh, precision, a.dense, progress=not a.quiet)
-        check_experts(ckpt.config.text.num_experts, mesh.size)
         tok = load_tokenizer(ckpt.directory)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         raise UsageError(str(e)) from None

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ref.checkpoint import Checkpoint, DenseWeight, NVFP4Weight, open_checkpoint
 from ref.config import FULL
 from jaxrun.runner import DTYPES
-from jaxrun.sharding import param_specs, shardings
+from jaxrun.sharding import check_experts, param_specs, shardings
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ def describe(ckpt: Checkpoint, dt) -> dict:
 def load(model: str, mesh, precision: str = "f32", dense: str = "replicated", progress: bool = True):
     """(checkpoint, params on mesh) for a checkpoint directory or hub id."""
     ckpt = open_checkpoint(model)
+    check_experts(ckpt.config.text.num_experts, mesh.size)
     dt = DTYPES[precision]
     tree = describe(ckpt, dt)
     shards = shardings(param_specs(tree, mesh.size, dense), mesh)

@@ -390,6 +390,21 @@ def _lm_head(h, params, cfg, dt):
     return linear(h, params["lm_head"], dt).astype(jnp.float32)
 
 
+def cache_shapes(cfg: TextConfig, B: int, max_len: int, dt) -> list[dict]:
+    """The per-layer cache that prefill returns, as ShapeDtypeStructs."""
+    sd = jax.ShapeDtypeStruct
+    out = []
+    for kind in cfg.layer_types:
+        if kind == FULL:
+            kv = sd((B, cfg.num_key_value_heads, max_len, cfg.head_dim), dt)
+            out.append({"k": kv, "v": kv})
+        else:
+            out.append({"conv": sd((B, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), dt),
+                        "state": sd((B, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                     cfg.linear_value_head_dim), jnp.float32)})
+    return out
+
+
 def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int, all_logits: bool):
     """tokens [B, T] (right-padded), lengths [B] -> (logits [B, T, V] or [B, V] at each last token,
     cache for max_len positions)."""

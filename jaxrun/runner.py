@@ -97,7 +97,7 @@ class Runner:
             raise ValueError("set_params: parameter tree differs from the compiled one")
         self.params = jax.device_put(params, self.param_shardings)
 
-    # -- compiled functions ------------------------------------------------------------------------
+    # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -105,42 +105,58 @@ class Runner:
             self.timings.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
+    def _spec(self, shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.rep)
+
     def rope(self, max_len: int):
         if max_len not in self._ropes:
             self._ropes[max_len] = jax.device_put(model.rope_table(self.cfg, max_len, self.dt), self.rep)
         return self._ropes[max_len]
 
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False):
-        """tokens [B, T] int32 (T a bucket), lengths [B] -> (logits, cache) on device."""
+    def prefill_fn(self, B: int, T: int, max_len: int, all_logits: bool = False):
         def fn(params, tokens, lengths, rope):
             self.traces["prefill"] += 1
             return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt,
                                  routed=routed_experts(self.mesh, self.dt), max_len=max_len, all_logits=all_logits)
 
-        args = (self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
-        f = self._compile(("prefill", tokens.shape, max_len, all_logits), fn, args,
-                          in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
-                          out_shardings=(self.rep, self.rep))
-        return f(*args)
+        args = (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
+        return self._compile(("prefill", B, T, max_len, all_logits), fn, args,
+                             in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
+                             out_shardings=(self.rep, self.rep))
 
-    def decode(self, cache, tokens, pos, max_len: int):
-        """tokens [B], pos [B] (device or host) -> (logits [B, V], cache); the cache is donated."""
+    def decode_fn(self, B: int, max_len: int):
         def fn(params, cache, tokens, pos, rope):
             self.traces["decode"] += 1
             return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
                                 routed=routed_experts(self.mesh, self.dt))
 
-        args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32), self.rope(max_len))
-        f = self._compile(("decode", len(pos), max_len), fn, args,
-                          in_shardings=(self.param_shardings, self.rep, self.rep, self.rep, self.rep),
-                          out_shardings=(self.rep, self.rep), donate_argnums=(1,))
-        return f(*args)
+        cache = jax.tree.map(lambda a: self._spec(a.shape, a.dtype), model.cache_shapes(self.cfg, B, max_len, self.dt))
+        args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
+        return self._compile(("decode", B, max_len), fn, args,
+                             in_shardings=(self.param_shardings, self.rep, self.rep, self.rep, self.rep),
+                             out_shardings=(self.rep, self.rep), donate_argnums=(1,))
+
+    def sample_fn(self, B: int):
+        V = self.cfg.vocab_size
+        args = (self._spec((B, V), jnp.float32), jax.random.PRNGKey(0), self._spec((B,), jnp.float32),
+                self._spec((B,), jnp.float32), self._spec((B,), jnp.int32))
+        return self._compile(("sample", B), _sample, args)
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False):
+        """tokens [B, T] int32 (T a bucket, <= max_len), lengths [B] -> (logits, cache) on device."""
+        B, T = tokens.shape
+        f = self.prefill_fn(B, T, max_len, all_logits)
+        return f(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+
+    def decode(self, cache, tokens, pos, max_len: int):
+        """tokens [B], pos [B] (device or host) -> (logits [B, V], cache); the cache is donated."""
+        f = self.decode_fn(len(pos), max_len)
+        return f(self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32), self.rope(max_len))
 
     def sample(self, logits, key, s: Sampling):
         B = logits.shape[0]
-        args = (logits, key, jnp.full((B,), s.temperature, jnp.float32), jnp.full((B,), s.top_p, jnp.float32),
-                jnp.full((B,), s.top_k, jnp.int32))
-        return self._compile(("sample", logits.shape), _sample, args)(*args)
+        return self.sample_fn(B)(logits, key, jnp.full((B,), s.temperature, jnp.float32),
+                                 jnp.full((B,), s.top_p, jnp.float32), jnp.full((B,), s.top_k, jnp.int32))
 
     # -- generation --------------------------------------------------------------------------------
     def context_for(self, prompts, max_new_tokens: int) -> int:
@@ -153,9 +169,9 @@ class Runner:
         produced a stop id (kept as its last token). on_step(results, done [B]) runs after each token and
         may return a bool array [B] of further sequences to stop (e.g. on stop text)."""
         B = len(prompts)
-        S = max_context or self.context_for(prompts, max_new_tokens)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = bucket(int(lengths.max()))
+        S = max(max_context or self.context_for(prompts, max_new_tokens), T)
         tokens = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = p
@@ -163,7 +179,7 @@ class Runner:
         if max_new_tokens <= 0:
             return results
         key = jax.random.PRNGKey(sampling.seed)
-        self._warm(tokens, lengths, S)
+        self.prefill_fn(B, T, S), self.decode_fn(B, S), self.sample_fn(B)     # compile before timing
         t0, c0 = time.perf_counter(), time.process_time()
         logits, cache = self.prefill(tokens, lengths, S)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
@@ -194,12 +210,3 @@ class Runner:
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results
-
-    def _warm(self, tokens, lengths, S):
-        """Compile prefill, decode and sampling for these shapes before timing anything."""
-        B = len(lengths)
-        if ("decode", B, S) in self._compiled:
-            return
-        logits, cache = self.prefill(tokens, lengths, S)
-        self.sample(logits, jax.random.PRNGKey(0), Sampling())
-        jax.block_until_ready(self.decode(cache, np.zeros(B, np.int32), lengths, S))
