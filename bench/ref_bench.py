@@ -65,15 +65,17 @@ def touched_arrays(ckpt, layer: int, routed: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def read_seconds(arrays: list[np.ndarray]) -> float:
-    """Time to copy the arrays' bytes into one preallocated buffer (best of two)."""
+def read_seconds(arrays: list[np.ndarray], piece: int = 1 << 24) -> float:
+    """Time to copy the arrays' bytes, 16 MB at a time, into one reused buffer (best of two)."""
     flat = [np.asarray(a).reshape(-1).view(np.uint8) for a in arrays]
-    buf = np.empty(max(f.size for f in flat), np.uint8)
+    buf = np.empty(piece, np.uint8)
     best = float("inf")
     for _ in range(2):
         t0 = time.perf_counter()
         for f in flat:
-            np.copyto(buf[:f.size], f)
+            for lo in range(0, f.size, piece):
+                chunk = f[lo:lo + piece]
+                np.copyto(buf[:chunk.size], chunk)
         best = min(best, time.perf_counter() - t0)
     return best
 
