@@ -326,17 +326,20 @@ def route(x, p, cfg: TextConfig, dt):
     return ids.astype(jnp.int32), w / jnp.sum(w, axis=-1, keepdims=True)
 
 
+EXPERT_TILE = 16  # rows per grouped-matmul step in prefill
+
+
 def local_experts(x, ids, wts, experts, first, dt):
     """Routed-expert sum over the experts held here (ids first .. first + E_local - 1), others skipped.
 
     x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. The (token, k) pairs held here are sorted by
-    expert (stable, so ascending expert id then token), cut into tiles of at most tm rows of one
-    expert each, and a while loop visits only the tiles that exist: each reads that one expert's
-    packed weights, decodes them, and runs gate/up/down on its rows. At decode (tm = N) that is one
-    visit per selected expert, so only the selected experts' weights are read. No dropping."""
+    expert (stable: ascending expert id, then token). A while loop visits only the experts that got
+    rows: it reads that expert's packed weights once, decodes them, and an inner loop runs gate/up/down
+    on its rows, tm at a time, adding the weighted outputs to their tokens. At decode (tm = N, one
+    inner step) only the selected experts' weights are read. No dropping."""
     N, k = ids.shape
     e_loc = experts["down"]["q" if "q" in experts["down"] else "w"].shape[0]
-    tm = min(N, CHUNK)
+    tm = min(N, EXPERT_TILE)
     key = ids.reshape(-1) - first
     key = jnp.where((key >= 0) & (key < e_loc), key, e_loc)             # sentinel sorts last
     order = jnp.argsort(key, stable=True)                                # [N*k]
@@ -344,32 +347,25 @@ def local_experts(x, ids, wts, experts, first, dt):
     w_sorted = jnp.concatenate([wts.reshape(-1)[order], jnp.zeros(tm, wts.dtype)])
     counts = jnp.bincount(key, length=e_loc + 1)[:e_loc]                 # [E_local]
     starts = jnp.cumsum(counts) - counts
-    tiles = (counts + tm - 1) // tm
-    tile_end = jnp.cumsum(tiles)
-    n_tiles = tile_end[-1]
-    max_tiles = min(N * k, -(-N * k // tm) + e_loc)
-    t = jnp.arange(max_tiles)
-    tile_e = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), e_loc - 1)
-    tile_row = starts[tile_e] + (t - (tile_end - tiles)[tile_e]) * tm
+    present = jnp.nonzero(counts > 0, size=e_loc, fill_value=0)[0]       # experts with rows, ascending
+    mm = partial(dot, "ti,oi->to")
 
-    def expert_weights(e):
-        pick = lambda p: jax.tree.map(lambda a: a[e], p)
-        return [weight(pick(experts[n]), dt) for n in ("gate", "up", "down")]
+    def expert(j, y):
+        e = present[j]
+        wg, wu, wd = (weight(jax.tree.map(lambda a: a[e], experts[n]), dt) for n in ("gate", "up", "down"))
+        end = starts[e] + counts[e]
 
-    def body(i, y):
-        e, r0 = tile_e[i], tile_row[i]
-        rows = r0 + jnp.arange(tm)
-        valid = rows < starts[e] + counts[e]
-        tk = lax.dynamic_slice_in_dim(tok, r0, tm)
-        wg, wu, wd = expert_weights(e)
-        xe = x[tk].astype(dt)                                            # [tm, H]
-        mm = partial(dot, "ti,oi->to")
-        h = (jax.nn.silu(mm(xe, wg).astype(dt)) * mm(xe, wu).astype(dt)).astype(dt)
-        o = mm(h, wd).astype(dt).astype(jnp.float32)
-        o = jnp.where(valid[:, None], o * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None], 0.0)
-        return y.at[tk].add(o)
+        def tile(i, y):
+            r0 = starts[e] + i * tm
+            tk = lax.dynamic_slice_in_dim(tok, r0, tm)
+            xe = x[tk].astype(dt)                                        # [tm, H]
+            h = (jax.nn.silu(mm(xe, wg).astype(dt)) * mm(xe, wu).astype(dt)).astype(dt)
+            o = mm(h, wd).astype(dt).astype(jnp.float32) * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None]
+            return y.at[tk].add(jnp.where((r0 + jnp.arange(tm) < end)[:, None], o, 0.0))
 
-    return lax.fori_loop(0, n_tiles, body, jnp.zeros(x.shape, jnp.float32))
+        return lax.fori_loop(0, (counts[e] + tm - 1) // tm, tile, y)
+
+    return lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros(x.shape, jnp.float32))
 
 
 def moe(x, p, cfg: TextConfig, dt, routed):
