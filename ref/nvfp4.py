@@ -386,9 +386,10 @@ def _round_product(acc, alpha, dtype):
         above = inexact & ((e > 0) != (p > 0))                  # |p| exceeds the exact value
     p = np.where(above, np.nextafter(p, 0), p)
     odd = (p.view(np.uint64) | inexact.astype(np.uint64)).view(np.float64)   # round to odd
-    if dtype == np.float32:
-        return odd.astype(np.float32)                           # then one correct rounding
-    return _to_float32_odd(odd).astype(dtype)
+    with np.errstate(over="ignore"):                            # beyond the range: IEEE inf
+        if dtype == np.float32:
+            return odd.astype(np.float32)                       # then one correct rounding
+        return _to_float32_odd(odd).astype(dtype)
 
 
 def _block_values(packed, scales):
