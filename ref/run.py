@@ -12,9 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from ref.model import ACT_SCALES, ACTIVATIONS, Model
+import numpy as np  # noqa: E402
+
+from ref.model import ACT_SCALES, ACTIVATIONS, Model  # noqa: E402
 
 
 class BadInput(Exception):
