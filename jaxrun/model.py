@@ -363,6 +363,8 @@ def local_experts(x, ids, wts, experts, first, dt):
             o = mm(h, wd).astype(dt).astype(jnp.float32) * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None]
             return y.at[tk].add(jnp.where((r0 + jnp.arange(tm) < end)[:, None], o, 0.0))
 
+        if tm == N:                                                      # every expert fits one tile
+            return tile(0, y)
         return lax.fori_loop(0, (counts[e] + tm - 1) // tm, tile, y)
 
     return lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros(x.shape, jnp.float32))
