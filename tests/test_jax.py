@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 from jaxrun.generate import main as cli_main
 from jaxrun.load import load
 from jaxrun.model import dequant_nvfp4
-from jaxrun.runner import Runner
+from jaxrun.runner import Runner, Sampling
 from jaxrun.sharding import make_mesh
 from ref.model import Model
 from ref.nvfp4 import dequantize
@@ -104,6 +104,17 @@ def test_batch_equals_single(runner, single):
     for b, s in zip(batch, single):
         assert b.token_ids == s.token_ids
         assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL  # f32 rounding of other shapes
+
+
+def test_sampling(runner, single):
+    """top-k 1 is greedy at any temperature; a seed fixes the sample; no recompiling for new values."""
+    before = dict(runner.traces)
+    top1 = runner.generate([PROMPTS[0]], STEPS, Sampling(temperature=2.0, top_k=1, seed=3), max_context=CONTEXT)
+    assert top1[0].token_ids == single[0].token_ids
+    hot = [runner.generate([PROMPTS[0]], STEPS, Sampling(temperature=1.5, top_p=0.95, seed=s), max_context=CONTEXT)[0]
+           for s in (7, 7, 8)]
+    assert hot[0].token_ids == hot[1].token_ids != hot[2].token_ids
+    assert runner.traces == before
 
 
 def test_decode_compiles_once(runner, single):
