@@ -82,8 +82,8 @@ def linear(x: np.ndarray, w, p: Precision = F64) -> np.ndarray:
     for lo in range(0, n, rows):
         blk = np.asarray(w[lo:lo + rows])
         if blk.dtype != p.dtype:
-            blk = buf[:blk.shape[0]]
-            np.copyto(blk, w[lo:lo + rows])
+            np.copyto(buf[:len(blk)], blk)
+            blk = buf[:len(blk)]
         out[..., lo:lo + rows] = x @ blk.T
     return p.act(out)
 
