@@ -332,3 +332,16 @@ def test_bf16_mode_rounds_layer_outputs_to_bf16():
 def test_precision_rejects_unknown_names():
     with pytest.raises(ValueError, match="precision"):
         L.Precision("fp16")
+
+
+def test_linear_converts_stored_weights_block_by_block(monkeypatch):
+    import ml_dtypes
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(37, 16)).astype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(3, 16))
+    monkeypatch.setattr(L, "ROW_BLOCK_BYTES", 8 * 16 * 5)  # 5 rows per block, the last one short
+    for name in ("f64", "f32", "bf16"):
+        p = L.Precision(name)
+        got = L.linear(p.act(x), w, p)
+        assert got.dtype == p.dtype
+        np.testing.assert_allclose(got, L.linear(p.act(x), w.astype(p.dtype), p), rtol=1e-15 if name == "f64" else 1e-6)
