@@ -111,7 +111,13 @@ def run(args) -> None:
     dumps = {} if args.dump_layers else None
     logits, cache = model.prefill(ids, dumps=dumps)
     say(f"prefill done in {time.perf_counter() - t0:.1f}s")
-    new = model.continue_greedy(logits[-1], cache, args.max_new_tokens, ckpt.config.text.eos_token_ids)
+    if args.max_new_tokens and tok is None:
+        try:
+            tok = _tokenizer(ckpt)
+        except (ValueError, OSError) as e:
+            say(f"no tokenizer, text not shown ({e})")
+    stop_ids = tuple(ckpt.config.text.eos_token_ids) + (tok.eos_token_ids if tok else ())  # + generation_config
+    new = model.continue_greedy(logits[-1], cache, args.max_new_tokens, stop_ids)
     if args.logits_out:
         _atomic_write(args.logits_out, lambda f: np.save(f, logits))
         say(f"wrote {args.logits_out} {logits.shape} {logits.dtype}")
@@ -122,11 +128,7 @@ def run(args) -> None:
         say(f"wrote {args.dump_layers} ({len(dumps)} tensors)")
     if args.max_new_tokens:
         print("generated ids:", ",".join(map(str, new)))
-        try:
-            tok = tok or _tokenizer(ckpt)
-        except (ValueError, OSError) as e:
-            say(f"no tokenizer, text not shown ({e})")
-        else:
+        if tok is not None:
             print("generated text:", tok.decode(new))
 
 

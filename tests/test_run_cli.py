@@ -70,3 +70,13 @@ def test_unreadable_model_from_the_command_line(tmp_path):
                         "--logits-out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stdout == "" and not out.exists()
+
+
+def test_greedy_stops_at_generation_config_eos(tiny_checkpoint, model, capsys):
+    tok = load_tokenizer(tiny_checkpoint)
+    stop = set(tok.eos_token_ids) - set(model.cfg.eos_token_ids)  # only generation_config.json names it
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True))
+    free = model.generate(ids, 8)
+    first = next(i for i, t in enumerate(free) if t in stop)  # this prompt reaches <|endoftext|> early
+    assert main(["--model", str(tiny_checkpoint), "--prompt", "Hello there", "--chat", "--max-new-tokens", "8"]) == 0
+    assert f"generated ids: {','.join(map(str, free[:first + 1]))}\n" in capsys.readouterr().out
