@@ -53,7 +53,6 @@ import numpy as np
 
 from ref import divergence as D
 from ref import engine_io as io
-from ref.config import FULL
 from ref.errors import CheckpointError, ConfigError, FormatError
 
 # Thresholds for a bf16 engine checked against the f64 reference, measured as ref bf16 vs ref f64 on
@@ -121,56 +120,27 @@ def recompute_from_engine(ckpt, eng_dumps: dict, precision: str = "f64", activat
     dumped, so that a near-tie routed the other way is not charged to the expert maths; the weights
     are the reference's router probabilities of those experts, renormalised); the final norm from
     the engine's last after_moe; logits from its final_hidden. Steps whose input was not dumped are
-    skipped. Uses ref.model's per-layer weight wiring (ref backend)."""
-    from ref import layers as L
+    skipped. Runs ref.model's own steps (Model.layer(i).mixer_step / moe_step, final_norm, lm_head;
+    ref backend)."""
     from ref.model import Model
     m = Model(ckpt, precision=precision, activations=activations, act_scale=act_scale)
-    c, p, prefix, eps = m.cfg, m.p, ckpt.config.text_prefix, m.cfg.rms_norm_eps
     out: dict[str, np.ndarray] = {}
     h_in = eng_dumps.get("embeddings")
-    for i, kind in enumerate(c.layer_types):
-        pre = f"{prefix}layers.{i}."
+    for i in range(m.cfg.num_hidden_layers):
+        layer = m.layer(i)
         if h_in is not None:
-            mix = m._attention(pre) if kind == FULL else m._deltanet(pre)
-            h = p.act(h_in)
-            x = L.rms_norm(h, m._vec(pre + "input_layernorm.weight"), eps, p)
-            out[f"layers.{i}.after_mixer"] = p.act(h + mix(x, None, 0)[0])
+            out[f"layers.{i}.after_mixer"] = layer.mixer_step(h_in)[0]
         a = eng_dumps.get(f"layers.{i}.after_mixer", out.get(f"layers.{i}.after_mixer"))
         if a is not None:
-            a = p.act(a)
-            x = L.rms_norm(a, m._vec(pre + "post_attention_layernorm.weight"), eps, p)
-            y, logits, ids, weights = _moe_given_routing(m, pre, i, x, eng_dumps.get(f"layers.{i}.topk_ids"))
-            out.update({f"layers.{i}.after_moe": p.act(a + y), f"layers.{i}.router_logits": logits,
+            after_moe, logits, ids, weights = layer.moe_step(a, eng_dumps.get(f"layers.{i}.topk_ids"))
+            out.update({f"layers.{i}.after_moe": after_moe, f"layers.{i}.router_logits": logits,
                         f"layers.{i}.topk_ids": ids, f"layers.{i}.topk_weights": weights})
         h_in = eng_dumps.get(f"layers.{i}.after_moe")
     if h_in is not None:
-        out["final_hidden"] = L.rms_norm(p.act(h_in), m._vec(prefix + "norm.weight"), eps, p)
+        out["final_hidden"] = m.final_norm(h_in)
     if eng_dumps.get("final_hidden") is not None:
-        out["logits"] = m._lm_head(p.act(eng_dumps["final_hidden"]))
+        out["logits"] = m.lm_head(eng_dumps["final_hidden"])
     return out
-
-
-def _moe_given_routing(m, pre: str, layer: int, x: np.ndarray, eng_ids: np.ndarray | None):
-    """ref.layers.sparse_moe with the experts chosen by the engine (its topk_ids [T, k]) when given.
-    -> (y [T, H], router logits [T, E], the reference's own top-k ids [T, k] and weights [T, k])."""
-    from ref import layers as L
-    p, k = m.p, m.cfg.num_experts_per_tok
-    logits, ref_ids, ref_weights = L.route(x, m._linear(pre + "mlp.gate"), k, p)
-    ids, weights = ref_ids, ref_weights
-    if eng_ids is not None:
-        probs = L.softmax(logits.astype(p.dtype))
-        ids = np.asarray(eng_ids, np.int64).reshape(ids.shape)
-        top = np.take_along_axis(probs, ids, axis=-1)
-        weights = p.act(top / np.sum(top, axis=-1, keepdims=True))
-    expert = m._expert_fn(layer)
-    y = np.zeros(x.shape, p.dtype)
-    for e in np.unique(ids):                                        # ascending expert id, as sparse_moe
-        tok, slot = np.nonzero(ids == e)
-        y[tok] = p.act(y[tok] + p.act(expert(int(e), x[tok]) * weights[tok, slot][:, None]))
-    mm = pre + "mlp."
-    shared = L.SharedExpertParams(*(m._linear(mm + n) for n in ("shared_expert.gate_proj", "shared_expert.up_proj",
-                                                                 "shared_expert.down_proj", "shared_expert_gate")))
-    return p.act(y + L.shared_expert(x, shared, p)), logits, ref_ids, ref_weights
 
 
 # --------------------------------------------------------------------------- comparisons

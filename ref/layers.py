@@ -326,8 +326,13 @@ def route(x: np.ndarray, w: np.ndarray, k: int, p: Precision = F64):
     logits = linear(x, w, p)
     probs = softmax(logits.astype(p.dtype))
     ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return logits, ids.astype(np.int32), _renormalised(probs, ids, p)
+
+
+def _renormalised(probs: np.ndarray, ids: np.ndarray, p: Precision) -> np.ndarray:
+    """The probabilities [T, E] of the experts ids [T, k], renormalised over them -> weights [T, k]."""
     top = np.take_along_axis(probs, ids, axis=-1)
-    return logits, ids.astype(np.int32), p.act(top / np.sum(top, axis=-1, keepdims=True))
+    return p.act(top / np.sum(top, axis=-1, keepdims=True))
 
 
 def swiglu(x: np.ndarray, gate_w: np.ndarray, up_w: np.ndarray, down_w: np.ndarray, p: Precision = F64):
@@ -356,14 +361,20 @@ def shared_expert(x: np.ndarray, prm: SharedExpertParams, p: Precision = F64) ->
 
 
 def sparse_moe(x: np.ndarray, router_w: np.ndarray, k: int, expert: Callable[[int, np.ndarray], np.ndarray],
-               shared: SharedExpertParams, p: Precision = F64):
+               shared: SharedExpertParams, p: Precision = F64, topk_ids: np.ndarray | None = None):
     """Routed experts summed in ascending expert id, plus the gated shared expert.
-    x [T, H]; expert(e, rows [n, H]) -> [n, H] -> (y [T, H], router logits, top-k ids, top-k weights)."""
+    x [T, H]; expert(e, rows [n, H]) -> [n, H] -> (y [T, H], router logits, top-k ids, top-k weights).
+    topk_ids [T, k], when given, forces the experts that run (e.g. an engine's choice), weighted by
+    the router's probabilities of them, renormalised; the routing returned is still the router's own."""
     logits, ids, weights = route(x, router_w, k, p)
+    run_ids, run_weights = ids, weights
+    if topk_ids is not None:
+        run_ids = np.asarray(topk_ids, np.int64).reshape(ids.shape)
+        run_weights = _renormalised(softmax(logits.astype(p.dtype)), run_ids, p)
     y = np.zeros(x.shape, p.dtype)
-    for e in np.unique(ids):                                        # ascending expert id
-        tok, slot = np.nonzero(ids == e)
-        out = p.act(expert(int(e), x[tok]) * weights[tok, slot][:, None])
+    for e in np.unique(run_ids):                                    # ascending expert id
+        tok, slot = np.nonzero(run_ids == e)
+        out = p.act(expert(int(e), x[tok]) * run_weights[tok, slot][:, None])
         y[tok] = p.act(y[tok] + out)
     return p.act(y + shared_expert(x, shared, p)), logits, ids, weights
 
@@ -371,13 +382,13 @@ def sparse_moe(x: np.ndarray, router_w: np.ndarray, k: int, expert: Callable[[in
 # ------------------------------------------------------------------------------------------------
 # Decoder layer, MTP input
 
-def decoder_layer(h: np.ndarray, input_norm: np.ndarray, post_norm: np.ndarray, eps: float,
-                  mixer: Callable[[np.ndarray], np.ndarray], moe: Callable[[np.ndarray], tuple],
-                  p: Precision = F64):
-    """Pre-norm residual block. h [T, H] -> (after_mixer [T, H], after_moe [T, H], moe extras)."""
-    a = p.act(h + mixer(rms_norm(h, input_norm, eps, p)))
-    y, *extras = moe(rms_norm(a, post_norm, eps, p))
-    return a, p.act(a + y), extras
+def pre_norm_residual(h: np.ndarray, norm: np.ndarray, eps: float, f: Callable[[np.ndarray], tuple],
+                      p: Precision = F64):
+    """One half of a decoder layer: h + f(rms_norm(h)), stored. f(x [T, H]) -> (y [T, H], *extras)
+    -> (h + y [T, H], *extras). A decoder layer is the mixer's (input_layernorm, giving after_mixer),
+    then the MoE's (post_attention_layernorm, giving after_moe)."""
+    y, *extras = f(rms_norm(h, norm, eps, p))
+    return (p.act(h + y), *extras)
 
 
 def mtp_input(embeds: np.ndarray, hidden: np.ndarray, norm_embedding: np.ndarray, norm_hidden: np.ndarray,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -142,22 +143,34 @@ class Model:
         x = L.mtp_input(self._embed(ids[1:]), np.asarray(hidden, p.dtype)[:T],
                         self._vec(pre + "pre_fc_norm_embedding.weight"), self._vec(pre + "pre_fc_norm_hidden.weight"),
                         self._linear(pre + "fc"), c.rms_norm_eps, p)
-        lp = pre + "layers.0."
-        prm = self._attention_params(lp)
-        pos = L.text_positions(0, T)
-        mixer = lambda u: L.gated_attention(u, prm, c.num_attention_heads, c.num_key_value_heads, pos, self.rope,
-                                            c.rms_norm_eps, None, p)[0]
-        _, h, _ = L.decoder_layer(x, self._vec(lp + "input_layernorm.weight"),
-                                  self._vec(lp + "post_attention_layernorm.weight"), c.rms_norm_eps,
-                                  mixer, self._moe(lp, "mtp"), p)
-        return self._lm_head(L.rms_norm(h, self._vec(pre + "norm.weight"), c.rms_norm_eps, p))
+        layer = self.layer("mtp")
+        h = layer.moe_step(layer.mixer_step(x)[0])[0]
+        return self.lm_head(L.rms_norm(h, self._vec(pre + "norm.weight"), c.rms_norm_eps, p))
+
+    # -------------------------------------------------------------------------------------------
+    # Per-step API: the forward pass piece by piece, each step from the residual stream it starts at
+    # (the forward pass itself runs on these; ref.crosscheck recomputes an engine's steps with them)
+
+    def layer(self, layer: int | str) -> "Layer":
+        """Decoder layer `layer` (0-based), or "mtp" for the MTP head's layer, with its weights wired
+        to its two steps (Layer.mixer_step, Layer.moe_step)."""
+        return Layer(self, layer)
+
+    def final_norm(self, h: np.ndarray) -> np.ndarray:
+        """The last layer's after_moe [T, H] -> final_hidden [T, H] (the final RMSNorm)."""
+        return L.rms_norm(self.p.act(h), self._vec(self.ckpt.config.text_prefix + "norm.weight"),
+                          self.cfg.rms_norm_eps, self.p)
+
+    def lm_head(self, x: np.ndarray) -> np.ndarray:
+        """final_hidden [T, H] -> logits [T, V] (lm_head is read in row blocks, never converted whole)."""
+        return L.linear(self.p.act(x), self._linear("lm_head"), self.p)
 
     # -------------------------------------------------------------------------------------------
     # The streaming forward pass
 
     def _forward(self, seqs, caches, dumps):
         """-> per sequence (logits [T, V], final hidden [T, H], new Cache)."""
-        c, p, eps = self.cfg, self.p, self.cfg.rms_norm_eps
+        c = self.cfg
         seqs = [self._check_ids(s) for s in seqs]
         bounds = np.cumsum([0] + [len(s) for s in seqs])
         starts = [cache.pos if cache is not None else 0 for cache in caches]
@@ -166,28 +179,22 @@ class Model:
         states: list[list] = [[] for _ in seqs]
         for i, kind in enumerate(c.layer_types):
             t0 = time.perf_counter()
-            pre = f"{self.ckpt.config.text_prefix}layers.{i}."
-            old = [cache.layers[i] if cache is not None else None for cache in caches]
-            mix_one = self._attention(pre) if kind == FULL else self._deltanet(pre)
-
-            def mixer(x, mix_one=mix_one, old=old):
-                outs = []
-                for j in range(len(seqs)):
-                    y, st = mix_one(x[bounds[j]:bounds[j + 1]], old[j], starts[j])
-                    states[j].append(st)
-                    outs.append(y)
-                return np.concatenate(outs)
-
-            after_mixer, h, (router_logits, ids, weights) = L.decoder_layer(
-                h, self._vec(pre + "input_layernorm.weight"), self._vec(pre + "post_attention_layernorm.weight"),
-                eps, mixer, self._moe(pre, i), p)
+            layer = self.layer(i)
+            parts = []
+            for j, cache in enumerate(caches):
+                a, st = layer.mixer_step(h[bounds[j]:bounds[j + 1]], cache.layers[i] if cache is not None else None,
+                                         starts[j])
+                parts.append(a)
+                states[j].append(st)
+            after_mixer = np.concatenate(parts)
+            h, router_logits, ids, weights = layer.moe_step(after_mixer)
             for name, value in (("after_mixer", after_mixer), ("after_moe", h), ("router_logits", router_logits),
                                 ("topk_ids", ids), ("topk_weights", weights)):
                 self._dump(dumps, bounds, f"layers.{i}.{name}", value)
             if self.progress:
                 self.progress(f"layer {i + 1}/{c.num_hidden_layers} {kind} {time.perf_counter() - t0:.2f}s")
-        final = L.rms_norm(h, self._vec(self.ckpt.config.text_prefix + "norm.weight"), eps, p)
-        logits = self._lm_head(final)
+        final = self.final_norm(h)
+        logits = self.lm_head(final)
         self._dump(dumps, bounds, "final_hidden", final)
         self._dump(dumps, bounds, "logits", logits)
         out = []
@@ -220,14 +227,15 @@ class Model:
                                  q_norm=self._vec(a + "q_norm.weight"), k_norm=self._vec(a + "k_norm.weight"))
 
     def _moe(self, pre: str, layer):
-        """The MoE of one layer as a function x [T, H] -> (y, router logits, ids, weights)."""
+        """The MoE of one layer as a function (x [T, H], topk_ids=None) -> (y, router logits, ids,
+        weights); topk_ids forces the experts that run (see L.sparse_moe)."""
         c, p = self.cfg, self.p
         m = pre + "mlp."
         shared = L.SharedExpertParams(self._linear(m + "shared_expert.gate_proj"), self._linear(m + "shared_expert.up_proj"),
                                       self._linear(m + "shared_expert.down_proj"), self._linear(m + "shared_expert_gate"))
         router = self._linear(m + "gate")
         expert = self._expert_fn(layer)
-        return lambda x: L.sparse_moe(x, router, c.num_experts_per_tok, expert, shared, p)
+        return lambda x, topk_ids=None: L.sparse_moe(x, router, c.num_experts_per_tok, expert, shared, p, topk_ids)
 
     def _expert_fn(self, layer):
         """expert(e, rows) for one layer; reads and dequantizes expert e only when called."""
@@ -280,10 +288,6 @@ class Model:
         table = self.ckpt.tensor(self.ckpt.config.text_prefix + "embed_tokens.weight")
         return self._array(table[ids])                                          # only the rows used
 
-    def _lm_head(self, x: np.ndarray) -> np.ndarray:
-        """x [T, H] -> logits [T, V] (lm_head is read in row blocks, never converted whole)."""
-        return L.linear(x, self._linear("lm_head"), self.p)
-
     def _check_ids(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids)
         V = self.cfg.vocab_size
@@ -299,3 +303,51 @@ class Model:
         for j, d in enumerate(dumps):
             if d is not None:
                 d[name] = value[bounds[j]:bounds[j + 1]].copy()
+
+
+class Layer:
+    """One decoder layer of a Model (Model.layer(i), or "mtp"): its pre-norm residual block as two
+    steps, each taking the residual stream [T, H] where the step starts (mixer_step: one sequence;
+    moe_step: any rows), in any float dtype (taken as the model stores activations: the compute
+    dtype, bf16-rounded in bf16 mode). Each step reads its weights from the checkpoint on first use;
+    they go with the object."""
+
+    def __init__(self, model: Model, layer: int | str):
+        c = model.cfg
+        if layer == "mtp":
+            self.kind, self._pre = FULL, "mtp.layers.0."
+        elif isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and 0 <= layer < c.num_hidden_layers:
+            layer = int(layer)
+            self.kind, self._pre = c.layer_types[layer], f"{model.ckpt.config.text_prefix}layers.{layer}."
+        else:
+            raise ValueError(f"layer must be 0..{c.num_hidden_layers - 1} or 'mtp', got {layer!r}")
+        self.model, self.index = model, layer
+
+    def mixer_step(self, h: np.ndarray, state=None, start: int = 0):
+        """The layer's input h [T, H] -> (after_mixer = h + mixer(input_layernorm(h)) [T, H], the
+        mixer's new state). `state`: the layer's KVCache (full attention) or DeltaNetState (linear
+        attention) after the `start` tokens before h, or None for none (start 0)."""
+        m = self.model
+        return L.pre_norm_residual(m.p.act(h), self._norm("input_layernorm"), m.cfg.rms_norm_eps,
+                                   lambda x: self._mixer(x, state, start), m.p)
+
+    def moe_step(self, a: np.ndarray, topk_ids: np.ndarray | None = None):
+        """after_mixer a [T, H] -> (after_moe = a + moe(post_attention_layernorm(a)) [T, H],
+        router_logits [T, E], topk_ids [T, k], topk_weights [T, k]). `topk_ids` [T, k], if given,
+        forces the experts that run (e.g. an engine's choice), weighted by the router's
+        probabilities of them, renormalised; the routing returned is always the router's own."""
+        m = self.model
+        return L.pre_norm_residual(m.p.act(a), self._norm("post_attention_layernorm"), m.cfg.rms_norm_eps,
+                                   lambda x: self._moe(x, topk_ids), m.p)
+
+    def _norm(self, name: str) -> np.ndarray:
+        return self.model._vec(self._pre + name + ".weight")
+
+    @cached_property
+    def _mixer(self):
+        m = self.model
+        return m._attention(self._pre) if self.kind == FULL else m._deltanet(self._pre)
+
+    @cached_property
+    def _moe(self):
+        return self.model._moe(self._pre, self.index)
