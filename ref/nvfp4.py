@@ -8,6 +8,8 @@ Layout of one quantized linear [N, K] (ModelOpt export, checkpoint order):
   weight_scale_2 float32 0-d               global ("per-tensor") scale, dequant direction
   value = e2m1(code) * fp32(fp32(weight_scale) * weight_scale_2)
 """
+import functools
+
 import numpy as np
 import ml_dtypes
 
@@ -46,6 +48,7 @@ _FLOAT_INPUTS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
 # byte -> (value of low nibble, value of high nibble): one table read decodes two elements.
 _PAIRS = np.stack([E2M1_VALUES[np.arange(256) & 15], E2M1_VALUES[np.arange(256) >> 4]], axis=-1)
 _E4M3_BYTES = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)      # [256] byte -> value
+_PAIR_ITEM = {np.dtype(np.float32): np.dtype(np.uint64), np.dtype(np.float64): np.dtype(np.complex128)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,35 +294,56 @@ def _check_triplet(packed, scales, name_scales="weight_scale"):
     return p, s
 
 
-def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32):
+@functools.lru_cache(maxsize=8)
+def _pair_table(g_bits, dtype):
+    """Read-only [65536] table: (scale byte << 8 | packed byte) -> both elements' final values
+    (one item of two dtype values), for the float32 global whose bits are g_bits."""
+    g = np.uint32(g_bits).view(np.float32)
+    factor = (_E4M3_BYTES * g).astype(np.float32).astype(dtype)          # [256] fp32(fp32(s) * g)
+    table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).view(_PAIR_ITEM[dtype]).reshape(65536)
+    table.flags.writeable = False
+    return table
+
+
+def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32, out=None):
     """Exact NVFP4 decode: packed [..., K/2], scales [..., K/16], global 0-d -> values [..., K].
 
     factor = fp32(fp32(weight_scale) * weight_scale_2) per block; value = e2m1 * factor, rounded
     to float32 (dtype=float32) or exact (dtype=float64). Also decodes activations
-    (scales from quantize_activation, global = input_scale).
+    (scales from quantize_activation, global = input_scale). `out`: an optional writeable
+    C-contiguous array of that dtype and shape [..., K] to write into (a reused buffer, no fresh
+    pages); it is returned.
     """
     p, sb = _check_triplet(packed, weight_scale)
     g = _scalar_f32(weight_scale_2, "weight_scale_2")
     dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
+    if dtype not in _PAIR_ITEM:
         raise FormatError(f"dtype: expected float32 or float64, got {dtype}")
-    pair_view = np.uint64 if dtype == np.float32 else np.complex128      # two values per item
-    pairs = _PAIRS.astype(dtype)                                        # [256, 2]
     k = 2 * p.shape[-1]
+    shape = p.shape[:-1] + (k,)
+    if out is None:
+        out = np.empty(shape, dtype)
+    elif not (isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == shape
+              and out.flags.c_contiguous and out.flags.writeable):
+        raise FormatError(f"out: expected a writeable C-contiguous {dtype} array of shape {shape}, "
+                          f"got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    item = _PAIR_ITEM[dtype]                                            # two values per item
+    pairs_out = out.reshape(-1, k).view(item)                           # [R, K/2] pairs
     if sb.size < _SMALL_BLOCKS:                                         # per-block multiply
-        vals = pairs.view(pair_view).reshape(256)[p].view(dtype)        # [..., K]
-        blocks = vals.reshape(sb.shape + (BLOCK_SIZE,))
+        np.take(_PAIRS.astype(dtype).view(item).reshape(256), p.reshape(pairs_out.shape),
+                out=pairs_out, mode="wrap")
+        blocks = out.reshape(sb.shape + (BLOCK_SIZE,))
         blocks *= (_E4M3_BYTES[sb] * g).astype(np.float32).astype(dtype)[..., None]
-        return vals
-    # table [scale byte, packed byte] -> both elements' final values, one read per two elements
-    factor = (_E4M3_BYTES * g).astype(np.float32).astype(dtype)         # [256]
-    table = (pairs[None] * factor[:, None, None]).view(pair_view).reshape(65536)
-    p2, s2 = p.reshape(-1, k // 2), sb.reshape(-1, k // BLOCK_SIZE)
-    out = np.empty(s2.shape + (8,), table.dtype)                        # [R, K/16, 8] pairs
-    for r0, r1 in _row_chunks(p2.shape[0], k):
-        idx = (s2[r0:r1, :, None].astype(np.uint16) << np.uint16(8)) | p2[r0:r1].reshape(r1 - r0, -1, 8)
-        np.take(table, idx, out=out[r0:r1], mode="clip")
-    return out.view(dtype).reshape(p.shape[:-1] + (k,))                  # [..., K]
+        return out
+    table = _pair_table(int(g.view(np.uint32)), dtype)                  # [65536] pairs
+    p2, s2 = p.reshape(pairs_out.shape), sb.reshape(-1, k // BLOCK_SIZE)
+    chunks = _row_chunks(p2.shape[0], k // 2)                           # ~_CHUNK pairs a step
+    idx = np.empty((chunks[0][1], k // 2), np.intp)                     # reused index buffer
+    for r0, r1 in chunks:
+        hi = np.repeat(s2[r0:r1].astype(np.uint16) << np.uint16(8), BLOCK_SIZE // 2, axis=-1)
+        np.bitwise_or(hi, p2[r0:r1], out=idx[:r1 - r0])                 # scale byte << 8 | byte
+        np.take(table, idx[:r1 - r0], out=pairs_out[r0:r1], mode="wrap")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

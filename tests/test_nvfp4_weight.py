@@ -3,6 +3,7 @@ from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import assume, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -188,3 +189,32 @@ def test_dequantize_large_table_path_equals_per_block_path():
                          for r in range(70)])
         assert whole.dtype == dtype
         assert np.array_equal(whole.view(np.uint8), rows.view(np.uint8))
+
+
+def test_dequantize_into_out_buffer():
+    # both paths (per-block multiply, cached [scale byte, packed byte] table, in one and in two
+    # row chunks), several globals
+    rng = np.random.default_rng(4)
+    for rows in (3, 70, 600):
+        packed = rng.integers(0, 256, (2, rows, 256), dtype=np.uint8)
+        sbytes = rng.integers(0, 256, (2, rows, 32), dtype=np.uint8)
+        for g in (F32(0.0123), F32(3.5e-7), F32(0.0123)):
+            for dtype in (np.float32, np.float64):
+                want = nvfp4.dequantize(packed, sbytes, g, dtype=dtype)
+                buf = np.full((2, rows, 512), np.nan, dtype)
+                got = nvfp4.dequantize(packed, sbytes, g, dtype=dtype, out=buf)
+                assert got is buf
+                assert np.array_equal(buf.view(np.uint8), want.view(np.uint8))
+                rows_only = np.stack([nvfp4.dequantize(packed[i, r], sbytes[i, r], g, dtype=dtype)
+                                      for i in range(2) for r in range(rows)])
+                assert np.array_equal(want.reshape(-1, 512).view(np.uint8), rows_only.view(np.uint8))
+
+
+def test_dequantize_rejects_bad_out():
+    p, s = np.zeros((2, 8), np.uint8), np.zeros((2, 1), np.uint8)
+    read_only = np.zeros((2, 16), np.float32)
+    read_only.flags.writeable = False
+    for out in (np.zeros((2, 16), np.float64), np.zeros((2, 32), np.float32),
+                np.zeros((16, 2), np.float32).T, read_only, [[0.0] * 16] * 2):
+        with pytest.raises(nvfp4.FormatError, match="out: expected"):
+            nvfp4.dequantize(p, s, F32(1), out=out)
