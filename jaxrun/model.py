@@ -64,26 +64,75 @@ def _mul_exact(a, b, abits: int):
     return jnp.where(finite, out, a * b)
 
 
+def _tiny_global(s2):
+    """Whether some global scale s2 is nonzero with |s2| < 2^-111 (subnormals included): only then can a
+    block factor f32(scale * s2) fall below 2^-120 (E4M3's smallest nonzero scale is 2^-9), so only then
+    can a factor or a decoded value be subnormal. Otherwise both products are normal float32 products."""
+    b = lax.bitcast_convert_type(jnp.asarray(s2, jnp.float32), jnp.uint32) & 0x7FFFFFFF
+    return jnp.any((b != 0) & (b < 0x08000000))
+
+
+def _broadcast_global(s2, s):
+    s2 = jnp.asarray(s2, jnp.float32)
+    return jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
+
+
 def dequant_nvfp4(q, s, s2):
     """Packed E2M1 codes [..., K/2] (element 2j in the low nibble), E4M3 block scales [..., K/16],
     float32 global scale (0-d, or one per leading index of s) -> float32 [..., K], bit-identical to
     ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor).
-    On CPU, where XLA flushes subnormals, both products are formed exactly in integers (the second
-    only when some factor is below 2^-120, i.e. when a result can be subnormal)."""
+    On CPU, where XLA flushes subnormals, both products are formed exactly in integers when a
+    global scale is tiny enough for a result to be subnormal (_tiny_global); else in float32."""
     shape = (*q.shape[:-1], 2 * q.shape[-1])
-    s2 = jnp.asarray(s2, jnp.float32)
-    s2 = jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
+    s2 = _broadcast_global(s2, s)
 
     def values(q):  # [..., K/16, 16]
         return lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
 
+    def fast(q, s, s2):
+        return values(q) * (s.astype(jnp.float32) * s2)[..., None]
+
+    def exact(q, s, s2):
+        f = _mul_exact(s.astype(jnp.float32), s2, 4)                    # [..., K/16]
+        return _mul_exact(values(q), jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
+
     if jax.default_backend() != "cpu":
-        return (values(q) * (s.astype(jnp.float32) * s2)[..., None]).reshape(shape)
-    factor = _mul_exact(s.astype(jnp.float32), s2, 4)                   # [..., K/16]
-    fb = lax.bitcast_convert_type(factor, jnp.uint32) & 0x7FFFFFFF
-    tiny = jnp.any((fb != 0) & (fb < 0x03800000))                        # |factor| < 2^-120
-    exact = lambda q, f: _mul_exact(values(q), jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
-    return lax.cond(tiny, exact, lambda q, f: values(q) * f[..., None], q, factor).reshape(shape)
+        return fast(q, s, s2).reshape(shape)
+    return lax.cond(_tiny_global(s2), exact, fast, q, s, s2).reshape(shape)
+
+
+def _e2m1_f32(c):
+    """E2M1 codes (uint32, 0..15) -> their float32 values, assembled as bit patterns: sign to bit 31,
+    exponent e and mantissa m (value 2^(e-1) * (1 + m/2), or m/2 when e = 0) to bits 30..22."""
+    mag = c & 7
+    bits = jnp.where(mag >= 2, (mag << 22) + jnp.uint32(126 << 23),
+                     jnp.where(mag == 1, jnp.uint32(126 << 23), jnp.uint32(0)))   # 0.5 = 2^-1
+    return lax.bitcast_convert_type(((c & 8) << 28) | bits, jnp.float32)
+
+
+def nvfp4_matvec(x, p, dt=jnp.float32):
+    """Per-slot NVFP4 matmul for a few rows: x [S, N, K] float32, p = {"q": [S, out, K/2], "s": [S, out, K/16],
+    "s2": [S]} -> [S, N, out] float32. The decoded weights are those of dequant_nvfp4, rounded to dt as
+    `weight` rounds them. Unless a global scale is tiny (_tiny_global; then dequant_nvfp4 and a
+    matmul), they are decoded bit-identically as float32 bit patterns, low and high nibbles as two
+    planes times the block factor, and multiplied into x and summed as they are decoded."""
+    q, s, s2 = p["q"], p["s"], p["s2"]
+    S, N, K = x.shape
+
+    def fused(x, q, s, s2):
+        f = (s.astype(jnp.float32) * _broadcast_global(s2, s))[:, None, :, :, None]   # [S, 1, out, K/16, 1]
+        c = q.reshape(*s.shape, 8).astype(jnp.uint32)[:, None]           # [S, 1, out, K/16, 8] bytes
+        xb = x.reshape(S, N, 1, K // 16, 8, 2)
+        w = lambda v: (v * f).astype(dt).astype(jnp.float32)
+        t = w(_e2m1_f32(c & 15)) * xb[..., 0] + w(_e2m1_f32(c >> 4)) * xb[..., 1]     # [S, N, out, K/16, 8]
+        return jnp.sum(jnp.sum(t, axis=-2), axis=-1)
+
+    def dense(x, q, s, s2):
+        return dot("sni,soi->sno", x, dequant_nvfp4(q, s, s2).astype(dt).astype(jnp.float32))
+
+    if jax.default_backend() != "cpu":
+        return fused(x, q, s, s2)
+    return lax.cond(_tiny_global(s2), dense, fused, x, q, s, s2)
 
 
 def dot(eq, a, b):
@@ -327,18 +376,48 @@ def route(x, p, cfg: TextConfig, dt):
 
 
 EXPERT_TILE = 16  # rows per grouped-matmul step in prefill
+SLOT_TOKENS = 1   # up to this many tokens, the routed experts are batched as slots (decode)
+
+
+def _slot_experts(x, ids, wts, experts, first, e_loc, dt):
+    """Decode form of local_experts for N <= SLOT_TOKENS tokens: the experts held here that got rows
+    (ascending; at most min(N*k, E_local) of them) become slots; their packed weights are gathered
+    (padding slots repeat the first one, with weight 0) and every slot runs gate/up/down on the N
+    tokens at once with nvfp4_matvec, no loop. Only the selected experts' weights are read."""
+    N, k = ids.shape
+    S = min(N * k, e_loc)
+    local = ids - first                                                  # [N, k]
+    hit = jnp.zeros(e_loc + 1, bool).at[jnp.where((local >= 0) & (local < e_loc), local, e_loc)].set(True)[:e_loc]
+    present = jnp.nonzero(hit, size=S, fill_value=0)[0]                  # [S]
+    valid = jnp.arange(S) < jnp.sum(hit)
+    e = jnp.where(valid, present, present[0])
+    wsel = jnp.sum(jnp.where(local[None] == e[:, None, None], wts[None], 0.0), axis=-1)   # [S, N]
+    wsel = jnp.where(valid[:, None], wsel, 0.0)
+    g, u, d = (jax.tree.map(lambda a: a[e], experts[n]) for n in ("gate", "up", "down"))
+
+    def mm(h, p):  # h [S, N, in] -> [S, N, out] in dt
+        if "w" in p:
+            return dot("sni,soi->sno", h.astype(dt), p["w"].astype(dt)).astype(dt)
+        return nvfp4_matvec(h.astype(dt).astype(jnp.float32), p, dt).astype(dt)
+
+    xs = jnp.broadcast_to(x.astype(dt)[None], (S, *x.shape))
+    h = (jax.nn.silu(mm(xs, g)) * mm(xs, u)).astype(dt)                  # [S, N, I]
+    o = mm(h, d).astype(jnp.float32) * wsel[..., None]                   # [S, N, H]
+    return jnp.sum(o, axis=0)
 
 
 def local_experts(x, ids, wts, experts, first, dt):
     """Routed-expert sum over the experts held here (ids first .. first + E_local - 1), others skipped.
 
-    x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. The (token, k) pairs held here are sorted by
-    expert (stable: ascending expert id, then token). A while loop visits only the experts that got
-    rows: it reads that expert's packed weights once, decodes them, and an inner loop runs gate/up/down
-    on its rows, tm at a time, adding the weighted outputs to their tokens. At decode (tm = N, one
-    inner step) only the selected experts' weights are read. No dropping."""
+    x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. Up to SLOT_TOKENS tokens (decode): _slot_experts.
+    Otherwise the (token, k) pairs held here are sorted by expert (stable: ascending expert id, then
+    token). A while loop visits only the experts that got rows: it reads that expert's packed weights
+    once, decodes them, and an inner loop runs gate/up/down on its rows, tm at a time, adding the
+    weighted outputs to their tokens. No dropping."""
     N, k = ids.shape
     e_loc = experts["down"]["q" if "q" in experts["down"] else "w"].shape[0]
+    if N <= SLOT_TOKENS:
+        return _slot_experts(x, ids, wts, experts, first, e_loc, dt)
     tm = min(N, EXPERT_TILE)
     key = ids.reshape(-1) - first
     key = jnp.where((key >= 0) & (key < e_loc), key, e_loc)             # sentinel sorts last
