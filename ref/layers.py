@@ -72,7 +72,8 @@ def linear(x: np.ndarray, w, p: Precision = F64) -> np.ndarray:
 
     `w` is an array in the compute dtype, or any array-like (shape, row slicing) whose row blocks
     convert exactly to it, such as a memory-mapped bf16 tensor: that one is converted a block of
-    rows at a time, never whole (decode reads each weight once, from cache-sized blocks)."""
+    rows at a time, never whole (decode reads each weight once, from cache-sized blocks). An
+    array-like with `read_rows(rows, out)` writes each block straight into the reused buffer."""
     if isinstance(w, np.ndarray) and w.dtype == p.dtype:
         return p.act(x @ w.T)
     n, k = w.shape
@@ -80,11 +81,15 @@ def linear(x: np.ndarray, w, p: Precision = F64) -> np.ndarray:
     out = np.empty(x.shape[:-1] + (n,), p.dtype)
     buf = np.empty((rows, k), p.dtype)  # one small buffer, reused: no fresh pages per block
     for lo in range(0, n, rows):
-        blk = np.asarray(w[lo:lo + rows])
-        if blk.dtype != p.dtype:
-            np.copyto(buf[:len(blk)], blk)
-            blk = buf[:len(blk)]
-        out[..., lo:lo + rows] = x @ blk.T
+        dst, block = buf[:min(rows, n - lo)], slice(lo, lo + rows)
+        if hasattr(w, "read_rows"):
+            blk = w.read_rows(block, dst)
+        else:
+            blk = np.asarray(w[block])
+            if blk.dtype != p.dtype:
+                np.copyto(dst, blk)
+                blk = dst
+        out[..., block] = x @ blk.T
     return p.act(out)
 
 

@@ -52,6 +52,14 @@ class _NVFP4Rows:
                            dtype=np.float32 if self.p.name == "f32" else np.float64)
         return self.p.act(exact)
 
+    def read_rows(self, rows: slice, out: np.ndarray) -> np.ndarray:
+        """self[rows] written into `out` (compute dtype); f64 and f32 dequantize straight into it."""
+        if self.p.name == "bf16":
+            out[...] = self[rows]
+            return out
+        w = self.w
+        return dequantize(w.packed[rows], w.weight_scale[rows], w.weight_scale_2, dtype=out.dtype, out=out)
+
 
 class Model:
     """Qwen3.5-MoE reference. precision 'f64' | 'f32' | 'bf16'; activations 'w4a16' (weights

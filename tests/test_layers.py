@@ -8,6 +8,7 @@ import pytest
 
 from ref import layer_vectors as V
 from ref import layers as L
+from ref import nvfp4
 
 VECTOR_FILES = sorted(V.DEFAULT_DIR.glob("*.safetensors"))
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -345,3 +346,20 @@ def test_linear_converts_stored_weights_block_by_block(monkeypatch):
         got = L.linear(p.act(x), w, p)
         assert got.dtype == p.dtype
         np.testing.assert_allclose(got, L.linear(p.act(x), w.astype(p.dtype), p), rtol=1e-15 if name == "f64" else 1e-6)
+
+
+def test_linear_reads_nvfp4_rows_into_its_buffer(monkeypatch):
+    from ref.checkpoint import NVFP4Weight
+    from ref.model import _NVFP4Rows
+    rng = np.random.default_rng(6)
+    packed, scale, scale2 = nvfp4.quantize_weight(rng.normal(size=(37, 32)).astype(np.float32))
+    x = rng.normal(size=(3, 32))
+    monkeypatch.setattr(L, "ROW_BLOCK_BYTES", 8 * 32 * 5)  # 5 rows per block, the last one short
+    for name in ("f64", "f32", "bf16"):
+        p = L.Precision(name)
+        rows = _NVFP4Rows(NVFP4Weight(packed, scale, scale2, None), p)
+        dense = p.act(nvfp4.dequantize(packed, scale, scale2, dtype=np.float32 if name == "f32" else np.float64))
+        buf = np.full((5, 32), np.nan, p.dtype)
+        np.testing.assert_array_equal(rows.read_rows(slice(35, 40), buf[:2]), dense[35:])  # short last block
+        np.testing.assert_allclose(L.linear(p.act(x), rows, p), L.linear(p.act(x), dense, p),
+                                   rtol=1e-14 if name == "f64" else 1e-6)
