@@ -111,24 +111,31 @@ def _e2m1_f32(c):
 
 
 def nvfp4_matvec(x, p, dt=jnp.float32):
-    """Per-slot NVFP4 matmul for a few rows: x [S, N, K] float32, p = {"q": [S, out, K/2], "s": [S, out, K/16],
-    "s2": [S]} -> [S, N, out] float32. The decoded weights are those of dequant_nvfp4, rounded to dt as
-    `weight` rounds them. Unless a global scale is tiny (_tiny_global; then dequant_nvfp4 and a
-    matmul), they are decoded bit-identically as float32 bit patterns, low and high nibbles as two
-    planes times the block factor, and multiplied into x and summed as they are decoded."""
+    """Per-slot NVFP4 matmul for a few rows: p = {"q": [S, out, K/2], "s": [S, out, K/16], "s2": [S]}, x [N, K]
+    (the same rows for every slot) or [S, N, K] float32 -> [S, N, out] float32. The decoded weights are
+    those of dequant_nvfp4, rounded to dt as `weight` rounds them. Unless a global scale is tiny
+    (_tiny_global; then dequant_nvfp4 and a matmul), they are decoded as float32 bit patterns, low and
+    high nibbles as two planes [S, out, K/16, 8] times the block factor, each plane contracted with
+    the even or odd elements of x: shared rows as one plain matmul, per-slot rows summed in the loop
+    that decodes them (no decoded matrix written)."""
     q, s, s2 = p["q"], p["s"], p["s2"]
-    S, N, K = x.shape
+    K = x.shape[-1]
 
     def fused(x, q, s, s2):
-        f = (s.astype(jnp.float32) * _broadcast_global(s2, s))[:, None, :, :, None]   # [S, 1, out, K/16, 1]
-        c = q.reshape(*s.shape, 8).astype(jnp.uint32)[:, None]           # [S, 1, out, K/16, 8] bytes
-        xb = x.reshape(S, N, 1, K // 16, 8, 2)
-        w = lambda v: (v * f).astype(dt).astype(jnp.float32)
-        t = w(_e2m1_f32(c & 15)) * xb[..., 0] + w(_e2m1_f32(c >> 4)) * xb[..., 1]     # [S, N, out, K/16, 8]
+        f = (s.astype(jnp.float32) * _broadcast_global(s2, s))[..., None]   # [S, out, K/16, 1]
+        c = q.reshape(*s.shape, 8).astype(jnp.uint32)                     # [S, out, K/16, 8] bytes
+        lo, hi = ((_e2m1_f32(v) * f).astype(dt).astype(jnp.float32) for v in (c & 15, c >> 4))
+        if x.ndim == 2:
+            xb = x.reshape(x.shape[0], K // 16, 8, 2)
+            mm = partial(jnp.einsum, "nbj,sobj->sno", precision=HIGHEST)
+            return mm(xb[..., 0], lo) + mm(xb[..., 1], hi)
+        xb = x.reshape(*x.shape[:2], 1, K // 16, 8, 2)
+        t = lo[:, None] * xb[..., 0] + hi[:, None] * xb[..., 1]           # [S, N, out, K/16, 8]
         return jnp.sum(jnp.sum(t, axis=-2), axis=-1)
 
     def dense(x, q, s, s2):
-        return dot("sni,soi->sno", x, dequant_nvfp4(q, s, s2).astype(dt).astype(jnp.float32))
+        w = dequant_nvfp4(q, s, s2).astype(dt).astype(jnp.float32)
+        return dot("ni,soi->sno" if x.ndim == 2 else "sni,soi->sno", x, w)
 
     if jax.default_backend() != "cpu":
         return fused(x, q, s, s2)
@@ -395,13 +402,12 @@ def _slot_experts(x, ids, wts, experts, first, e_loc, dt):
     wsel = jnp.where(valid[:, None], wsel, 0.0)
     g, u, d = (jax.tree.map(lambda a: a[e], experts[n]) for n in ("gate", "up", "down"))
 
-    def mm(h, p):  # h [S, N, in] -> [S, N, out] in dt
+    def mm(h, p):  # h [N, in] (every slot) or [S, N, in] -> [S, N, out] in dt
         if "w" in p:
-            return dot("sni,soi->sno", h.astype(dt), p["w"].astype(dt)).astype(dt)
+            return dot("ni,soi->sno" if h.ndim == 2 else "sni,soi->sno", h.astype(dt), p["w"].astype(dt)).astype(dt)
         return nvfp4_matvec(h.astype(dt).astype(jnp.float32), p, dt).astype(dt)
 
-    xs = jnp.broadcast_to(x.astype(dt)[None], (S, *x.shape))
-    h = (jax.nn.silu(mm(xs, g)) * mm(xs, u)).astype(dt)                  # [S, N, I]
+    h = (jax.nn.silu(mm(x, g)) * mm(x, u)).astype(dt)                    # [S, N, I]
     o = mm(h, d).astype(jnp.float32) * wsel[..., None]                   # [S, N, H]
     return jnp.sum(o, axis=0)
 
