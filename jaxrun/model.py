@@ -390,7 +390,8 @@ def _slot_experts(x, ids, wts, experts, first, e_loc, dt):
     """Decode form of local_experts for N <= SLOT_TOKENS tokens: the experts held here that got rows
     (ascending; at most min(N*k, E_local) of them) become slots; their packed weights are gathered
     (padding slots repeat the first one, with weight 0) and every slot runs gate/up/down on the N
-    tokens at once with nvfp4_matvec, no loop. Only the selected experts' weights are read."""
+    tokens at once with nvfp4_matvec, no loop. Only the selected experts' weights are read; a device
+    none of whose experts was picked reads none."""
     N, k = ids.shape
     S = min(N * k, e_loc)
     local = ids - first                                                  # [N, k]
@@ -400,16 +401,19 @@ def _slot_experts(x, ids, wts, experts, first, e_loc, dt):
     e = jnp.where(valid, present, present[0])
     wsel = jnp.sum(jnp.where(local[None] == e[:, None, None], wts[None], 0.0), axis=-1)   # [S, N]
     wsel = jnp.where(valid[:, None], wsel, 0.0)
-    g, u, d = (jax.tree.map(lambda a: a[e], experts[n]) for n in ("gate", "up", "down"))
 
     def mm(h, p):  # h [N, in] (every slot) or [S, N, in] -> [S, N, out] in dt
         if "w" in p:
             return dot("ni,soi->sno" if h.ndim == 2 else "sni,soi->sno", h.astype(dt), p["w"].astype(dt)).astype(dt)
         return nvfp4_matvec(h.astype(dt).astype(jnp.float32), p, dt).astype(dt)
 
-    h = (jax.nn.silu(mm(x, g)) * mm(x, u)).astype(dt)                    # [S, N, I]
-    o = mm(h, d).astype(jnp.float32) * wsel[..., None]                   # [S, N, H]
-    return jnp.sum(o, axis=0)
+    def run(x):
+        g, u, d = (jax.tree.map(lambda a: a[e], experts[n]) for n in ("gate", "up", "down"))
+        h = (jax.nn.silu(mm(x, g)) * mm(x, u)).astype(dt)                # [S, N, I]
+        o = mm(h, d).astype(jnp.float32) * wsel[..., None]               # [S, N, H]
+        return jnp.sum(o, axis=0)
+
+    return lax.cond(jnp.any(hit), run, lambda x: jnp.zeros(x.shape, jnp.float32), x)
 
 
 def local_experts(x, ids, wts, experts, first, dt):
