@@ -62,17 +62,22 @@ class Timings:
 
 def _sample(logits, key, temperature, top_p, top_k):
     """logits [B, V] f32 -> tokens [B]: argmax (lowest id on ties) where temperature == 0, else
-    sampling from the top-k / top-p filtered softmax(logits / temperature)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    order = jnp.argsort(-logits, axis=-1, stable=True)
-    scaled = jnp.take_along_axis(logits, order, -1) / jnp.maximum(temperature, 1e-6)[:, None]
-    rank = jnp.arange(logits.shape[-1])[None]
-    scaled = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, scaled)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (rank == 0)
-    pick = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
-    sampled = jnp.take_along_axis(order, pick[:, None], -1)[:, 0]
-    return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+    sampling from the top-k / top-p filtered softmax(logits / temperature). An all-greedy batch skips
+    the sort."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample():
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        scaled = jnp.take_along_axis(logits, order, -1) / jnp.maximum(temperature, 1e-6)[:, None]
+        rank = jnp.arange(logits.shape[-1])[None]
+        scaled = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, scaled)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (rank == 0)
+        pick = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
+        sampled = jnp.take_along_axis(order, pick[:, None], -1)[:, 0]
+        return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, sample)
 
 
 class Runner:
