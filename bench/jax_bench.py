@@ -11,20 +11,8 @@ written once under $XDG_CACHE_HOME/qwen35-nvfp4-spec/small.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
-
-
-def small_checkpoint() -> Path:
-    from ref.synth import write_checkpoint
-    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen35-nvfp4-spec" / "small"
-    if not (d / "config.json").exists():
-        d.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing the small synthetic checkpoint to {d} (once)", file=sys.stderr)
-        write_checkpoint(d, preset="small", seed=0)
-    return d
 
 
 def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> None:
@@ -98,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--devices", type=int)
     a = p.parse_args(argv)
-    bench_speed(a.model or str(small_checkpoint()), a.prompt_tokens, a.new_tokens, a.devices)
+    from ref.synth import cached_checkpoint
+    bench_speed(a.model or str(cached_checkpoint("small")), a.prompt_tokens, a.new_tokens, a.devices)
     bench_footprint()
     return 0
 

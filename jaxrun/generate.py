@@ -83,17 +83,6 @@ def validate(a) -> None:
         raise UsageError(f"--max-context must be >= 2, got {a.max_context}")
 
 
-def default_model() -> Path:
-    """The built-in tiny checkpoint, written once (atomically, by ref.synth) and reused."""
-    from ref.synth import write_checkpoint
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen35-nvfp4-spec" / "tiny"
-    if not (cache / "config.json").exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing the tiny synthetic checkpoint to {cache} (once)", file=sys.stderr)
-        write_checkpoint(cache, preset="tiny", seed=0)
-    return cache
-
-
 def prompts_from(a, tok, vocab: int) -> list[list[int]]:
     if a.token_ids is not None:
         try:
@@ -217,6 +206,7 @@ def run(a) -> int:
                                    f" --xla_force_host_platform_device_count={a.devices}").strip()
     import jax
     from ref.errors import CheckpointError, ConfigError
+    from ref.synth import cached_checkpoint
     from ref.tokenizer import load_tokenizer
     from jaxrun.load import load
     from jaxrun.runner import Runner, Sampling
@@ -225,7 +215,7 @@ def run(a) -> int:
     precision = a.precision or ("f32" if jax.default_backend() == "cpu" else "bf16")
     try:
         mesh = make_mesh(a.devices)
-        model = a.model or default_model()
+        model = a.model or cached_checkpoint("tiny")
         ckpt, params = load(str(model), mesh, precision, a.dense, progress=not a.quiet)
         tok = load_tokenizer(ckpt.directory)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:

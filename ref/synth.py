@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -412,6 +413,16 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def cached_checkpoint(preset: str = "tiny", seed: int = 0) -> Path:
+    """A `preset` checkpoint under the user cache ($XDG_CACHE_HOME or ~/.cache), written once and reused."""
+    out = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen35-nvfp4-spec" / preset
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing the {preset} synthetic checkpoint to {out} (once)", file=sys.stderr)
+        write_checkpoint(out, preset=preset, seed=seed)
     return out
 
 

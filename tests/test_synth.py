@@ -125,3 +125,14 @@ def test_parse_size():
     assert parse_size("1.5MB") == 1_500_000
     with pytest.raises(Exception, match="not a size"):
         parse_size("lots")
+
+
+def test_cached_checkpoint_is_written_once(tmp_path, monkeypatch, capsys):
+    from ref.synth import cached_checkpoint
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = cached_checkpoint("tiny")
+    assert first == tmp_path / "qwen35-nvfp4-spec" / "tiny" and (first / "config.json").is_file()
+    assert "writing the tiny synthetic checkpoint" in capsys.readouterr().err
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert cached_checkpoint("tiny") == first and (first / "config.json").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().err == ""
