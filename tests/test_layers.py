@@ -1,7 +1,6 @@
 """ref.layers against the committed layer vectors and against independent float64 recomputations
 (explicit loops, the closed-form delta rule), plus its self-consistency properties."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
