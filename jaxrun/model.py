@@ -64,17 +64,34 @@ def _mul_exact(a, b, abits: int):
     return jnp.where(finite, out, a * b)
 
 
+TINY_GLOBAL_BITS = 0x08000000  # float32 bit pattern of 2^-111
+
+
 def _tiny_global(s2):
     """Whether some global scale s2 is nonzero with |s2| < 2^-111 (subnormals included): only then can a
     block factor f32(scale * s2) fall below 2^-120 (E4M3's smallest nonzero scale is 2^-9), so only then
     can a factor or a decoded value be subnormal. Otherwise both products are normal float32 products."""
     b = lax.bitcast_convert_type(jnp.asarray(s2, jnp.float32), jnp.uint32) & 0x7FFFFFFF
-    return jnp.any((b != 0) & (b < 0x08000000))
+    return jnp.any((b != 0) & (b < TINY_GLOBAL_BITS))
 
 
 def _broadcast_global(s2, s):
     s2 = jnp.asarray(s2, jnp.float32)
     return jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
+
+
+def _dequant_fast(q, s, s2):
+    """dequant_nvfp4 with float32 products (exact unless a result is subnormal on CPU)."""
+    v = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
+    return (v * (s.astype(jnp.float32) * s2)[..., None]).reshape(*q.shape[:-1], 2 * q.shape[-1])
+
+
+def _dequant_exact(q, s, s2):
+    """dequant_nvfp4 with both products formed in integers (gradual underflow kept)."""
+    v = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
+    f = _mul_exact(s.astype(jnp.float32), s2, 4)                        # [..., K/16]
+    w = _mul_exact(v, jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
+    return w.reshape(*q.shape[:-1], 2 * q.shape[-1])
 
 
 def dequant_nvfp4(q, s, s2):
@@ -83,22 +100,10 @@ def dequant_nvfp4(q, s, s2):
     ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor).
     On CPU, where XLA flushes subnormals, both products are formed exactly in integers when a
     global scale is tiny enough for a result to be subnormal (_tiny_global); else in float32."""
-    shape = (*q.shape[:-1], 2 * q.shape[-1])
     s2 = _broadcast_global(s2, s)
-
-    def values(q):  # [..., K/16, 16]
-        return lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
-
-    def fast(q, s, s2):
-        return values(q) * (s.astype(jnp.float32) * s2)[..., None]
-
-    def exact(q, s, s2):
-        f = _mul_exact(s.astype(jnp.float32), s2, 4)                    # [..., K/16]
-        return _mul_exact(values(q), jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
-
     if jax.default_backend() != "cpu":
-        return fast(q, s, s2).reshape(shape)
-    return lax.cond(_tiny_global(s2), exact, fast, q, s, s2).reshape(shape)
+        return _dequant_fast(q, s, s2)
+    return lax.cond(_tiny_global(s2), _dequant_exact, _dequant_fast, q, s, s2)
 
 
 def _e2m1_f32(c):
@@ -110,36 +115,40 @@ def _e2m1_f32(c):
     return lax.bitcast_convert_type(((c & 8) << 28) | bits, jnp.float32)
 
 
-def nvfp4_matvec(x, p, dt=jnp.float32):
-    """Per-slot NVFP4 matmul for a few rows: p = {"q": [S, out, K/2], "s": [S, out, K/16], "s2": [S]}, x [N, K]
-    (the same rows for every slot) or [S, N, K] float32 -> [S, N, out] float32. The decoded weights are
-    those of dequant_nvfp4, rounded to dt as `weight` rounds them. Unless a global scale is tiny
-    (_tiny_global; then dequant_nvfp4 and a matmul), they are decoded as float32 bit patterns, low and
-    high nibbles as two planes [S, out, K/16, 8] times the block factor, each plane contracted with
-    the even or odd elements of x: shared rows as one plain matmul, per-slot rows summed in the loop
-    that decodes them (no decoded matrix written)."""
-    q, s, s2 = p["q"], p["s"], p["s2"]
-    K = x.shape[-1]
+EXACT_SHIFT = 64  # the exact path hands matmuls its weights times 2^64 (all normal), and scales back
 
-    def fused(x, q, s, s2):
-        f = (s.astype(jnp.float32) * _broadcast_global(s2, s))[..., None]   # [S, out, K/16, 1]
-        c = q.reshape(*s.shape, 8).astype(jnp.uint32)                     # [S, out, K/16, 8] bytes
-        lo, hi = ((_e2m1_f32(v) * f).astype(dt).astype(jnp.float32) for v in (c & 15, c >> 4))
-        if x.ndim == 2:
-            xb = x.reshape(x.shape[0], K // 16, 8, 2)
-            mm = partial(jnp.einsum, "nbj,sobj->sno", precision=HIGHEST)
-            return mm(xb[..., 0], lo) + mm(xb[..., 1], hi)
-        xb = x.reshape(*x.shape[:2], 1, K // 16, 8, 2)
-        t = lo[:, None] * xb[..., 0] + hi[:, None] * xb[..., 1]           # [S, N, out, K/16, 8]
-        return jnp.sum(jnp.sum(t, axis=-2), axis=-1)
 
-    def dense(x, q, s, s2):
-        w = dequant_nvfp4(q, s, s2).astype(dt).astype(jnp.float32)
-        return dot("ni,soi->sno" if x.ndim == 2 else "sni,soi->sno", x, w)
+def _shifted_up(w):
+    """float32 weights of magnitude below 2^-99 (any global with _tiny_global), subnormals included ->
+    the same values times 2^EXACT_SHIFT, exactly, all normal. Subnormals are rebuilt from their bits:
+    XLA on CPU reads them as zero, so a matmul would drop them."""
+    b = lax.bitcast_convert_type(w, jnp.uint32)
+    sub = (b & 0x7FFFFF).astype(jnp.float32) * 2.0 ** (EXACT_SHIFT - 149)   # subnormal = m * 2^-149
+    sub = jnp.where(b >> 31 == 1, -sub, sub)
+    return jnp.where(b & 0x7F800000 == 0, sub, w * 2.0 ** EXACT_SHIFT)
 
-    if jax.default_backend() != "cpu":
-        return fused(x, q, s, s2)
-    return lax.cond(_tiny_global(s2), dense, fused, x, q, s, s2)
+
+def nvfp4_planes(q, s, s2, exact: bool):
+    """One NVFP4 matrix (q [out, K/2], s [out, K/16], s2 []) decoded as in dequant_nvfp4, for a
+    matmul, split into its even and odd columns: (w[:, 0::2], w[:, 1::2]), each float32 [out, K/2].
+    The fast form builds the values of each byte's low and high nibble as bit patterns (no
+    interleaving, so XLA vectorises it). `exact` (globals where _tiny_global holds) forms the
+    products in integers and returns the values times 2^EXACT_SHIFT (planes_matmul scales back)."""
+    if exact:
+        w = _shifted_up(_dequant_exact(q, s, _broadcast_global(s2, s)))
+        return w[:, 0::2], w[:, 1::2]
+    f = jnp.repeat(s.astype(jnp.float32) * s2, 8, axis=-1)             # [out, K/2]: byte j is in block j // 8
+    c = q.astype(jnp.uint32)
+    return _e2m1_f32(c & 15) * f, _e2m1_f32(c >> 4) * f
+
+
+def planes_matmul(h, planes, dt, exact: bool = False):
+    """h [N, K] @ W.T for W given as nvfp4_planes -> [N, out] float32. The weights are rounded to dt
+    first, as `linear` rounds them; exact planes are scaled back (exactly, unless a result is subnormal)."""
+    even, odd = (w.astype(dt) for w in planes)
+    h = h.astype(dt)
+    y = dot("ni,oi->no", h[:, 0::2], even) + dot("ni,oi->no", h[:, 1::2], odd)
+    return y * 2.0 ** -EXACT_SHIFT if exact else y
 
 
 def dot(eq, a, b):
@@ -150,18 +159,27 @@ def dot(eq, a, b):
     return jnp.einsum(eq, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
-def weight(p, dt):
-    """The dense [out, in] matrix of a linear param, in dtype dt."""
-    if "w" in p:
-        return p["w"].astype(dt)
-    return dequant_nvfp4(p["q"], p["s"], p["s2"]).astype(dt)
+def nvfp4_matrix(q, s, s2, dt, exact: bool):
+    """An NVFP4 matrix decoded for a matmul, in dt: dequant_nvfp4's values, times 2^EXACT_SHIFT when exact."""
+    s2 = _broadcast_global(s2, s)
+    w = _shifted_up(_dequant_exact(q, s, s2)) if exact else _dequant_fast(q, s, s2)
+    return w.astype(dt)
 
 
 def linear(x, p, dt):
-    """x [..., in] @ W.T -> [..., out]; float32 accumulation, result in dt."""
-    w = weight(p, dt)
-    y = dot("...i,oi->...o", x.astype(dt), w)
-    return y.astype(dt)
+    """x [..., in] @ W.T -> [..., out]; float32 accumulation, result in dt. An NVFP4 weight is
+    decoded inside; on CPU, under a cond on its global being tiny (_tiny_global), the exact path."""
+    x = x.astype(dt)
+    if "w" in p:
+        return dot("...i,oi->...o", x, p["w"].astype(dt)).astype(dt)
+
+    def mm(exact):
+        y = dot("...i,oi->...o", x, nvfp4_matrix(p["q"], p["s"], p["s2"], dt, exact))
+        return (y * 2.0 ** -EXACT_SHIFT if exact else y).astype(dt)
+
+    if jax.default_backend() != "cpu":
+        return mm(False)
+    return lax.cond(_tiny_global(p["s2"]), lambda: mm(True), lambda: mm(False))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,51 +401,90 @@ def route(x, p, cfg: TextConfig, dt):
 
 
 EXPERT_TILE = 16  # rows per grouped-matmul step in prefill
-SLOT_TOKENS = 1   # up to this many tokens, the routed experts are batched as slots (decode)
+SLOT_TOKENS = 1   # up to this many tokens, the routed experts run as unrolled slots (decode)
 
 
-def _slot_experts(x, ids, wts, experts, first, e_loc, dt):
-    """Decode form of local_experts for N <= SLOT_TOKENS tokens: the experts held here that got rows
-    (ascending; at most min(N*k, E_local) of them) become slots; their packed weights are gathered
-    (padding slots repeat the first one, with weight 0) and every slot runs gate/up/down on the N
-    tokens at once with nvfp4_matvec, no loop. Only the selected experts' weights are read; a device
-    none of whose experts was picked reads none."""
-    N, k = ids.shape
-    S = min(N * k, e_loc)
-    local = ids - first                                                  # [N, k]
-    hit = jnp.zeros(e_loc + 1, bool).at[jnp.where((local >= 0) & (local < e_loc), local, e_loc)].set(True)[:e_loc]
-    present = jnp.nonzero(hit, size=S, fill_value=0)[0]                  # [S]
-    valid = jnp.arange(S) < jnp.sum(hit)
-    e = jnp.where(valid, present, present[0])
-    wsel = jnp.sum(jnp.where(local[None] == e[:, None, None], wts[None], 0.0), axis=-1)   # [S, N]
-    wsel = jnp.where(valid[:, None], wsel, 0.0)
-
-    def mm(h, p):  # h [N, in] (every slot) or [S, N, in] -> [S, N, out] in dt
-        if "w" in p:
-            return dot("ni,soi->sno" if h.ndim == 2 else "sni,soi->sno", h.astype(dt), p["w"].astype(dt)).astype(dt)
-        return nvfp4_matvec(h.astype(dt).astype(jnp.float32), p, dt).astype(dt)
-
-    def run(x):
-        g, u, d = (jax.tree.map(lambda a: a[e], experts[n]) for n in ("gate", "up", "down"))
-        h = (jax.nn.silu(mm(x, g)) * mm(x, u)).astype(dt)                # [S, N, I]
-        o = mm(h, d).astype(jnp.float32) * wsel[..., None]               # [S, N, H]
-        return jnp.sum(o, axis=0)
-
-    return lax.cond(jnp.any(hit), run, lambda x: jnp.zeros(x.shape, jnp.float32), x)
+def _expert_planes(p, e, exact):
+    """Expert e (traced index) of an xlin as (even, odd) column planes [out, in/2] float32."""
+    take = lambda a: lax.dynamic_index_in_dim(a, e, keepdims=False)
+    if "w" in p:
+        w = take(p["w"]).astype(jnp.float32)
+        return w[:, 0::2], w[:, 1::2]
+    return nvfp4_planes(take(p["q"]), take(p["s"]), p["s2"][e], exact)
 
 
-def local_experts(x, ids, wts, experts, first, dt):
+def _expert_matrix(p, e, dt):
+    """Expert e (traced index) of an xlin as (w [out, in] in dt, post): W = w * post. NVFP4 on CPU:
+    under a cond on the expert's global being tiny, the exact path (post = 2^-EXACT_SHIFT). The cond
+    also makes XLA copy the expert's slice out before decoding it, which measured faster than
+    decoding straight from the stacked parameter inside the loop."""
+    if "w" in p:
+        return p["w"][e].astype(dt), jnp.float32(1)
+    q, s, s2 = p["q"][e], p["s"][e], p["s2"][e]
+    decode = lambda exact: lambda q, s, s2: (nvfp4_matrix(q, s, s2, dt, exact),
+                                             jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1))
+    if jax.default_backend() != "cpu":
+        return decode(False)(q, s, s2)
+    return lax.cond(_tiny_global(s2), decode(True), decode(False), q, s, s2)
+
+
+def _expert_ffn(h, experts, e, dt, exact):
+    """SwiGLU of expert e on rows h [n, H] -> [n, H] in dt."""
+    mm = lambda h, name: planes_matmul(h, _expert_planes(experts[name], e, exact), dt, exact).astype(dt)
+    return mm((jax.nn.silu(mm(h, "gate")) * mm(h, "up")).astype(dt), "down")
+
+
+def exact_decode_needed(params) -> bool:
+    """Whether the routed experts' NVFP4 decoding must form its products in integers: on CPU, when
+    some expert's global scale is tiny enough for a decoded value to be subnormal (_tiny_global).
+    Read from the concrete parameters, so the compiled functions specialise on it (no runtime cond)."""
+    if jax.default_backend() != "cpu":
+        return False
+    for layer in params["layers"]:
+        for name in ("gate", "up", "down"):
+            p = layer["mlp"]["experts"][name]
+            if "s2" in p:
+                b = np.abs(np.asarray(p["s2"], np.float32)).view(np.uint32)
+                if np.any((b != 0) & (b < TINY_GLOBAL_BITS)):
+                    return True
+    return False
+
+
+def _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact):
+    """Decode form of local_experts for one token (N = 1): its k picked experts, ascending by id, as
+    k unrolled slots, each reading only its own expert's packed weights (dynamic index, no gather
+    copy) and running gate/up/down as plain matrix-vector products. When the experts are split over
+    devices (not all_local), the experts held elsewhere sort last and each slot runs under a cond,
+    so a device does the work of its own picked experts only."""
+    k = ids.shape[1]
+    local = ids[0] - first
+    held = (local >= 0) & (local < e_loc)
+    order = jnp.argsort(jnp.where(held, local, e_loc + ids[0]), stable=True)        # held ones first
+    slots = order if all_local else order[:min(k, e_loc)]
+    e, w, live = jnp.clip(local[slots], 0, e_loc - 1), wts[0, slots], held[slots]
+
+    y = jnp.zeros(x.shape, jnp.float32)
+    for j in range(len(slots)):
+        ffn = lambda j=j: _expert_ffn(x, experts, e[j], dt, exact).astype(jnp.float32) * w[j]
+        y = y + (ffn() if all_local else lax.cond(live[j], ffn, lambda: jnp.zeros(x.shape, jnp.float32)))
+    return y
+
+
+def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False):
     """Routed-expert sum over the experts held here (ids first .. first + E_local - 1), others skipped.
 
-    x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. Up to SLOT_TOKENS tokens (decode): _slot_experts.
-    Otherwise the (token, k) pairs held here are sorted by expert (stable: ascending expert id, then
-    token). A while loop visits only the experts that got rows: it reads that expert's packed weights
-    once, decodes them, and an inner loop runs gate/up/down on its rows, tm at a time, adding the
-    weighted outputs to their tokens. No dropping."""
+    x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. all_local: this device holds every expert;
+    exact: decode NVFP4 products in integers (exact_decode_needed).
+    Up to SLOT_TOKENS tokens (decode): _slot_experts. Otherwise the (token, k) pairs held here are
+    sorted by expert (stable: ascending expert id, then token). A loop visits only the experts that
+    got rows: it decodes that expert's packed weights once, and an inner loop runs gate/up/down on
+    its rows, tm at a time, adding the weighted outputs to their tokens. No dropping."""
     N, k = ids.shape
-    e_loc = experts["down"]["q" if "q" in experts["down"] else "w"].shape[0]
+    nvfp4 = "q" in experts["down"]
+    e_loc = experts["down"]["q" if nvfp4 else "w"].shape[0]
+    exact = exact and nvfp4
     if N <= SLOT_TOKENS:
-        return _slot_experts(x, ids, wts, experts, first, e_loc, dt)
+        return _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact)
     tm = min(N, EXPERT_TILE)
     key = ids.reshape(-1) - first
     key = jnp.where((key >= 0) & (key < e_loc), key, e_loc)             # sentinel sorts last
@@ -441,15 +498,15 @@ def local_experts(x, ids, wts, experts, first, dt):
 
     def expert(j, y):
         e = present[j]
-        wg, wu, wd = (weight(jax.tree.map(lambda a: a[e], experts[n]), dt) for n in ("gate", "up", "down"))
+        (wg, pg), (wu, pu), (wd, pd) = (_expert_matrix(experts[n], e, dt) for n in ("gate", "up", "down"))
         end = starts[e] + counts[e]
 
         def tile(i, y):
             r0 = starts[e] + i * tm
             tk = lax.dynamic_slice_in_dim(tok, r0, tm)
             xe = x[tk].astype(dt)                                        # [tm, H]
-            h = (jax.nn.silu(mm(xe, wg).astype(dt)) * mm(xe, wu).astype(dt)).astype(dt)
-            o = mm(h, wd).astype(dt).astype(jnp.float32) * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None]
+            h = (jax.nn.silu((mm(xe, wg) * pg).astype(dt)) * (mm(xe, wu) * pu).astype(dt)).astype(dt)
+            o = (mm(h, wd) * pd).astype(dt).astype(jnp.float32) * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None]
             return y.at[tk].add(jnp.where((r0 + jnp.arange(tm) < end)[:, None], o, 0.0))
 
         if tm == N:                                                      # every expert fits one tile

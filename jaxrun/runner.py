@@ -89,6 +89,7 @@ class Runner:
         self.specs = param_specs(params, mesh.size, dense)
         self.param_shardings = shardings(self.specs, mesh)
         self.params = jax.device_put(params, self.param_shardings)
+        self.exact = model.exact_decode_needed(params)
         self.rep = NamedSharding(mesh, P())
         self.traces: Counter = Counter()
         self._compiled: dict = {}
@@ -96,10 +97,12 @@ class Runner:
         self.timings = Timings()
 
     def set_params(self, params) -> None:
-        """Swap in other parameters of the same structure and shapes (compiled functions are kept)."""
+        """Swap in other parameters of the same structure and shapes (compiled functions are kept; a
+        second set is compiled if only one of the two needs exact NVFP4 decoding)."""
         if jax.tree.structure(params) != jax.tree.structure(self.params):
             raise ValueError("set_params: parameter tree differs from the compiled one")
         self.params = jax.device_put(params, self.param_shardings)
+        self.exact = model.exact_decode_needed(params)
 
     # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
@@ -121,10 +124,10 @@ class Runner:
         def fn(params, tokens, lengths, rope):
             self.traces["prefill"] += 1
             return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt,
-                                 routed=routed_experts(self.mesh, self.dt), max_len=max_len, all_logits=all_logits)
+                                 routed=routed_experts(self.mesh, self.dt, self.exact), max_len=max_len, all_logits=all_logits)
 
         args = (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("prefill", B, T, max_len, all_logits), fn, args,
+        return self._compile(("prefill", B, T, max_len, all_logits, self.exact), fn, args,
                              in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
                              out_shardings=(self.rep, self.rep))
 
@@ -132,11 +135,11 @@ class Runner:
         def fn(params, cache, tokens, pos, rope):
             self.traces["decode"] += 1
             return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
-                                routed=routed_experts(self.mesh, self.dt))
+                                routed=routed_experts(self.mesh, self.dt, self.exact))
 
         cache = jax.tree.map(lambda a: self._spec(a.shape, a.dtype), model.cache_shapes(self.cfg, B, max_len, self.dt))
         args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("decode", B, max_len), fn, args,
+        return self._compile(("decode", B, max_len, self.exact), fn, args,
                              in_shardings=(self.param_shardings, self.rep, self.rep, self.rep, self.rep),
                              out_shardings=(self.rep, self.rep), donate_argnums=(1,))
 

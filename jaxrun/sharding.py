@@ -74,14 +74,16 @@ def check_experts(num_experts: int, n: int) -> None:
         raise ValueError(f"--devices {n}: must divide num_experts {num_experts}")
 
 
-def routed_experts(mesh: Mesh, dt):
+def routed_experts(mesh: Mesh, dt, exact: bool = False):
     """The routed-expert sum (x [N, H], ids [N, k], weights [N, k], experts) -> [N, H] f32, with the
-    experts split over the mesh's 'expert' axis, tokens replicated, psum to combine."""
+    experts split over the mesh's 'expert' axis, tokens replicated, psum to combine. exact: see
+    model.exact_decode_needed."""
 
     def local(x, ids, wts, experts):
         e_loc = jax.tree.leaves(experts)[0].shape[0]
         first = jax.lax.axis_index(AXIS) * e_loc
-        return jax.lax.psum(local_experts(x, ids, wts, experts, first, dt), AXIS)
+        y = local_experts(x, ids, wts, experts, first, dt, all_local=mesh.size == 1, exact=exact)
+        return jax.lax.psum(y, AXIS)
 
     def routed(x, ids, wts, experts):
         specs = jax.tree.map(lambda a: P(AXIS, *([None] * (a.ndim - 1))), experts)

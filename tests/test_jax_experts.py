@@ -1,0 +1,64 @@
+"""jaxrun's routed-expert sum (model.local_experts) against a float64 recomputation from
+ref.nvfp4.dequantize, in both of its forms (decode slots for one token, the sorted loop for several),
+split over two 'devices' by hand, and with global scales tiny enough for decoded weights to be
+subnormal (the exact integer decoding, chosen by model.exact_decode_needed)."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxrun.model import exact_decode_needed, local_experts
+from ref.nvfp4 import dequantize
+
+E, H, I, K = 8, 64, 32, 3
+TINY = np.float32(2.0 ** -125)  # a global that makes every decoded weight subnormal
+
+
+def _experts(rng, tiny: str | None):
+    def xlin(name, out, inp):
+        s = rng.integers(0x20, 0x48, (E, out, inp // 16), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+        s2 = np.full(E, TINY if name == tiny else 2.0 ** -6, np.float32)
+        return {"q": rng.integers(0, 256, (E, out, inp // 2), dtype=np.uint8), "s": s, "s2": s2}
+    return {"gate": xlin("gate", I, H), "up": xlin("up", I, H), "down": xlin("down", H, I)}
+
+
+def _oracle(x, ids, wts, experts):
+    """float64 SwiGLU of the float32 weights ref.nvfp4 decodes (subnormals kept), summed in ascending id."""
+    w = {n: np.stack([dequantize(p["q"][e], p["s"][e], p["s2"][e]) for e in range(E)]).astype(np.float64)
+         for n, p in experts.items()}
+    y = np.zeros((len(x), H))
+    for t in range(len(x)):
+        for e, g in sorted(zip(ids[t], wts[t])):
+            a = w["gate"][e] @ x[t]
+            h = a * 0.5 * (1 + np.tanh(a / 2)) * (w["up"][e] @ x[t])                # SiLU without overflow
+            y[t] += g * (w["down"][e] @ h)
+    return y
+
+
+def _run(x, ids, wts, experts, exact, shards):
+    """local_experts over `shards` equal expert ranges, summed (what the psum over devices does)."""
+    e_loc = E // shards
+    y = 0
+    for d in range(shards):
+        part = jax.tree.map(lambda a: jnp.asarray(a[d * e_loc:(d + 1) * e_loc]), experts)
+        y = y + local_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(wts), part, d * e_loc, jnp.float32,
+                              all_local=shards == 1, exact=exact)
+    return np.asarray(y, np.float64)
+
+
+@pytest.mark.parametrize("tiny", [None, "gate", "down"])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_local_experts_match_float64(tiny, tokens, shards):
+    rng = np.random.default_rng([tokens, shards, len(tiny or "")])
+    experts = _experts(rng, tiny)
+    x = (rng.standard_normal((tokens, H)) * 2.0 ** 30).astype(np.float32)   # products of subnormal weights stay normal
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)]).astype(np.int32)
+    wts = rng.dirichlet(np.ones(K), tokens).astype(np.float32)
+    exact = exact_decode_needed({"layers": [{"mlp": {"experts": experts}}]})
+    assert exact == (tiny is not None)
+    want = _oracle(x, ids, wts, experts)
+    got = _run(x, ids, wts, experts, exact, shards)
+    assert np.abs(want).max() > 0
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
