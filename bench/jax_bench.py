@@ -3,10 +3,12 @@
     python bench/jax_bench.py [--model DIR] [--prompt-tokens 128] [--new-tokens 32] [--devices N]
 
 Prints, from one run: prefill and decode tokens/s of jaxrun (f32, compiled; compile time apart)
-and of ref.model (f32) on the same prompt, as ratios (target >= 10x); then the parameter bytes one
-device holds for the published 397B configuration on 4 devices, from the shardings alone
-(jax.eval_shape of the parameter tree, no weights). Without --model, the small checkpoint is
-written once under $XDG_CACHE_HOME/qwen35-nvfp4-spec/small.
+and of ref.model (f32) on the same prompt, as ratios (target >= 10x); the machine's bounds measured
+in the same run (an XLA float32 1024^3 matmul for prefill FLOPs, a 256 MB read for decode bytes)
+turned into tokens/s from the model's FLOPs and bytes per token, with each side as a fraction of
+them; then the parameter bytes one device holds for the published 397B configuration on 4 devices,
+from the shardings alone (jax.eval_shape of the parameter tree, no weights). Without --model, the
+small checkpoint is written once under $XDG_CACHE_HOME/qwen35-nvfp4-spec/small.
 """
 from __future__ import annotations
 
@@ -60,6 +62,56 @@ def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> N
     print(f"  ratio      : prefill {best['p'] / rp:8.1f}x       decode {best['d'] / rd:7.1f}x         prefill "
           f"{best['pc'] / rpc:7.1f}x  decode {best['dc'] / rdc:6.1f}x   (target >= 10x)")
     print(f"  first 4 greedy tokens equal to ref: {same}")
+    bench_bounds(cfg, runner.params, best["p"], best["d"], rp, rd)
+
+
+def _best(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def work_per_token(cfg, params) -> tuple[float, float]:
+    """(prefill FLOPs, decode bytes) per token. Decode reads every dense weight once (as held) and the
+    k routed experts' packed bytes per layer. Prefill does 2 FLOPs per weight of the layers' dense
+    matrices and of k experts (the lm_head only for the last token; attention scores and the DeltaNet
+    recurrence left out): lower bounds on the work."""
+    import jax
+    import numpy as np
+    layer_weights, dense_bytes, expert_bytes = 0, 0, 0
+    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(k, "key", "")) for k in path]
+        nbytes = int(np.prod(a.shape)) * a.dtype.itemsize
+        if "experts" in names:
+            expert_bytes += nbytes
+        elif names[-1] in ("w", "q") and names[0] != "embed":
+            dense_bytes += nbytes
+            if names[0] == "layers":
+                layer_weights += int(np.prod(a.shape)) * (2 if names[-1] == "q" else 1)
+    routed = cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return 2.0 * (layer_weights + routed), dense_bytes + expert_bytes * cfg.num_experts_per_tok / cfg.num_experts
+
+
+def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> None:
+    """The machine's limits, measured now, as tokens/s bounds; each side as a fraction of them."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((1024, 1024), jnp.float32)
+    mm = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
+    peak = 2 * 1024 ** 3 / _best(lambda: mm(a).block_until_ready())
+    big = jnp.ones((64, 1 << 20), jnp.float32)                            # 256 MB, far beyond the caches
+    total = jax.jit(lambda b: jnp.sum(b))
+    read = big.nbytes / _best(lambda: total(big).block_until_ready())
+    flops, nbytes = work_per_token(cfg, params)
+    pb, db = peak / flops, read / nbytes
+    print(f"  bounds     : f32 matmul {peak / 1e9:.0f} GFLOP/s -> prefill <= {pb:.0f} tok/s ({flops / 1e6:.0f} MFLOP/token); "
+          f"read {read / 1e9:.1f} GB/s -> decode <= {db:.0f} tok/s ({nbytes / 1e6:.1f} MB/token)")
+    print(f"  of bound   : jaxrun prefill {jp / pb:.0%} decode {jd / db:.0%}; ref prefill {rp / pb:.0%} decode {rd / db:.0%}; "
+          f"10x ref would be prefill {10 * rp / pb:.0%} decode {10 * rd / db:.0%} of the bound")
 
 
 def bench_footprint(n: int = 4) -> None:
