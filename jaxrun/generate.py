@@ -3,7 +3,8 @@
     python -m jaxrun.generate --prompt "Why is the sky blue?"            # built-in tiny synthetic model
     python -m jaxrun.generate --model DIR|REPO --prompt TEXT [--raw] [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop TEXT ...] [--devices N]
-        [--dense replicated|sharded] [--precision f32|bf16] [--hide-thinking] [--json] [--check]
+        [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
+        [--act-scale per-expert|max] [--hide-thinking] [--json] [--check]
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
 
 Without --model, a tiny random-weight checkpoint (ref.synth preset "tiny") is written once to
@@ -16,7 +17,12 @@ Text streams to stdout (one prompt) or is printed per prompt at the end (a batch
 --json: stdout holds only JSON lines, one object per prompt (the last line for a single prompt):
 prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length"), timings.
 
---check recomputes each produced sequence with ref.model (float64) and reports, per generated
+--activations w4a4 quantizes every routed-expert GEMM input as the engines' NVFP4 kernels do (the
+CUDA quantizer, with each expert's input scales, or the layer's largest with --act-scale max);
+the default w4a16 keeps activations in the compute dtype.
+
+--check recomputes each produced sequence with ref.model (float64, the same --activations and
+--act-scale) and reports, per generated
 token, max |Δ logit|, KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bound:
   f32:  max |Δ logit| <= 1e-3 * max(1, max |ref logit|), and top-1 equal unless the ref's top-2 gap
         is below 2 max |Δ| (a near tie);
@@ -61,6 +67,10 @@ def parse_args(argv):
     p.add_argument("--dense", choices=("replicated", "sharded"), default="replicated",
                    help="dense weights replicated or tensor-parallel")
     p.add_argument("--precision", choices=("f32", "bf16"), help="default f32 on CPU, bf16 on GPU")
+    p.add_argument("--activations", choices=("w4a16", "w4a4"), default="w4a16",
+                   help="w4a4: quantize routed-expert GEMM inputs as the engines do")
+    p.add_argument("--act-scale", choices=("per-expert", "max"), default="per-expert",
+                   help="W4A4 input scale: each expert's own, or the layer's largest")
     p.add_argument("--hide-thinking", action="store_true")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
@@ -168,11 +178,12 @@ def trim_stop(text: str, stops) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def check(ckpt, results, precision: str) -> bool:
-    """Recompute each sequence with ref.model (float64); per-token report on stderr; True if within bounds."""
+def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert") -> bool:
+    """Recompute each sequence with ref.model (float64, the same activation mode); per-token report on
+    stderr; True if within bounds."""
     import numpy as np
     from ref.model import Model
-    ref = Model(ckpt, "f64")
+    ref = Model(ckpt, "f64", activations=activations, act_scale=act_scale)
     ok = True
     for n, r in enumerate(results):
         kls = []
@@ -196,7 +207,7 @@ def check(ckpt, results, precision: str) -> bool:
         if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
             ok = False
             print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=sys.stderr)
-    print(f"check: {'PASS' if ok else 'FAIL'} ({precision} vs ref f64)", file=sys.stderr)
+    print(f"check: {'PASS' if ok else 'FAIL'} ({precision} {activations} vs ref f64)", file=sys.stderr)
     return ok
 
 
@@ -222,7 +233,10 @@ def run(a) -> int:
         raise UsageError(str(e)) from None
     cfg = ckpt.config.text
     prompts = prompts_from(a, tok, cfg.vocab_size)
-    runner = Runner(params, cfg, mesh, precision, a.dense)
+    try:
+        runner = Runner(params, cfg, mesh, precision, a.dense, a.activations, a.act_scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     ctx = a.max_context or runner.context_for(prompts, a.max_new_tokens)
     longest = max(map(len, prompts))
     if longest + a.max_new_tokens > min(ctx, cfg.max_position_embeddings):
@@ -260,8 +274,8 @@ def run(a) -> int:
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
     print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
           f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
-          f"{mesh.devices.flat[0].platform} device(s), {precision}, dense {a.dense}", file=sys.stderr)
-    if a.check and not check(ckpt, results, precision):
+          f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}", file=sys.stderr)
+    if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
         return 1
     return 0
 

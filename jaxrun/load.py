@@ -62,7 +62,17 @@ def _experts(ckpt: Checkpoint, layer: int, dt) -> dict:
                          "s2": part("weight_scale_2", np.float32)}
         else:
             out[proj] = {"w": part("weight", dt)}
+    if isinstance(first.gate, NVFP4Weight) and ckpt.expert_input_scales(layer) is not None:
+        out["in_s"] = _input_scales(ckpt, layer)
     return out
+
+
+def _input_scales(ckpt: Checkpoint, layer: int) -> Leaf:
+    """Per expert input scales [E, 2]: max(gate, up) (the shared GEMM input) and down (W4A4)."""
+    gate_up = ckpt.expert_input_scales(layer)
+    down = np.array([float(ckpt.expert(layer, e, prefetch=False).down.input_scale) for e in range(len(gate_up))],
+                    np.float32)
+    return _array(np.stack([gate_up, down], axis=1), np.float32)
 
 
 def describe(ckpt: Checkpoint, dt) -> dict:

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrun import model
+from jaxrun import model, moe
 from jaxrun.sharding import param_specs, routed_experts, shardings
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+ACTIVATIONS = ("w4a16", "w4a4")
+ACT_SCALES = ("per-expert", "max")
 MIN_BUCKET = 16
 
 
@@ -83,13 +85,22 @@ def _sample(logits, key, temperature, top_p, top_k):
 class Runner:
     """Parameters placed on a mesh plus their compiled functions."""
 
-    def __init__(self, params, cfg, mesh, precision: str = "f32", dense: str = "replicated"):
+    def __init__(self, params, cfg, mesh, precision: str = "f32", dense: str = "replicated",
+                 activations: str = "w4a16", act_scale: str = "per-expert"):
+        """activations "w4a4": routed-expert GEMM inputs quantized as the engines do, with each
+        expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them."""
+        if activations not in ACTIVATIONS or act_scale not in ACT_SCALES:
+            raise ValueError(f"activations {activations!r} / act_scale {act_scale!r}: expected one of "
+                             f"{list(ACTIVATIONS)} / {list(ACT_SCALES)}")
+        if activations == "w4a4" and not all("in_s" in layer["mlp"]["experts"] for layer in params["layers"]):
+            raise ValueError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
         self.cfg, self.mesh, self.precision, self.dense = cfg, mesh, precision, dense
+        self.activations, self.act_scale = activations, act_scale
         self.dt = DTYPES[precision]
         self.specs = param_specs(params, mesh.size, dense)
         self.param_shardings = shardings(self.specs, mesh)
         self.params = jax.device_put(params, self.param_shardings)
-        self.exact = model.exact_decode_needed(params)
+        self.exact = moe.exact_decode_needed(params)
         self.rep = NamedSharding(mesh, P())
         self.traces: Counter = Counter()
         self._compiled: dict = {}
@@ -102,7 +113,7 @@ class Runner:
         if jax.tree.structure(params) != jax.tree.structure(self.params):
             raise ValueError("set_params: parameter tree differs from the compiled one")
         self.params = jax.device_put(params, self.param_shardings)
-        self.exact = model.exact_decode_needed(params)
+        self.exact = moe.exact_decode_needed(params)
 
     # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
@@ -111,6 +122,9 @@ class Runner:
             self._compiled[key] = jax.jit(fn, **jit_kw).lower(*args).compile()
             self.timings.compile_s += time.perf_counter() - t0
         return self._compiled[key]
+
+    def _routed(self):
+        return routed_experts(self.mesh, self.dt, self.exact, self.activations, self.act_scale)
 
     def _spec(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self.rep)
@@ -124,7 +138,7 @@ class Runner:
         def fn(params, tokens, lengths, rope):
             self.traces["prefill"] += 1
             return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt,
-                                 routed=routed_experts(self.mesh, self.dt, self.exact), max_len=max_len, all_logits=all_logits)
+                                 routed=self._routed(), max_len=max_len, all_logits=all_logits)
 
         args = (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
         return self._compile(("prefill", B, T, max_len, all_logits, self.exact), fn, args,
@@ -135,7 +149,7 @@ class Runner:
         def fn(params, cache, tokens, pos, rope):
             self.traces["decode"] += 1
             return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
-                                routed=routed_experts(self.mesh, self.dt, self.exact))
+                                routed=self._routed())
 
         cache = jax.tree.map(lambda a: self._spec(a.shape, a.dtype), model.cache_shapes(self.cfg, B, max_len, self.dt))
         args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))

@@ -6,15 +6,16 @@ Dense weights: replicated, or (`dense="sharded"`) tensor-parallel over the same 
 gate/up; row-parallel (input columns split) for o_proj, DeltaNet out_proj and shared-expert down. A
 dimension is split only when N divides it; XLA inserts the collectives the dense maths needs. Norm
 weights, gates' biases, router and caches are replicated. Tokens are replicated; the routed-expert sum
-runs in `shard_map`: each device sums its own experts (model.local_experts) and a psum combines.
+runs in `shard_map`: each device sums its own experts (moe.local_experts) and a psum combines.
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrun.model import local_experts
+from jaxrun.moe import local_experts
 
 AXIS = "expert"
 DENSE_MODES = ("replicated", "sharded")
@@ -74,15 +75,21 @@ def check_experts(num_experts: int, n: int) -> None:
         raise ValueError(f"--devices {n}: must divide num_experts {num_experts}")
 
 
-def routed_experts(mesh: Mesh, dt, exact: bool = False):
+def routed_experts(mesh: Mesh, dt, exact: bool = False, activations: str = "w4a16", act_scale: str = "per-expert"):
     """The routed-expert sum (x [N, H], ids [N, k], weights [N, k], experts) -> [N, H] f32, with the
     experts split over the mesh's 'expert' axis, tokens replicated, psum to combine. exact: see
-    model.exact_decode_needed."""
+    moe.exact_decode_needed. activations "w4a4": the experts' GEMM inputs quantized with each
+    expert's input scales, or (act_scale "max") the layer's largest, a pmax over the devices."""
 
     def local(x, ids, wts, experts):
         e_loc = jax.tree.leaves(experts)[0].shape[0]
         first = jax.lax.axis_index(AXIS) * e_loc
-        y = local_experts(x, ids, wts, experts, first, dt, all_local=mesh.size == 1, exact=exact)
+        act = None
+        if activations == "w4a4":
+            act = experts["in_s"]                                          # [E_local, 2]
+            if act_scale == "max":
+                act = jnp.broadcast_to(jax.lax.pmax(jnp.max(act, axis=0), AXIS), act.shape)
+        y = local_experts(x, ids, wts, experts, first, dt, all_local=mesh.size == 1, exact=exact, act=act)
         return jax.lax.psum(y, AXIS)
 
     def routed(x, ids, wts, experts):

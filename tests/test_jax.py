@@ -15,11 +15,11 @@ from hypothesis import given, strategies as st
 
 from jaxrun.generate import main as cli_main
 from jaxrun.load import load
-from jaxrun.model import dequant_nvfp4
+from jaxrun.nvfp4 import dequant_nvfp4, quantize_activation
 from jaxrun.runner import Runner, Sampling
 from jaxrun.sharding import make_mesh
 from ref.model import Model
-from ref.nvfp4 import dequantize
+from ref.nvfp4 import dequantize, quantize_activation as ref_quantize_activation
 from ref.tokenizer import load_tokenizer
 
 CONTEXT = 256
@@ -65,6 +65,27 @@ def test_nvfp4_decode_bit_identical_to_ref(packed, scales, g):
     assert np.array_equal(want.view(np.uint32)[~nan], got.view(np.uint32)[~nan])
 
 
+_quantize = jax.jit(quantize_activation)
+_normal_or_special = st.one_of(
+    st.floats(-1e6, 1e6, width=32).filter(lambda v: v == 0 or abs(v) >= 2.0 ** -126),   # CPU reads subnormals as 0
+    st.sampled_from([0.0, -0.0, float("nan"), float("inf"), float("-inf"), 6.0, -5.0, 2.5, 1e30]))
+
+
+@given(x=st.lists(_normal_or_special, min_size=32, max_size=32),
+       scale=st.floats(2.0 ** -20, 2.0 ** 20, width=32), gain=st.sampled_from([1.0, 1e-3, 1e3, 2.0 ** -40]))
+def test_activation_quantizer_bit_identical_to_ref(x, scale, gain):
+    """Codes and E4M3 block scales of the engines' quantizer equal ref.nvfp4.quantize_activation's
+    (cuda sign rule): NaN, infinities, signed zeros, saturating blocks, ties."""
+    a = (np.array(x, np.float32) * np.float32(gain)).reshape(2, 16)
+    a[np.abs(a) < 2.0 ** -126] = 0                                            # no subnormals after the gain
+    codes, scales = _quantize(a, np.float32(scale))
+    codes = np.asarray(codes)
+    with np.errstate(all="ignore"):
+        want_packed, want_scales = ref_quantize_activation(a, np.float32(scale), sign="cuda")
+    assert np.array_equal(codes[..., 0::2] | (codes[..., 1::2] << 4), want_packed)
+    assert np.array_equal(np.asarray(scales).view(np.uint8), want_scales.view(np.uint8))
+
+
 # ---- logits and tokens against ref -------------------------------------------------------------
 
 def _check_logits(runner, ref_model, results):
@@ -97,6 +118,23 @@ def test_logits_match_ref_fused_layout(runner, ref_model, tiny_checkpoint, tiny_
 def test_greedy_tokens_equal_ref(ref_model, single):
     for p, r in zip(PROMPTS, single):
         assert r.token_ids == ref_model.generate(p, STEPS)
+
+
+def test_w4a4_matches_ref_w4a4(runner, tiny_checkpoint):
+    """Routed-expert GEMM inputs quantized as the engines do: logits within the f32 bound of ref's
+    float64 W4A4 forward, greedy tokens equal; a checkpoint without input scales is refused."""
+    w4a4 = Runner(runner.params, runner.cfg, runner.mesh, "f32", activations="w4a4")
+    ref = Model(str(tiny_checkpoint), "f64", activations="w4a4")
+    for p in PROMPTS:
+        r = w4a4.generate([p], STEPS, max_context=CONTEXT, keep_logits=True)[0]
+        assert r.token_ids == ref.generate(p, STEPS)
+        full = ref.logits(p + r.token_ids)[len(p) - 1:len(p) - 1 + STEPS]
+        assert np.abs(np.stack(r.logits) - full).max() <= 1e-3 * max(1.0, np.abs(full).max())
+    bare = jax.tree.map(lambda a: a, runner.params)
+    for layer in bare["layers"]:
+        del layer["mlp"]["experts"]["in_s"]
+    with pytest.raises(ValueError, match="input scales"):
+        Runner(bare, runner.cfg, runner.mesh, "f32", activations="w4a4")
 
 
 def test_batch_equals_single(runner, single):

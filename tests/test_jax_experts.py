@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxrun.model import exact_decode_needed, local_experts
+from jaxrun.moe import exact_decode_needed, local_experts
 from ref.nvfp4 import dequantize
 
 E, H, I, K = 8, 64, 32, 3

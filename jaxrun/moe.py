@@ -1,0 +1,171 @@
+"""The sparse MoE block: routing, the routed-expert sum over the experts one device holds (decode
+slots for one token, a sorted loop for more), the shared expert."""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrun.matmul import dot, linear, planes_matmul
+from jaxrun.nvfp4 import EXACT_SHIFT, TINY_GLOBAL_BITS, activation_values, nvfp4_matrix, nvfp4_planes, tiny_global
+from ref.config import TextConfig
+
+
+def route(x, p, cfg: TextConfig, dt):
+    """x [N, H] -> top-k expert ids [N, k] int32 (ties to the lower id), renormalised weights f32."""
+    logits = linear(x, p, dt).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    w, ids = lax.top_k(probs, cfg.num_experts_per_tok)
+    return ids.astype(jnp.int32), w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+EXPERT_TILE = 16  # rows per grouped-matmul step in prefill
+SLOT_TOKENS = 1   # up to this many tokens, the routed experts run as unrolled slots (decode)
+
+
+def _expert_planes(p, e, exact, in_scale=None):
+    """Expert e (traced index) of an xlin for a slot matmul: (planes, post), W = planes * post, the
+    planes as nvfp4_planes (even, odd) [out, in/2]. W4A4 (in_scale given, NVFP4): the planes hold
+    the block values e2m1 * scale and post = f32(input_scale * global), the products' one factor."""
+    take = lambda a: lax.dynamic_index_in_dim(a, e, keepdims=False)
+    if "w" in p:
+        w = take(p["w"]).astype(jnp.float32)
+        return (w[:, 0::2], w[:, 1::2]), jnp.float32(1)
+    if in_scale is not None:
+        return nvfp4_planes(take(p["q"]), take(p["s"]), jnp.float32(1), False), in_scale * p["s2"][e]
+    post = jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1)
+    return nvfp4_planes(take(p["q"]), take(p["s"]), p["s2"][e], exact), post
+
+
+def _expert_matrix(p, e, dt, in_scale=None):
+    """Expert e (traced index) of an xlin as (w [out, in] in dt, post): W = w * post. W4A4 as in
+    _expert_planes. NVFP4 on CPU: under a cond on the expert's global being tiny, the exact path
+    (post = 2^-EXACT_SHIFT). The cond also makes XLA copy the expert's slice out before decoding
+    it, which measured faster than decoding straight from the stacked parameter inside the loop."""
+    if "w" in p:
+        return p["w"][e].astype(dt), jnp.float32(1)
+    q, s, s2 = p["q"][e], p["s"][e], p["s2"][e]
+    if in_scale is not None:
+        return nvfp4_matrix(q, s, jnp.float32(1), dt, False), in_scale * s2
+    decode = lambda exact: lambda q, s, s2: (nvfp4_matrix(q, s, s2, dt, exact),
+                                             jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1))
+    if jax.default_backend() != "cpu":
+        return decode(False)(q, s, s2)
+    return lax.cond(tiny_global(s2), decode(True), decode(False), q, s, s2)
+
+
+def _inputs(h, in_scale):
+    """A matmul's input rows: as given (W4A16), or quantized as the engines do (W4A4)."""
+    return h if in_scale is None else activation_values(h, in_scale)
+
+
+def _expert_ffn(h, experts, e, dt, exact, scales):
+    """SwiGLU of expert e on rows h [n, H] -> [n, H] in dt. scales: None (W4A16) or the expert's
+    input scales [gate/up, down] (W4A4)."""
+    def mm(h, name, in_scale):
+        planes, post = _expert_planes(experts[name], e, exact, in_scale)
+        return (planes_matmul(_inputs(h, in_scale), planes, dt) * post).astype(dt)
+
+    gu, dn = (None, None) if scales is None else (scales[0], scales[1])
+    return mm((jax.nn.silu(mm(h, "gate", gu)) * mm(h, "up", gu)).astype(dt), "down", dn)
+
+
+def exact_decode_needed(params) -> bool:
+    """Whether the routed experts' NVFP4 decoding must form its products in integers: on CPU, when
+    some expert's global scale is tiny enough for a decoded value to be subnormal (tiny_global).
+    Read from the concrete parameters, so the compiled functions specialise on it (no runtime cond)."""
+    if jax.default_backend() != "cpu":
+        return False
+    for layer in params["layers"]:
+        for name in ("gate", "up", "down"):
+            p = layer["mlp"]["experts"][name]
+            if "s2" in p:
+                b = np.abs(np.asarray(p["s2"], np.float32)).view(np.uint32)
+                if np.any((b != 0) & (b < TINY_GLOBAL_BITS)):
+                    return True
+    return False
+
+
+def _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act):
+    """Decode form of local_experts for one token (N = 1): its k picked experts, ascending by id, as
+    k unrolled slots, each reading only its own expert's packed weights (dynamic index, no gather
+    copy) and running gate/up/down as plain matrix-vector products. When the experts are split over
+    devices (not all_local), the experts held elsewhere sort last and each slot runs under a cond,
+    so a device does the work of its own picked experts only."""
+    k = ids.shape[1]
+    local = ids[0] - first
+    held = (local >= 0) & (local < e_loc)
+    order = jnp.argsort(jnp.where(held, local, e_loc + ids[0]), stable=True)        # held ones first
+    slots = order if all_local else order[:min(k, e_loc)]
+    e, w, live = jnp.clip(local[slots], 0, e_loc - 1), wts[0, slots], held[slots]
+
+    y = jnp.zeros(x.shape, jnp.float32)
+    for j in range(len(slots)):
+        scales = None if act is None else act[e[j]]
+        ffn = lambda j=j, scales=scales: _expert_ffn(x, experts, e[j], dt, exact, scales).astype(jnp.float32) * w[j]
+        y = y + (ffn() if all_local else lax.cond(live[j], ffn, lambda: jnp.zeros(x.shape, jnp.float32)))
+    return y
+
+
+def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False, act=None):
+    """Routed-expert sum over the experts held here (ids first .. first + E_local - 1), others skipped.
+
+    x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. all_local: this device holds every expert;
+    exact: decode NVFP4 products in integers (exact_decode_needed). act: None (W4A16), or input
+    scales [E_local, 2] (gate/up, down) to quantize every routed-expert GEMM input as the engines do
+    (W4A4, NVFP4 experts only).
+    Up to SLOT_TOKENS tokens (decode): _slot_experts. Otherwise the (token, k) pairs held here are
+    sorted by expert (stable: ascending expert id, then token). A loop visits only the experts that
+    got rows: it decodes that expert's packed weights once, and an inner loop runs gate/up/down on
+    its rows, tm at a time, adding the weighted outputs to their tokens. No dropping."""
+    N, k = ids.shape
+    nvfp4 = "q" in experts["down"]
+    e_loc = experts["down"]["q" if nvfp4 else "w"].shape[0]
+    exact = exact and nvfp4
+    act = act if nvfp4 else None
+    if N <= SLOT_TOKENS:
+        return _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act)
+    tm = min(N, EXPERT_TILE)
+    key = ids.reshape(-1) - first
+    key = jnp.where((key >= 0) & (key < e_loc), key, e_loc)             # sentinel sorts last
+    order = jnp.argsort(key, stable=True)                                # [N*k]
+    tok = jnp.concatenate([order // k, jnp.zeros(tm, order.dtype)])      # padded for the last tile
+    w_sorted = jnp.concatenate([wts.reshape(-1)[order], jnp.zeros(tm, wts.dtype)])
+    counts = jnp.bincount(key, length=e_loc + 1)[:e_loc]                 # [E_local]
+    starts = jnp.cumsum(counts) - counts
+    present = jnp.nonzero(counts > 0, size=e_loc, fill_value=0)[0]       # experts with rows, ascending
+
+    def mm(a, w, in_scale):
+        return dot("ti,oi->to", _inputs(a, in_scale).astype(dt), w[0]) * w[1]
+
+    def expert(j, y):
+        e = present[j]
+        gu, dn = (None, None) if act is None else (act[e, 0], act[e, 1])
+        wg, wu, wd = (_expert_matrix(experts[n], e, dt, sc) for n, sc in (("gate", gu), ("up", gu), ("down", dn)))
+        end = starts[e] + counts[e]
+
+        def tile(i, y):
+            r0 = starts[e] + i * tm
+            tk = lax.dynamic_slice_in_dim(tok, r0, tm)
+            xe = x[tk].astype(dt)                                        # [tm, H]
+            h = (jax.nn.silu(mm(xe, wg, gu).astype(dt)) * mm(xe, wu, gu).astype(dt)).astype(dt)
+            o = mm(h, wd, dn).astype(dt).astype(jnp.float32) * lax.dynamic_slice_in_dim(w_sorted, r0, tm)[:, None]
+            return y.at[tk].add(jnp.where((r0 + jnp.arange(tm) < end)[:, None], o, 0.0))
+
+        if tm == N:                                                      # every expert fits one tile
+            return tile(0, y)
+        return lax.fori_loop(0, (counts[e] + tm - 1) // tm, tile, y)
+
+    return lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros(x.shape, jnp.float32))
+
+
+def moe(x, p, cfg: TextConfig, dt, routed):
+    """x [N, H] (normed) -> [N, H]. `routed(x, ids, weights, experts)` is the (sharded) expert sum."""
+    ids, w = route(x, p["router"], cfg, dt)
+    y = routed(x, ids, w, p["experts"])
+    sh = p["shared"]
+    s = linear((jax.nn.silu(linear(x, sh["gate"], dt)) * linear(x, sh["up"], dt)).astype(dt), sh["down"], dt)
+    s = (jax.nn.sigmoid(linear(x, p["shared_gate"], dt)) * s).astype(dt)
+    return (y.astype(dt) + s).astype(dt)

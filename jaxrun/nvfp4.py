@@ -1,0 +1,161 @@
+"""NVFP4 inside jit: weight decoding bit-identical to ref.nvfp4.dequantize, the decoded forms the
+matmuls use, and the engines' activation quantizer bit-identical to ref.nvfp4.quantize_activation.
+
+On CPU XLA flushes subnormal inputs and results to zero. A weight's decoded values can only be
+subnormal when its global scale is tiny (tiny_global); then the exact path forms both products in
+integers, and hands matmuls the values times 2^EXACT_SHIFT (all normal) to be scaled back after.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ref.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, TIES_DOWN, TIES_UP
+
+def _mul_exact(a, b, abits: int):
+    """float32 a * b rounded to nearest even with IEEE gradual underflow, in integer arithmetic
+    (XLA on CPU flushes subnormal inputs and results to zero). `a` has a significand of at most
+    `abits` bits (E4M3 / E2M1 values), so the significand product fits in 32 bits. Non-finite
+    inputs fall back to the float product."""
+    u32, i32 = jnp.uint32, jnp.int32
+    ua, ub = lax.bitcast_convert_type(a, u32), lax.bitcast_convert_type(b, u32)
+    ea, eb = ((ua >> 23) & 0xFF).astype(i32), ((ub >> 23) & 0xFF).astype(i32)
+    implicit = lambda e: jnp.where(e > 0, 1 << 23, 0).astype(u32)
+    ma = ((ua & 0x7FFFFF) | implicit(ea)) >> (24 - abits)
+    mb = (ub & 0x7FFFFF) | implicit(eb)
+    prod = ma * mb                                                       # exact: a * b = prod * 2^e
+    e = jnp.maximum(ea, 1) + jnp.maximum(eb, 1) - 276 - abits
+    drop = jnp.maximum(32 - lax.clz(prod).astype(i32) - 24, -149 - e)   # bits to round away
+    d = jnp.clip(drop, 1, 31).astype(u32)
+    q = prod >> d
+    rem, half = prod & ((jnp.uint32(1) << d) - 1), jnp.uint32(1) << (d - 1)
+    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).astype(u32)
+    q = jnp.where(drop > 0, q, prod << jnp.clip(-drop, 0, 31).astype(u32))
+    mag = (jnp.clip(e + drop + 149, 0, 256).astype(u32) << 23) + q      # carries into the exponent
+    mag = jnp.where(prod == 0, 0, jnp.minimum(mag, jnp.uint32(0x7F800000))).astype(u32)
+    out = lax.bitcast_convert_type(((ua ^ ub) & jnp.uint32(0x80000000)) | mag, jnp.float32)
+    finite = ((ea < 255) & (eb < 255))
+    return jnp.where(finite, out, a * b)
+
+
+TINY_GLOBAL_BITS = 0x08000000  # float32 bit pattern of 2^-111
+
+
+def tiny_global(s2):
+    """Whether some global scale s2 is nonzero with |s2| < 2^-111 (subnormals included): only then can a
+    block factor f32(scale * s2) fall below 2^-120 (E4M3's smallest nonzero scale is 2^-9), so only then
+    can a factor or a decoded value be subnormal. Otherwise both products are normal float32 products."""
+    b = lax.bitcast_convert_type(jnp.asarray(s2, jnp.float32), jnp.uint32) & 0x7FFFFFFF
+    return jnp.any((b != 0) & (b < TINY_GLOBAL_BITS))
+
+
+def _broadcast_global(s2, s):
+    s2 = jnp.asarray(s2, jnp.float32)
+    return jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
+
+
+def _dequant_fast(q, s, s2):
+    """dequant_nvfp4 with float32 products (exact unless a result is subnormal on CPU)."""
+    v = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
+    return (v * (s.astype(jnp.float32) * s2)[..., None]).reshape(*q.shape[:-1], 2 * q.shape[-1])
+
+
+def _dequant_exact(q, s, s2):
+    """dequant_nvfp4 with both products formed in integers (gradual underflow kept)."""
+    v = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
+    f = _mul_exact(s.astype(jnp.float32), s2, 4)                        # [..., K/16]
+    w = _mul_exact(v, jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
+    return w.reshape(*q.shape[:-1], 2 * q.shape[-1])
+
+
+def dequant_nvfp4(q, s, s2):
+    """Packed E2M1 codes [..., K/2] (element 2j in the low nibble), E4M3 block scales [..., K/16],
+    float32 global scale (0-d, or one per leading index of s) -> float32 [..., K], bit-identical to
+    ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor).
+    On CPU, where XLA flushes subnormals, both products are formed exactly in integers when a
+    global scale is tiny enough for a result to be subnormal (tiny_global); else in float32."""
+    s2 = _broadcast_global(s2, s)
+    if jax.default_backend() != "cpu":
+        return _dequant_fast(q, s, s2)
+    return lax.cond(tiny_global(s2), _dequant_exact, _dequant_fast, q, s, s2)
+
+
+def _e2m1_f32(c):
+    """E2M1 codes (uint32, 0..15) -> their float32 values, assembled as bit patterns: sign to bit 31,
+    exponent e and mantissa m (value 2^(e-1) * (1 + m/2), or m/2 when e = 0) to bits 30..22."""
+    mag = c & 7
+    bits = jnp.where(mag >= 2, (mag << 22) + jnp.uint32(126 << 23),
+                     jnp.where(mag == 1, jnp.uint32(126 << 23), jnp.uint32(0)))   # 0.5 = 2^-1
+    return lax.bitcast_convert_type(((c & 8) << 28) | bits, jnp.float32)
+
+
+EXACT_SHIFT = 64  # the exact path hands matmuls its weights times 2^64 (all normal), and scales back
+
+
+def _shifted_up(w):
+    """float32 weights of magnitude below 2^-99 (any global with _tiny_global), subnormals included ->
+    the same values times 2^EXACT_SHIFT, exactly, all normal. Subnormals are rebuilt from their bits:
+    XLA on CPU reads them as zero, so a matmul would drop them."""
+    b = lax.bitcast_convert_type(w, jnp.uint32)
+    sub = (b & 0x7FFFFF).astype(jnp.float32) * 2.0 ** (EXACT_SHIFT - 149)   # subnormal = m * 2^-149
+    sub = jnp.where(b >> 31 == 1, -sub, sub)
+    return jnp.where(b & 0x7F800000 == 0, sub, w * 2.0 ** EXACT_SHIFT)
+
+
+def nvfp4_planes(q, s, s2, exact: bool):
+    """One NVFP4 matrix (q [out, K/2], s [out, K/16], s2 []) decoded as in dequant_nvfp4, for a
+    matmul, split into its even and odd columns: (w[:, 0::2], w[:, 1::2]), each float32 [out, K/2].
+    The fast form builds the values of each byte's low and high nibble as bit patterns (no
+    interleaving, so XLA vectorises it). `exact` (globals where _tiny_global holds) forms the
+    products in integers and returns the values times 2^EXACT_SHIFT (planes_matmul scales back)."""
+    if exact:
+        w = _shifted_up(_dequant_exact(q, s, _broadcast_global(s2, s)))
+        return w[:, 0::2], w[:, 1::2]
+    f = jnp.repeat(s.astype(jnp.float32) * s2, 8, axis=-1)             # [out, K/2]: byte j is in block j // 8
+    c = q.astype(jnp.uint32)
+    return _e2m1_f32(c & 15) * f, _e2m1_f32(c >> 4) * f
+
+
+def nvfp4_matrix(q, s, s2, dt, exact: bool):
+    """An NVFP4 matrix decoded for a matmul, in dt: dequant_nvfp4's values, times 2^EXACT_SHIFT when exact."""
+    s2 = _broadcast_global(s2, s)
+    w = _shifted_up(_dequant_exact(q, s, s2)) if exact else _dequant_fast(q, s, s2)
+    return w.astype(dt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations (W4A4): the engines' CUDA quantizer
+
+_R6 = np.float32(1) / np.float32(E2M1_MAX)
+
+
+def quantize_activation(x, input_scale):
+    """The engines' activation quantizer, as ref.nvfp4.quantize_activation(x, input_scale,
+    sign="cuda"): x [..., K] -> (E2M1 codes uint8 [..., K] unpacked, E4M3 block scales [..., K/16]).
+    float32 steps in the same order: G = 1/input_scale, vmax = max|x| over the block (NaN skipped),
+    scale = e4m3 saturating(G * (vmax * (1/6))), out = 1/(scale * (1/G)) (0 for a zero scale), codes
+    = round-to-nearest-even of x * out with saturation, the sign bit copied (NaN -> 7). On CPU a
+    subnormal x reads as zero."""
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
+    a = jnp.abs(xb)
+    nan = jnp.isnan(a)
+    vmax = jnp.where(jnp.all(nan, axis=-1), jnp.nan, jnp.max(jnp.where(nan, -jnp.inf, a), axis=-1))
+    g = jnp.float32(1) / jnp.asarray(input_scale, jnp.float32)
+    scale = jnp.minimum(g * (vmax * _R6), jnp.float32(E4M3_MAX)).astype(jnp.float8_e4m3fn)  # NaN stays NaN
+    s = scale.astype(jnp.float32)
+    out = jnp.where(s != 0, jnp.float32(1) / (s * (jnp.float32(1) / g)), jnp.float32(0))
+    y = xb * out[..., None]
+    mag = jnp.abs(y)
+    below = sum((mag <= t).astype(jnp.uint8) for t in TIES_DOWN) + sum((mag < t).astype(jnp.uint8) for t in TIES_UP)
+    codes = (jnp.uint8(7) - below) | ((jnp.signbit(y) & ~jnp.isnan(y)).astype(jnp.uint8) << 3)
+    return codes.reshape(x.shape), scale
+
+
+def activation_values(x, input_scale):
+    """x [..., K] quantized by quantize_activation, as float32 block values e2m1 * scale (exact; the
+    global input_scale not applied) [..., K]."""
+    codes, scale = quantize_activation(x, input_scale)
+    v = _e2m1_f32(codes.astype(jnp.uint32)).reshape(scale.shape + (BLOCK_SIZE,))
+    return (v * scale.astype(jnp.float32)[..., None]).reshape(x.shape)
