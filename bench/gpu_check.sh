@@ -5,9 +5,9 @@
 #     bash bench/gpu_check.sh            # 397B shapes, 4-layer slice (3 DeltaNet + 1 attention)
 #     bash bench/gpu_check.sh --dry-run  # the same steps on CPU with the tiny shapes (checks the script)
 #
-# Steps: (1) device-to-device copy bandwidth; (2) NVFP4 decode bit-identity with ref.nvfp4 on the
-# device, subnormal results included; (3) tiny synthetic checkpoint: jaxrun f32 logits vs ref f64
-# (`generate --check`); (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
+# Steps: (1) device-to-device copy bandwidth; (2) NVFP4 decode and the W4A4 activation quantizer,
+# bit-identity with ref.nvfp4 on the device (subnormal results, NaN, saturation included); (3) tiny
+# synthetic checkpoint: jaxrun f32 logits vs ref f64 (`generate --check`), W4A16 and W4A4; (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
 # experts packed, bf16 dense), decode-step time at batch 1 and 8, and the bytes one step must read
 # over that time, next to the measured copy bandwidth.
 set -euo pipefail
@@ -25,7 +25,8 @@ timeout 120 python - "$tmp" <<'EOF'
 import sys, time
 import numpy as np, jax, jax.numpy as jnp, ml_dtypes
 from ref.nvfp4 import dequantize
-from jaxrun.model import dequant_nvfp4
+from ref.nvfp4 import quantize_activation as ref_quantize
+from jaxrun.nvfp4 import dequant_nvfp4, quantize_activation
 
 # (1) copy bandwidth: read + write of a large buffer, best of 10
 n = (1 << 28) if jax.default_backend() == "gpu" else (1 << 24)   # bf16 elements: 512 MiB on GPU
@@ -52,12 +53,25 @@ for g in [1.0, 1e-3, 3e-38, 1e-40, 2.5e-44, 7e30, 4e35]:
     bad += diff
     print(f"nvfp4 decode, global {g:.1e}: {diff} of {want.size} values differ from ref.nvfp4")
 print("nvfp4 decode bit-identical:", bad == 0)
+
+# (2b) the engines' activation quantizer on the device vs ref.nvfp4 (cuda sign rule)
+x = (rng.standard_normal((512, 64)) * np.exp(rng.uniform(-20, 20, (512, 1)))).astype(np.float32)
+x[0, :16], x[1, 3], x[2, 5], x[3, :16] = np.nan, np.nan, np.inf, 0.0
+qa = jax.jit(quantize_activation)
+for scale in (1e-3, 0.02, 5.0):
+    codes, sc = (np.asarray(a) for a in qa(x, np.float32(scale)))
+    with np.errstate(all="ignore"):
+        wp, ws = ref_quantize(x, np.float32(scale), sign="cuda")
+    diff = int(((codes[:, 0::2] | (codes[:, 1::2] << 4)) != wp).sum() + (sc.view(np.uint8) != ws.view(np.uint8)).sum())
+    print(f"activation quantizer, input scale {scale:g}: {diff} codes or scales differ from ref.nvfp4")
 EOF
 
 timeout 120 python -c "from ref.synth import write_checkpoint; write_checkpoint('$tmp/tiny', preset='tiny')" >/dev/null
 echo "== tiny checkpoint: jaxrun f32 vs ref f64 (--check) =="
-timeout 180 python -m jaxrun.generate --model "$tmp/tiny" --token-ids 5,17,300,42,7,99,250,1,3 \
-  --max-new-tokens 8 --precision f32 --check --quiet --json 2>&1 | grep -E "check:|tok/s" || true
+for act in w4a16 w4a4; do
+  timeout 180 python -m jaxrun.generate --model "$tmp/tiny" --token-ids 5,17,300,42,7,99,250,1,3 \
+    --max-new-tokens 8 --precision f32 --activations $act --check --quiet --json 2>&1 | grep -E "check:|tok/s" || true
+done
 
 echo "== 4-layer slice of the 397B shapes, random weights =="
 timeout 300 python - "$tmp" <<'EOF'

@@ -7,14 +7,16 @@ Config: `ref.config.TextConfig` (frozen, hashable, passed as a static argument).
     gdn    = {"qkv": lin, "z": lin, "b": lin, "a": lin, "conv": [C, K], "dt_bias": [Hv], "A_log": [Hv],
               "norm": [dv], "out": lin}
     attn   = {"q": lin, "k": lin, "v": lin, "o": lin, "q_norm": [D], "k_norm": [D]}
-    moe    = {"router": lin, "experts": {"gate": xlin, "up": xlin, "down": xlin},
+    moe    = {"router": lin, "experts": {"gate": xlin, "up": xlin, "down": xlin[, "in_s": [E, 2]]},
               "shared": {"gate": lin, "up": lin, "down": lin}, "shared_gate": lin}
     lin    = {"w": [out, in]}  or NVFP4 {"q": uint8 [out, in/2], "s": e4m3 [out, in/16], "s2": f32 []}
     xlin   = the same with a leading expert axis E (NVFP4 "s2" is [E]).
 
 Norm weights, A_log and dt_bias are float32; other dense weights are stored in the compute dtype
-(float32 or bfloat16). NVFP4 weights stay packed and are decoded inside the matmul that uses them.
-Weights-only quantization (W4A16): activations are never quantized here.
+(float32 or bfloat16). NVFP4 weights stay packed and are decoded inside the matmul that uses them
+(jaxrun.nvfp4). Activations stay in the compute dtype (W4A16), except that the routed experts can
+quantize their GEMM inputs as the engines do (W4A4, jaxrun.moe; experts then carry "in_s" [E, 2],
+the gate/up and down input scales). The MoE block lives in jaxrun.moe.
 
 Caches (one dict per layer, batch of B slots, S = max context):
     linear layer: {"conv": [B, K-1, C] (last pre-conv inputs), "state": f32 [B, Hv, dk, dv]}

@@ -88,34 +88,42 @@ def exact_decode_needed(params) -> bool:
     return False
 
 
-def _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act):
+def _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act, skip_spare):
     """Decode form of local_experts for one token (N = 1): its k picked experts, ascending by id, as
     k unrolled slots, each reading only its own expert's packed weights (dynamic index, no gather
     copy) and running gate/up/down as plain matrix-vector products. When the experts are split over
-    devices (not all_local), the experts held elsewhere sort last and each slot runs under a cond,
-    so a device does the work of its own picked experts only."""
+    devices (not all_local), the experts held elsewhere sort last and fill the spare slots with weight
+    0: with skip_spare (default on CPU) each slot runs under a cond, so a device does the work of its
+    own experts only; otherwise (GPU, where a cond waits for its predicate on the host) a spare slot
+    repeats the first slot's expert, whose weights are then still in cache."""
     k = ids.shape[1]
     local = ids[0] - first
     held = (local >= 0) & (local < e_loc)
     order = jnp.argsort(jnp.where(held, local, e_loc + ids[0]), stable=True)        # held ones first
     slots = order if all_local else order[:min(k, e_loc)]
-    e, w, live = jnp.clip(local[slots], 0, e_loc - 1), wts[0, slots], held[slots]
+    e, live = jnp.clip(local[slots], 0, e_loc - 1), held[slots]
+    w = jnp.where(live, wts[0, slots], 0.0)
+    if skip_spare is None:
+        skip_spare = jax.default_backend() == "cpu"
+    skip = not all_local and skip_spare
+    if not all_local and not skip:
+        e = jnp.where(live, e, e[0])
 
     y = jnp.zeros(x.shape, jnp.float32)
     for j in range(len(slots)):
         scales = None if act is None else act[e[j]]
         ffn = lambda j=j, scales=scales: _expert_ffn(x, experts, e[j], dt, exact, scales).astype(jnp.float32) * w[j]
-        y = y + (ffn() if all_local else lax.cond(live[j], ffn, lambda: jnp.zeros(x.shape, jnp.float32)))
+        y = y + (lax.cond(live[j], ffn, lambda: jnp.zeros(x.shape, jnp.float32)) if skip else ffn())
     return y
 
 
-def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False, act=None):
+def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False, act=None, skip_spare=None):
     """Routed-expert sum over the experts held here (ids first .. first + E_local - 1), others skipped.
 
     x [N, H], ids [N, k], wts [N, k] f32 -> [N, H] f32. all_local: this device holds every expert;
     exact: decode NVFP4 products in integers (exact_decode_needed). act: None (W4A16), or input
     scales [E_local, 2] (gate/up, down) to quantize every routed-expert GEMM input as the engines do
-    (W4A4, NVFP4 experts only).
+    (W4A4, NVFP4 experts only). skip_spare: see _slot_experts.
     Up to SLOT_TOKENS tokens (decode): _slot_experts. Otherwise the (token, k) pairs held here are
     sorted by expert (stable: ascending expert id, then token). A loop visits only the experts that
     got rows: it decodes that expert's packed weights once, and an inner loop runs gate/up/down on
@@ -126,7 +134,7 @@ def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False,
     exact = exact and nvfp4
     act = act if nvfp4 else None
     if N <= SLOT_TOKENS:
-        return _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act)
+        return _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act, skip_spare)
     tm = min(N, EXPERT_TILE)
     key = ids.reshape(-1) - first
     key = jnp.where((key >= 0) & (key < e_loc), key, e_loc)             # sentinel sorts last

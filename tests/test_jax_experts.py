@@ -1,7 +1,7 @@
-"""jaxrun's routed-expert sum (model.local_experts) against a float64 recomputation from
+"""jaxrun's routed-expert sum (jaxrun.moe.local_experts) against a float64 recomputation from
 ref.nvfp4.dequantize, in both of its forms (decode slots for one token, the sorted loop for several),
 split over two 'devices' by hand, and with global scales tiny enough for decoded weights to be
-subnormal (the exact integer decoding, chosen by model.exact_decode_needed)."""
+subnormal (the exact integer decoding, chosen by exact_decode_needed)."""
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -36,21 +36,22 @@ def _oracle(x, ids, wts, experts):
     return y
 
 
-def _run(x, ids, wts, experts, exact, shards):
+def _run(x, ids, wts, experts, exact, shards, skip_spare):
     """local_experts over `shards` equal expert ranges, summed (what the psum over devices does)."""
     e_loc = E // shards
     y = 0
     for d in range(shards):
         part = jax.tree.map(lambda a: jnp.asarray(a[d * e_loc:(d + 1) * e_loc]), experts)
         y = y + local_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(wts), part, d * e_loc, jnp.float32,
-                              all_local=shards == 1, exact=exact)
+                              all_local=shards == 1, exact=exact, skip_spare=skip_spare)
     return np.asarray(y, np.float64)
 
 
 @pytest.mark.parametrize("tiny", [None, "gate", "down"])
 @pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("shards", [1, 2])
-def test_local_experts_match_float64(tiny, tokens, shards):
+@pytest.mark.parametrize("shards, skip_spare", [(1, None), (2, True), (2, False)])
+def test_local_experts_match_float64(tiny, tokens, shards, skip_spare):
+    """skip_spare False is the GPU form of the decode slots (spare slots recompute with weight 0)."""
     rng = np.random.default_rng([tokens, shards, len(tiny or "")])
     experts = _experts(rng, tiny)
     x = (rng.standard_normal((tokens, H)) * 2.0 ** 30).astype(np.float32)   # products of subnormal weights stay normal
@@ -59,6 +60,6 @@ def test_local_experts_match_float64(tiny, tokens, shards):
     exact = exact_decode_needed({"layers": [{"mlp": {"experts": experts}}]})
     assert exact == (tiny is not None)
     want = _oracle(x, ids, wts, experts)
-    got = _run(x, ids, wts, experts, exact, shards)
+    got = _run(x, ids, wts, experts, exact, shards, skip_spare)
     assert np.abs(want).max() > 0
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
