@@ -85,6 +85,8 @@ def work_per_token(cfg, params) -> tuple[float, float]:
     layer_weights, dense_bytes, expert_bytes = 0, 0, 0
     for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [str(getattr(k, "key", "")) for k in path]
+        if names[0] == "mtp":                                            # not run by a plain decode step
+            continue
         nbytes = int(np.prod(a.shape)) * a.dtype.itemsize
         if "experts" in names:
             expert_bytes += nbytes

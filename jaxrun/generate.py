@@ -4,7 +4,7 @@
     python -m jaxrun.generate --model DIR|REPO --prompt TEXT [--raw] [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop TEXT ...] [--devices N]
         [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
-        [--act-scale per-expert|max] [--hide-thinking] [--json] [--check]
+        [--act-scale per-expert|max] [--mtp] [--hide-thinking] [--json] [--check]
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
 
 Without --model, a tiny random-weight checkpoint (ref.synth preset "tiny") is written once to
@@ -21,8 +21,12 @@ prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length")
 CUDA quantizer, with each expert's input scales, or the layer's largest with --act-scale max);
 the default w4a16 keeps activations in the compute dtype.
 
+--mtp runs the checkpoint's MTP head beside the model: its greedy draft of each next token, and how
+many drafts the model's own choice then matched (the acceptance a speculative decoder would see),
+go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is skipped.
+
 --check recomputes each produced sequence with ref.model (float64, the same --activations and
---act-scale) and reports, per generated
+--act-scale; with --mtp also the MTP head's logits, under the same bound) and reports, per generated
 token, max |Δ logit|, KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bound:
   f32:  max |Δ logit| <= 1e-3 * max(1, max |ref logit|), and top-1 equal unless the ref's top-2 gap
         is below 2 max |Δ| (a near tie);
@@ -71,6 +75,7 @@ def parse_args(argv):
                    help="w4a4: quantize routed-expert GEMM inputs as the engines do")
     p.add_argument("--act-scale", choices=("per-expert", "max"), default="per-expert",
                    help="W4A4 input scale: each expert's own, or the layer's largest")
+    p.add_argument("--mtp", action="store_true", help="run the MTP head and report its draft acceptance")
     p.add_argument("--hide-thinking", action="store_true")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
@@ -207,7 +212,28 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
         if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
             ok = False
             print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=sys.stderr)
+        if r.mtp_logits:
+            ok &= check_mtp(ref, n, r, precision)
     print(f"check: {'PASS' if ok else 'FAIL'} ({precision} {activations} vs ref f64)", file=sys.stderr)
+    return ok
+
+
+def check_mtp(ref, n: int, r, precision: str) -> bool:
+    """The MTP head's draft logits against ref.mtp_logits (row t drafts token t + 2), under the same
+    bound as the model's logits (f32: max |Δ| relative; bf16: KL per draft)."""
+    import numpy as np
+    seq = r.prompt_token_ids + r.token_ids
+    want = ref.mtp_logits(seq)[len(r.prompt_token_ids) - 1:]
+    ok = True
+    for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
+        b = np.asarray(b, np.float64)
+        d = float(np.abs(a - b).max())
+        pa = np.exp(a - a.max()); pa /= pa.sum()
+        kl = float(np.sum(pa * (np.log(pa + 1e-300) - (b - b.max() - np.log(np.exp(b - b.max()).sum())))))
+        good = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
+        ok &= good
+        print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}{'' if good else '  <-- beyond bound'}",
+              file=sys.stderr)
     return ok
 
 
@@ -237,6 +263,8 @@ def run(a) -> int:
         runner = Runner(params, cfg, mesh, precision, a.dense, a.activations, a.act_scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if a.mtp and "mtp" not in params:
+        raise UsageError(f"--mtp: {ckpt.directory} has no MTP head (mtp.fc.weight)")
     ctx = a.max_context or runner.context_for(prompts, a.max_new_tokens)
     longest = max(map(len, prompts))
     if longest + a.max_new_tokens > min(ctx, cfg.max_position_embeddings):
@@ -259,14 +287,17 @@ def run(a) -> int:
         return stopped
 
     results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
-                              stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step)
+                              stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step, mtp=a.mtp)
     t = runner.timings
     for b, r in enumerate(results):
         text, hit = text_of(r.token_ids)
         finish = "stop" if hit or (r.token_ids and r.token_ids[-1] in stop_ids) else "length"
         if a.json:
-            print(json.dumps({"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
-                              "finish_reason": finish, "timings": t.as_dict()}), flush=True)
+            obj = {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
+                   "finish_reason": finish, "timings": t.as_dict()}
+            if a.mtp:
+                obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
+            print(json.dumps(obj), flush=True)
         elif stream:
             print(displays[0].update(text, final=True), flush=True)
         else:
@@ -274,7 +305,9 @@ def run(a) -> int:
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
     print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
           f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
-          f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}", file=sys.stderr)
+          f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}"
+          + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results)))) if a.mtp else ""),
+          file=sys.stderr)
     if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
         return 1
     return 0

@@ -41,7 +41,7 @@ def _linear(w, dt) -> dict:
             "s2": _array(w.weight_scale_2, np.float32)}
 
 
-def _experts(ckpt: Checkpoint, layer: int, dt) -> dict:
+def _experts(ckpt: Checkpoint, layer: int | str, dt) -> dict:
     """Routed experts of one layer as stacked [E, ...] leaves, read expert by expert."""
     cfg = ckpt.config.text
     first = ckpt.expert(layer, 0)
@@ -67,7 +67,7 @@ def _experts(ckpt: Checkpoint, layer: int, dt) -> dict:
     return out
 
 
-def _input_scales(ckpt: Checkpoint, layer: int) -> Leaf:
+def _input_scales(ckpt: Checkpoint, layer: int | str) -> Leaf:
     """Per expert input scales [E, 2]: max(gate, up) (the shared GEMM input) and down (W4A4)."""
     gate_up = ckpt.expert_input_scales(layer)
     down = np.array([float(ckpt.expert(layer, e, prefetch=False).down.input_scale) for e in range(len(gate_up))],
@@ -75,35 +75,45 @@ def _input_scales(ckpt: Checkpoint, layer: int) -> Leaf:
     return _array(np.stack([gate_up, down], axis=1), np.float32)
 
 
+def _layer(ckpt: Checkpoint, prefix: str, kind: str, experts_of, dt) -> dict:
+    """One decoder layer whose tensors are named prefix + "self_attn." etc. (full names);
+    experts_of: the layer argument of Checkpoint.expert (an index, or "mtp")."""
+    f32 = np.float32
+    lin = lambda name: _linear(ckpt.linear(prefix + name), dt)
+    vec = lambda name: _array(ckpt.tensor(prefix + name), f32)
+    if kind == FULL:
+        attn = {"q": lin("self_attn.q_proj"), "k": lin("self_attn.k_proj"), "v": lin("self_attn.v_proj"),
+                "o": lin("self_attn.o_proj"), "q_norm": vec("self_attn.q_norm.weight"),
+                "k_norm": vec("self_attn.k_norm.weight")}
+    else:
+        a = "linear_attn."
+        conv = ckpt.tensor(prefix + a + "conv1d.weight")
+        attn = {"qkv": lin(a + "in_proj_qkv"), "z": lin(a + "in_proj_z"), "b": lin(a + "in_proj_b"),
+                "a": lin(a + "in_proj_a"), "conv": _array(conv.reshape(conv.shape[0], conv.shape[-1]), dt),
+                "dt_bias": vec(a + "dt_bias"), "A_log": vec(a + "A_log"), "norm": vec(a + "norm.weight"),
+                "out": lin(a + "out_proj")}
+    mlp = {"router": lin("mlp.gate"), "experts": _experts(ckpt, experts_of, dt),
+           "shared": {p: lin(f"mlp.shared_expert.{p}_proj") for p in ("gate", "up", "down")},
+           "shared_gate": lin("mlp.shared_expert_gate")}
+    return {"input_norm": vec("input_layernorm.weight"), "post_norm": vec("post_attention_layernorm.weight"),
+            "attn": attn, "mlp": mlp}
+
+
 def describe(ckpt: Checkpoint, dt) -> dict:
-    """The parameter pytree of jaxrun.model with a Leaf for every parameter."""
+    """The parameter pytree of jaxrun.model with a Leaf for every parameter; "mtp" when the
+    checkpoint has the MTP head."""
     cfg, pre = ckpt.config.text, ckpt.config.text_prefix
     f32 = np.float32
-    lin = lambda name: _linear(ckpt.linear(pre + name), dt)
-    layers = []
-    for i, kind in enumerate(cfg.layer_types):
-        L = f"layers.{i}."
-        if kind == FULL:
-            a = L + "self_attn."
-            attn = {"q": lin(a + "q_proj"), "k": lin(a + "k_proj"), "v": lin(a + "v_proj"), "o": lin(a + "o_proj"),
-                    "q_norm": _array(ckpt.lm(a + "q_norm.weight"), f32),
-                    "k_norm": _array(ckpt.lm(a + "k_norm.weight"), f32)}
-        else:
-            a = L + "linear_attn."
-            conv = ckpt.lm(a + "conv1d.weight")
-            attn = {"qkv": lin(a + "in_proj_qkv"), "z": lin(a + "in_proj_z"), "b": lin(a + "in_proj_b"),
-                    "a": lin(a + "in_proj_a"), "conv": _array(conv.reshape(conv.shape[0], conv.shape[-1]), dt),
-                    "dt_bias": _array(ckpt.lm(a + "dt_bias"), f32), "A_log": _array(ckpt.lm(a + "A_log"), f32),
-                    "norm": _array(ckpt.lm(a + "norm.weight"), f32), "out": lin(a + "out_proj")}
-        m = L + "mlp."
-        mlp = {"router": lin(m + "gate"), "experts": _experts(ckpt, i, dt),
-               "shared": {p: lin(f"{m}shared_expert.{p}_proj") for p in ("gate", "up", "down")},
-               "shared_gate": lin(m + "shared_expert_gate")}
-        layers.append({"input_norm": _array(ckpt.lm(L + "input_layernorm.weight"), f32),
-                       "post_norm": _array(ckpt.lm(L + "post_attention_layernorm.weight"), f32),
-                       "attn": attn, "mlp": mlp})
-    return {"embed": _array(ckpt.lm("embed_tokens.weight"), dt), "norm": _array(ckpt.lm("norm.weight"), f32),
-            "lm_head": _linear(ckpt.linear("lm_head"), dt), "layers": layers}
+    tree = {"embed": _array(ckpt.lm("embed_tokens.weight"), dt), "norm": _array(ckpt.lm("norm.weight"), f32),
+            "lm_head": _linear(ckpt.linear("lm_head"), dt),
+            "layers": [_layer(ckpt, f"{pre}layers.{i}.", kind, i, dt) for i, kind in enumerate(cfg.layer_types)]}
+    if ckpt.has("mtp.fc.weight"):
+        tree["mtp"] = {"fc": _linear(ckpt.linear("mtp.fc"), dt),
+                       "norm_embedding": _array(ckpt.tensor("mtp.pre_fc_norm_embedding.weight"), f32),
+                       "norm_hidden": _array(ckpt.tensor("mtp.pre_fc_norm_hidden.weight"), f32),
+                       "norm": _array(ckpt.tensor("mtp.norm.weight"), f32),
+                       "layer": _layer(ckpt, "mtp.layers.0.", FULL, "mtp", dt)}
+    return tree
 
 
 def load(model: str, mesh, precision: str = "f32", dense: str = "replicated", progress: bool = True):

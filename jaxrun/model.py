@@ -2,13 +2,14 @@
 
 Config: `ref.config.TextConfig` (frozen, hashable, passed as a static argument). Parameters:
 
-    params = {"embed": [V, H], "norm": [H], "lm_head": lin, "layers": [layer, ...]}
+    params = {"embed": [V, H], "norm": [H], "lm_head": lin, "layers": [layer, ...][, "mtp": mtp]}
     layer  = {"input_norm": [H], "post_norm": [H], "attn": gdn | attn, "mlp": moe}
     gdn    = {"qkv": lin, "z": lin, "b": lin, "a": lin, "conv": [C, K], "dt_bias": [Hv], "A_log": [Hv],
               "norm": [dv], "out": lin}
     attn   = {"q": lin, "k": lin, "v": lin, "o": lin, "q_norm": [D], "k_norm": [D]}
     moe    = {"router": lin, "experts": {"gate": xlin, "up": xlin, "down": xlin[, "in_s": [E, 2]]},
               "shared": {"gate": lin, "up": lin, "down": lin}, "shared_gate": lin}
+    mtp    = {"fc": lin, "norm_embedding": [H], "norm_hidden": [H], "norm": [H], "layer": layer (full attention)}
     lin    = {"w": [out, in]}  or NVFP4 {"q": uint8 [out, in/2], "s": e4m3 [out, in/16], "s2": f32 []}
     xlin   = the same with a leading expert axis E (NVFP4 "s2" is [E]).
 
@@ -248,16 +249,17 @@ def attn_decode(x, pos, rope, p, cache, cfg: TextConfig, dt):
 # ------------------------------------------------------------------------------------------------
 # Model
 
-def _lm_head(h, params, cfg, dt):
-    h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
+def _lm_head(h, params, dt):
+    """Final-normed hidden [..., H] -> logits [..., V] float32 (the lm_head the MTP head shares)."""
     return linear(h, params["lm_head"], dt).astype(jnp.float32)
 
 
-def cache_shapes(cfg: TextConfig, B: int, max_len: int, dt) -> list[dict]:
-    """The per-layer cache that prefill returns, as ShapeDtypeStructs."""
+def cache_shapes(cfg: TextConfig, B: int, max_len: int, dt, kinds=None) -> list[dict]:
+    """The per-layer cache that prefill returns, as ShapeDtypeStructs (kinds: the layers' types,
+    default the main model's; the MTP head's cache is cache_shapes(..., kinds=(FULL,)))."""
     sd = jax.ShapeDtypeStruct
     out = []
-    for kind in cfg.layer_types:
+    for kind in kinds or cfg.layer_types:
         if kind == FULL:
             kv = sd((B, cfg.num_key_value_heads, max_len, cfg.head_dim), dt)
             out.append({"k": kv, "v": kv})
@@ -268,42 +270,87 @@ def cache_shapes(cfg: TextConfig, B: int, max_len: int, dt) -> list[dict]:
     return out
 
 
-def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int, all_logits: bool):
+def _layer_prefill(h, lp, kind, lengths, rope, cfg: TextConfig, dt, routed, max_len):
+    """One decoder layer over h [B, T, H] -> (h, cache)."""
+    B, T, _ = h.shape
+    u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+    if kind == FULL:
+        u, c = attn_prefill(u, rope[:T], lp["attn"], cfg, dt, max_len)
+    else:
+        u, c = gdn_prefill(u, lengths, lp["attn"], cfg, dt)
+    h = (h + u).astype(dt)
+    u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
+    return (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt), c
+
+
+def _layer_decode(h, lp, kind, c, pos, rope, cfg: TextConfig, dt, routed):
+    """One decoder layer for one token per sequence, h [B, H] -> (h, cache)."""
+    u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+    if kind == FULL:
+        u, c = attn_decode(u, pos, rope, lp["attn"], c, cfg, dt)
+    else:
+        u, c = gdn_decode(u, lp["attn"], c, cfg, dt)
+    h = (h + u).astype(dt)
+    u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
+    return (h + moe(u, lp["mlp"], cfg, dt, routed)).astype(dt), c
+
+
+def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int, all_logits: bool,
+            with_hidden: bool = False):
     """tokens [B, T] (right-padded), lengths [B] -> (logits [B, T, V] or [B, V] at each last token,
-    cache for max_len positions)."""
+    cache for max_len positions[, final-normed hidden [B, T, H] (with_hidden, for the MTP head)])."""
     B, T = tokens.shape
     h = params["embed"][tokens].astype(dt)                              # [B, T, H]
     caches = []
-    for i, lp in enumerate(params["layers"]):
-        u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-        if cfg.layer_types[i] == FULL:
-            u, c = attn_prefill(u, rope[:T], lp["attn"], cfg, dt, max_len)
-        else:
-            u, c = gdn_prefill(u, lengths, lp["attn"], cfg, dt)
-        h = (h + u).astype(dt)
-        u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
-        h = (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt)
+    for kind, lp in zip(cfg.layer_types, params["layers"]):
+        h, c = _layer_prefill(h, lp, kind, lengths, rope, cfg, dt, routed, max_len)
         caches.append(c)
-    if not all_logits:
-        h = h[jnp.arange(B), lengths - 1]                                # [B, H]
-    return _lm_head(h, params, cfg, dt), caches
+    h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
+    last = h if all_logits else h[jnp.arange(B), lengths - 1]           # [B, T, H] or [B, H]
+    out = (_lm_head(last, params, dt), caches)
+    return out + (h,) if with_hidden else out
 
 
-def decode(params, caches, tokens, pos, rope, *, cfg: TextConfig, dt, routed):
-    """tokens [B] at positions pos [B] -> (logits [B, V] f32, caches)."""
+def decode(params, caches, tokens, pos, rope, *, cfg: TextConfig, dt, routed, with_hidden: bool = False):
+    """tokens [B] at positions pos [B] -> (logits [B, V] f32, caches[, final-normed hidden [B, H]])."""
     h = params["embed"][tokens].astype(dt)                              # [B, H]
     out = []
-    for i, (lp, c) in enumerate(zip(params["layers"], caches)):
-        u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-        if cfg.layer_types[i] == FULL:
-            u, c = attn_decode(u, pos, rope, lp["attn"], c, cfg, dt)
-        else:
-            u, c = gdn_decode(u, lp["attn"], c, cfg, dt)
-        h = (h + u).astype(dt)
-        u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
-        h = (h + moe(u, lp["mlp"], cfg, dt, routed)).astype(dt)
+    for kind, lp, c in zip(cfg.layer_types, params["layers"], caches):
+        h, c = _layer_decode(h, lp, kind, c, pos, rope, cfg, dt, routed)
         out.append(c)
-    return _lm_head(h, params, cfg, dt), out
+    h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
+    return (_lm_head(h, params, dt), out, h) if with_hidden else (_lm_head(h, params, dt), out)
+
+
+# ------------------------------------------------------------------------------------------------
+# MTP head: one more full-attention MoE layer drafting token t+2 from the main model's final-normed
+# hidden at t and the embedding of token t+1, at RoPE position t, with its own KV cache
+
+def _mtp_input(params, next_tokens, hidden, cfg: TextConfig, dt):
+    """fc([norm(embedding of the next tokens) | norm(main final hidden)]): [..., H] -> [..., H]."""
+    m, eps = params["mtp"], cfg.rms_norm_eps
+    e = params["embed"][next_tokens].astype(dt)
+    c = jnp.concatenate([rms_norm(e, m["norm_embedding"], eps), rms_norm(hidden.astype(dt), m["norm_hidden"], eps)], -1)
+    return linear(c, m["fc"], dt)
+
+
+def mtp_prefill(params, next_tokens, hidden, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int):
+    """next_tokens [B, T] (token t+1 at row t; right-padded), hidden [B, T, H] (the main model's final
+    hidden at t), lengths [B] -> (draft logits [B, V] for token lengths + 1, the MTP cache)."""
+    m = params["mtp"]
+    h, c = _layer_prefill(_mtp_input(params, next_tokens, hidden, cfg, dt), m["layer"], FULL, lengths, rope,
+                          cfg, dt, routed, max_len)
+    h = rms_norm(h[jnp.arange(h.shape[0]), lengths - 1], m["norm"], cfg.rms_norm_eps)
+    return _lm_head(h, params, dt), [c]
+
+
+def mtp_decode(params, cache, next_tokens, hidden, pos, rope, *, cfg: TextConfig, dt, routed):
+    """next_tokens [B] (token pos + 1), hidden [B, H] (main final hidden at pos), pos [B] -> (draft
+    logits [B, V] for token pos + 2, cache)."""
+    m = params["mtp"]
+    h, c = _layer_decode(_mtp_input(params, next_tokens, hidden, cfg, dt), m["layer"], FULL, cache[0], pos, rope,
+                         cfg, dt, routed)
+    return _lm_head(rms_norm(h, m["norm"], cfg.rms_norm_eps), params, dt), [c]
 
 
 # ------------------------------------------------------------------------------------------------

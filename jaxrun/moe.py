@@ -78,7 +78,7 @@ def exact_decode_needed(params) -> bool:
     Read from the concrete parameters, so the compiled functions specialise on it (no runtime cond)."""
     if jax.default_backend() != "cpu":
         return False
-    for layer in params["layers"]:
+    for layer in params["layers"] + ([params["mtp"]["layer"]] if "mtp" in params else []):
         for name in ("gate", "up", "down"):
             p = layer["mlp"]["experts"][name]
             if "s2" in p:

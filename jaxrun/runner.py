@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrun import model, moe
 from jaxrun.sharding import param_specs, routed_experts, shardings
+from ref.config import FULL
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 ACTIVATIONS = ("w4a16", "w4a4")
@@ -42,6 +43,13 @@ class Result:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when kept
+    mtp_draft_ids: list[int] = field(default_factory=list)  # with mtp: entry i is the MTP head's guess of token i + 1
+    mtp_logits: list[np.ndarray] = field(default_factory=list)  # its logits, when kept
+
+    def mtp_accepted(self) -> tuple[int, int]:
+        """(drafts equal to the token that followed, drafts that had a following token)."""
+        pairs = list(zip(self.mtp_draft_ids, self.token_ids[1:]))
+        return sum(d == t for d, t in pairs), len(pairs)
 
 
 @dataclass
@@ -134,28 +142,56 @@ class Runner:
             self._ropes[max_len] = jax.device_put(model.rope_table(self.cfg, max_len, self.dt), self.rep)
         return self._ropes[max_len]
 
-    def prefill_fn(self, B: int, T: int, max_len: int, all_logits: bool = False):
+    def prefill_fn(self, B: int, T: int, max_len: int, all_logits: bool = False, with_hidden: bool = False):
         def fn(params, tokens, lengths, rope):
             self.traces["prefill"] += 1
-            return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt,
-                                 routed=self._routed(), max_len=max_len, all_logits=all_logits)
+            return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
+                                 max_len=max_len, all_logits=all_logits, with_hidden=with_hidden)
 
         args = (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("prefill", B, T, max_len, all_logits, self.exact), fn, args,
+        return self._compile(("prefill", B, T, max_len, all_logits, with_hidden, self.exact), fn, args,
                              in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
-                             out_shardings=(self.rep, self.rep))
+                             out_shardings=(self.rep,) * (3 if with_hidden else 2))
 
-    def decode_fn(self, B: int, max_len: int):
+    def decode_fn(self, B: int, max_len: int, with_hidden: bool = False):
         def fn(params, cache, tokens, pos, rope):
             self.traces["decode"] += 1
-            return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
-                                routed=self._routed())
+            return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
+                                with_hidden=with_hidden)
 
-        cache = jax.tree.map(lambda a: self._spec(a.shape, a.dtype), model.cache_shapes(self.cfg, B, max_len, self.dt))
+        cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt))
         args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("decode", B, max_len, self.exact), fn, args,
+        return self._compile(("decode", B, max_len, with_hidden, self.exact), fn, args,
                              in_shardings=(self.param_shardings, self.rep, self.rep, self.rep, self.rep),
-                             out_shardings=(self.rep, self.rep), donate_argnums=(1,))
+                             out_shardings=(self.rep,) * (3 if with_hidden else 2), donate_argnums=(1,))
+
+    def mtp_prefill_fn(self, B: int, T: int, max_len: int):
+        def fn(params, next_tokens, hidden, lengths, rope):
+            self.traces["mtp_prefill"] += 1
+            return model.mtp_prefill(params, next_tokens, hidden, lengths, rope, cfg=self.cfg, dt=self.dt,
+                                     routed=self._routed(), max_len=max_len)
+
+        H = self.cfg.hidden_size
+        args = (self.params, self._spec((B, T), jnp.int32), self._spec((B, T, H), self.dt), self._spec((B,), jnp.int32),
+                self.rope(max_len))
+        return self._compile(("mtp_prefill", B, T, max_len, self.exact), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 4, out_shardings=(self.rep, self.rep))
+
+    def mtp_decode_fn(self, B: int, max_len: int):
+        def fn(params, cache, next_tokens, hidden, pos, rope):
+            self.traces["mtp_decode"] += 1
+            return model.mtp_decode(params, cache, next_tokens, hidden, pos, rope, cfg=self.cfg, dt=self.dt,
+                                    routed=self._routed())
+
+        cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt, kinds=(FULL,)))
+        args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B, self.cfg.hidden_size), self.dt),
+                self._spec((B,), jnp.int32), self.rope(max_len))
+        return self._compile(("mtp_decode", B, max_len, self.exact), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 5, out_shardings=(self.rep, self.rep),
+                             donate_argnums=(1,))
+
+    def _cache_spec(self, shapes):
+        return jax.tree.map(lambda a: self._spec(a.shape, a.dtype), shapes)
 
     def sample_fn(self, B: int):
         V = self.cfg.vocab_size
@@ -163,16 +199,30 @@ class Runner:
                 self._spec((B,), jnp.float32), self._spec((B,), jnp.int32))
         return self._compile(("sample", B), _sample, args)
 
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False):
-        """tokens [B, T] int32 (T a bucket, <= max_len), lengths [B] -> (logits, cache) on device."""
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False,
+                with_hidden: bool = False):
+        """tokens [B, T] int32 (T a bucket, <= max_len), lengths [B] -> (logits, cache[, final hidden])
+        on device."""
         B, T = tokens.shape
-        f = self.prefill_fn(B, T, max_len, all_logits)
+        f = self.prefill_fn(B, T, max_len, all_logits, with_hidden)
         return f(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
 
-    def decode(self, cache, tokens, pos, max_len: int):
-        """tokens [B], pos [B] (device or host) -> (logits [B, V], cache); the cache is donated."""
-        f = self.decode_fn(len(pos), max_len)
+    def decode(self, cache, tokens, pos, max_len: int, with_hidden: bool = False):
+        """tokens [B], pos [B] (device or host) -> (logits [B, V], cache[, final hidden [B, H]]); the
+        cache is donated."""
+        f = self.decode_fn(len(pos), max_len, with_hidden)
         return f(self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32), self.rope(max_len))
+
+    def mtp_prefill(self, next_tokens: np.ndarray, hidden, lengths: np.ndarray, max_len: int):
+        """model.mtp_prefill: (draft logits [B, V], MTP cache) on device."""
+        B, T = next_tokens.shape
+        return self.mtp_prefill_fn(B, T, max_len)(self.params, jnp.asarray(next_tokens, jnp.int32), hidden,
+                                                  jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+
+    def mtp_decode(self, cache, next_tokens, hidden, pos, max_len: int):
+        """model.mtp_decode: (draft logits [B, V], MTP cache); the cache is donated."""
+        return self.mtp_decode_fn(len(pos), max_len)(self.params, cache, jnp.asarray(next_tokens, jnp.int32), hidden,
+                                                     jnp.asarray(pos, jnp.int32), self.rope(max_len))
 
     def sample(self, logits, key, s: Sampling):
         B = logits.shape[0]
@@ -185,10 +235,15 @@ class Runner:
         return bucket(max(bucket(longest), longest + max_new_tokens), 256)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None) -> list[Result]:
+                 stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None,
+                 mtp: bool = False) -> list[Result]:
         """Prefill all prompts together, then decode them together until each has max_new_tokens or
         produced a stop id (kept as its last token). on_step(results, done [B]) runs after each token and
-        may return a bool array [B] of further sequences to stop (e.g. on stop text)."""
+        may return a bool array [B] of further sequences to stop (e.g. on stop text). mtp: run the MTP
+        head beside the model, recording its greedy draft of each next token (Result.mtp_draft_ids);
+        the drafts are not used to skip steps."""
+        if mtp and "mtp" not in self.params:
+            raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = bucket(int(lengths.max()))
@@ -200,11 +255,17 @@ class Runner:
         if max_new_tokens <= 0:
             return results
         key = jax.random.PRNGKey(sampling.seed)
-        self.prefill_fn(B, T, S), self.decode_fn(B, S), self.sample_fn(B)     # compile before timing
+        self.prefill_fn(B, T, S, with_hidden=mtp), self.decode_fn(B, S, mtp), self.sample_fn(B)   # compile first
+        if mtp:
+            self.mtp_prefill_fn(B, T, S), self.mtp_decode_fn(B, S)
         t0, c0 = time.perf_counter(), time.process_time()
-        logits, cache = self.prefill(tokens, lengths, S)
+        logits, cache, *hidden = self.prefill(tokens, lengths, S, with_hidden=mtp)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
         host = np.asarray(tok)
+        if mtp:                                        # row t: token t + 1 (the sampled one after the prompt)
+            following = np.concatenate([tokens[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
+            following[np.arange(B), lengths - 1] = host
+            draft, mtp_cache = self.mtp_prefill(following, hidden[0], lengths, S)
         self.timings.prefill_s += time.perf_counter() - t0
         self.timings.prefill_cpu_s += time.process_time() - c0
         self.timings.prefill_tokens += int(lengths.sum())
@@ -217,15 +278,21 @@ class Runner:
                 results[b].token_ids.append(int(host[b]))
                 if keep_logits:
                     results[b].logits.append(np.asarray(logits[b]))
+                if mtp:
+                    results[b].mtp_draft_ids.append(int(np.argmax(np.asarray(draft[b]))))
+                    if keep_logits:
+                        results[b].mtp_logits.append(np.asarray(draft[b]))
                 done[b] |= int(host[b]) in stop or len(results[b].token_ids) >= max_new_tokens
             if on_step:
                 more = on_step(results, done)
                 done |= False if more is None else np.asarray(more, bool)
             if done.all():
                 break
-            logits, cache = self.decode(cache, tok, pos, S)
-            pos = np.minimum(pos + 1, S - 1)
+            logits, cache, *hidden = self.decode(cache, tok, pos, S, with_hidden=mtp)
             tok = self.sample(logits, jax.random.fold_in(key, step + 1), sampling)
+            if mtp:
+                draft, mtp_cache = self.mtp_decode(mtp_cache, tok, hidden[0], pos, S)
+            pos = np.minimum(pos + 1, S - 1)
             host = np.asarray(tok)
             self.timings.decode_tokens += int((~done).sum())
         self.timings.decode_s += time.perf_counter() - t0

@@ -85,7 +85,7 @@ def routed_experts(mesh: Mesh, dt, exact: bool = False, activations: str = "w4a1
         e_loc = jax.tree.leaves(experts)[0].shape[0]
         first = jax.lax.axis_index(AXIS) * e_loc
         act = None
-        if activations == "w4a4":
+        if activations == "w4a4" and "in_s" in experts:                 # else (MTP experts without) W4A16
             act = experts["in_s"]                                          # [E_local, 2]
             if act_scale == "max":
                 act = jnp.broadcast_to(jax.lax.pmax(jnp.max(act, axis=0), AXIS), act.shape)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from ckpt_edit import copy_checkpoint, edit_tensors
+
 from jaxrun.generate import main as cli_main
 from jaxrun.load import load
 from jaxrun.nvfp4 import dequant_nvfp4, quantize_activation
@@ -137,6 +139,19 @@ def test_w4a4_matches_ref_w4a4(runner, tiny_checkpoint):
         Runner(bare, runner.cfg, runner.mesh, "f32", activations="w4a4")
 
 
+def test_mtp_drafts_match_ref(runner, ref_model, single):
+    """The MTP head beside the model: the tokens do not change, each draft's logits are ref's
+    teacher-forced MTP logits (row t drafts token t + 2) within the f32 bound, the draft ids their argmax."""
+    for p, plain in zip(PROMPTS, single):
+        r = runner.generate([p], STEPS, max_context=CONTEXT, keep_logits=True, mtp=True)[0]
+        assert r.token_ids == plain.token_ids
+        want = ref_model.mtp_logits(p + r.token_ids)[len(p) - 1:]
+        got = np.stack(r.mtp_logits)
+        assert got.shape == want.shape and np.abs(got - want).max() <= TOL
+        assert r.mtp_draft_ids == [int(np.argmax(g)) for g in got]
+        assert r.mtp_accepted() == (sum(d == t for d, t in zip(r.mtp_draft_ids, r.token_ids[1:])), STEPS - 1)
+
+
 def test_batch_equals_single(runner, single):
     batch = runner.generate(PROMPTS, STEPS, max_context=CONTEXT, keep_logits=True)
     for b, s in zip(batch, single):
@@ -169,7 +184,7 @@ def test_decode_compiles_once(runner, single):
 def test_cli_json_contract_and_check(tiny_checkpoint, single):
     ids = ",".join(map(str, PROMPTS[0]))
     out = subprocess.run([sys.executable, "-m", "jaxrun.generate", "--model", str(tiny_checkpoint), "--token-ids", ids,
-                          "--max-new-tokens", str(STEPS), "--json", "--check", "--quiet"],
+                          "--max-new-tokens", str(STEPS), "--json", "--check", "--mtp", "--quiet"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     obj = json.loads(out.stdout.strip().splitlines()[-1])
@@ -179,9 +194,18 @@ def test_cli_json_contract_and_check(tiny_checkpoint, single):
     cut = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))
     assert obj["token_ids"] == want[:cut]
     assert isinstance(obj["text"], str) and obj["finish_reason"] in ("stop", "length")
+    assert len(obj["mtp_draft_ids"]) == len(obj["token_ids"]) and obj["mtp_accepted"][1] == len(obj["token_ids"]) - 1
     for k in ("compile_s", "prefill_tok_s", "decode_tok_s"):
         assert k in obj["timings"]
-    assert "tok/s" in out.stderr and "check: PASS" in out.stderr
+    assert "tok/s" in out.stderr and "check: PASS" in out.stderr and "mtp draft 0" in out.stderr
+
+
+def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
+    d = copy_checkpoint(tiny_checkpoint, tmp_path / "no_mtp")
+    edit_tensors(d, {"mtp.fc.weight": lambda a: None})
+    assert cli_main(["--model", str(d), "--token-ids", "1,2", "--mtp", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --mtp") and "mtp.fc.weight" in err[0]
 
 
 @pytest.mark.parametrize("args, words", [
