@@ -183,9 +183,20 @@ def trim_stop(text: str, stops) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _compare(a, b, precision: str) -> tuple[float, float, bool]:
+    """ref logits a [V] (float64) vs jaxrun's b [V] -> (max |Δ|, KL(ref || jaxrun), within the
+    precision's per-token bound)."""
+    import numpy as np
+    from ref.divergence import kl_full, log_softmax
+    d = float(np.abs(a - b).max())
+    kl = kl_full(log_softmax(a), log_softmax(b))
+    bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
+    return d, kl, bound
+
+
 def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert") -> bool:
-    """Recompute each sequence with ref.model (float64, the same activation mode); per-token report on
-    stderr; True if within bounds."""
+    """Recompute each sequence with ref.model (float64, the same activation mode; the MTP head's drafts
+    too when kept); per-token report on stderr; True if within bounds."""
     import numpy as np
     from ref.model import Model
     ref = Model(ckpt, "f64", activations=activations, act_scale=act_scale)
@@ -196,15 +207,11 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
         rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
         for i, jl in enumerate(r.logits):
             a, b = rl[i], np.asarray(jl, np.float64)
-            d = float(np.abs(a - b).max())
-            pa = np.exp(a - a.max()); pa /= pa.sum()
-            lb = b - b.max() - np.log(np.exp(b - b.max()).sum())
-            kl = float(np.sum(pa * (np.log(pa + 1e-300) - lb)))
+            d, kl, bound = _compare(a, b, precision)
             top = np.sort(a)[-2:]
             agree = int(np.argmax(a)) == int(np.argmax(b))
             near_tie = top[1] - top[0] < 2 * d
             kls.append(kl)
-            bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
             good = bound and (agree or near_tie)
             ok &= good
             print(f"check [{n}] step {i}: max|dlogit| {d:.3e}  KL {kl:.3e}  top1 {'agree' if agree else 'DIFFER'}"
@@ -212,28 +219,14 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
         if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
             ok = False
             print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=sys.stderr)
-        if r.mtp_logits:
-            ok &= check_mtp(ref, n, r, precision)
+        if r.mtp_logits:                                                 # ref row t drafts token t + 2
+            want = ref.mtp_logits(r.prompt_token_ids + r.token_ids)[len(r.prompt_token_ids) - 1:]
+            for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
+                d, kl, good = _compare(a, np.asarray(b, np.float64), precision)
+                ok &= good
+                print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}"
+                      f"{'' if good else '  <-- beyond bound'}", file=sys.stderr)
     print(f"check: {'PASS' if ok else 'FAIL'} ({precision} {activations} vs ref f64)", file=sys.stderr)
-    return ok
-
-
-def check_mtp(ref, n: int, r, precision: str) -> bool:
-    """The MTP head's draft logits against ref.mtp_logits (row t drafts token t + 2), under the same
-    bound as the model's logits (f32: max |Δ| relative; bf16: KL per draft)."""
-    import numpy as np
-    seq = r.prompt_token_ids + r.token_ids
-    want = ref.mtp_logits(seq)[len(r.prompt_token_ids) - 1:]
-    ok = True
-    for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
-        b = np.asarray(b, np.float64)
-        d = float(np.abs(a - b).max())
-        pa = np.exp(a - a.max()); pa /= pa.sum()
-        kl = float(np.sum(pa * (np.log(pa + 1e-300) - (b - b.max() - np.log(np.exp(b - b.max()).sum())))))
-        good = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
-        ok &= good
-        print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}{'' if good else '  <-- beyond bound'}",
-              file=sys.stderr)
     return ok
 
 
