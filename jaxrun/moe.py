@@ -2,7 +2,6 @@
 slots for one token, a sorted loop for more), the shared expert."""
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
