@@ -14,6 +14,7 @@ from jax import lax
 
 from ref.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, TIES_DOWN, TIES_UP
 
+
 def _mul_exact(a, b, abits: int):
     """float32 a * b rounded to nearest even with IEEE gradual underflow, in integer arithmetic
     (XLA on CPU flushes subnormal inputs and results to zero). `a` has a significand of at most
