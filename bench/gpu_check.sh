@@ -7,7 +7,8 @@
 #
 # Steps: (1) device-to-device copy bandwidth; (2) NVFP4 decode and the W4A4 activation quantizer,
 # bit-identity with ref.nvfp4 on the device (subnormal results, NaN, saturation included); (3) tiny
-# synthetic checkpoint: jaxrun f32 logits vs ref f64 (`generate --check`), W4A16 and W4A4; (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
+# synthetic checkpoint: jaxrun f32 logits vs ref f64 (`generate --check`, MTP drafts included), W4A16
+# and W4A4; (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
 # experts packed, bf16 dense), decode-step time at batch 1 and 8, and the bytes one step must read
 # over that time, next to the measured copy bandwidth.
 set -euo pipefail
@@ -70,7 +71,7 @@ timeout 120 python -c "from ref.synth import write_checkpoint; write_checkpoint(
 echo "== tiny checkpoint: jaxrun f32 vs ref f64 (--check) =="
 for act in w4a16 w4a4; do
   timeout 180 python -m jaxrun.generate --model "$tmp/tiny" --token-ids 5,17,300,42,7,99,250,1,3 \
-    --max-new-tokens 8 --precision f32 --activations $act --check --quiet --json 2>&1 | grep -E "check:|tok/s" || true
+    --max-new-tokens 8 --precision f32 --activations $act --mtp --check --quiet --json 2>&1 | grep -E "check:|tok/s" || true
 done
 
 echo "== 4-layer slice of the 397B shapes, random weights =="
