@@ -4,7 +4,7 @@
     python -m jaxrun.generate --model DIR|REPO --prompt TEXT [--raw] [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop TEXT ...] [--devices N]
         [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
-        [--act-scale per-expert|max] [--mtp] [--hide-thinking] [--json] [--check]
+        [--act-scale per-expert|max] [--mtp | --speculative] [--hide-thinking] [--json] [--check]
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
 
 Without --model, a tiny random-weight checkpoint (ref.synth preset "tiny") is written once to
@@ -24,6 +24,9 @@ the default w4a16 keeps activations in the compute dtype.
 --mtp runs the checkpoint's MTP head beside the model: its greedy draft of each next token, and how
 many drafts the model's own choice then matched (the acceptance a speculative decoder would see),
 go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is skipped.
+--speculative (greedy only) uses those drafts: each step runs the last token and the draft through
+the model together and keeps the draft when the model agrees, so a step can emit two tokens; the
+text is that of plain greedy decoding, and the accepted drafts are reported (--json: speculative).
 
 --check recomputes each produced sequence with ref.model (float64, the same --activations and
 --act-scale; with --mtp also the MTP head's logits, under the same bound) and reports, per generated
@@ -76,6 +79,7 @@ def parse_args(argv):
     p.add_argument("--act-scale", choices=("per-expert", "max"), default="per-expert",
                    help="W4A4 input scale: each expert's own, or the layer's largest")
     p.add_argument("--mtp", action="store_true", help="run the MTP head and report its draft acceptance")
+    p.add_argument("--speculative", action="store_true", help="greedy speculative decoding with the MTP head")
     p.add_argument("--hide-thinking", action="store_true")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
@@ -88,6 +92,8 @@ def validate(a) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not (a.temperature >= 0 and a.temperature < float("inf")):
         raise UsageError(f"--temperature must be >= 0, got {a.temperature}")
+    if a.speculative and a.temperature != 0:
+        raise UsageError(f"--speculative: greedy decoding only (--temperature 0), got {a.temperature}")
     if not 0 < a.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.top_k < 0:
@@ -256,8 +262,9 @@ def run(a) -> int:
         runner = Runner(params, cfg, mesh, precision, a.dense, a.activations, a.act_scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if a.mtp and "mtp" not in params:
-        raise UsageError(f"--mtp: {ckpt.directory} has no MTP head (mtp.fc.weight)")
+    if (a.mtp or a.speculative) and "mtp" not in params:
+        flag = "--speculative" if a.speculative else "--mtp"
+        raise UsageError(f"{flag}: {ckpt.directory} has no MTP head (mtp.fc.weight)")
     ctx = a.max_context or runner.context_for(prompts, a.max_new_tokens)
     longest = max(map(len, prompts))
     if longest + a.max_new_tokens > min(ctx, cfg.max_position_embeddings):
@@ -280,7 +287,8 @@ def run(a) -> int:
         return stopped
 
     results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
-                              stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step, mtp=a.mtp)
+                              stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step, mtp=a.mtp,
+                              speculative=a.speculative)
     t = runner.timings
     for b, r in enumerate(results):
         text, hit = text_of(r.token_ids)
@@ -288,8 +296,10 @@ def run(a) -> int:
         if a.json:
             obj = {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
                    "finish_reason": finish, "timings": t.as_dict()}
-            if a.mtp:
+            if a.mtp and not a.speculative:
                 obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
+            if a.speculative:
+                obj["speculative"] = {"drafts_proposed": r.drafts_proposed, "drafts_accepted": r.drafts_accepted}
             print(json.dumps(obj), flush=True)
         elif stream:
             print(displays[0].update(text, final=True), flush=True)
@@ -299,7 +309,11 @@ def run(a) -> int:
     print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
           f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
           f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}"
-          + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results)))) if a.mtp else ""),
+          + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
+             if a.mtp and not a.speculative else "")
+          + (" | speculative: %d of %d drafts accepted" % (sum(r.drafts_accepted for r in results),
+                                                           sum(r.drafts_proposed for r in results))
+             if a.speculative else ""),
           file=sys.stderr)
     if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
         return 1

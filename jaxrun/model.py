@@ -180,19 +180,26 @@ def gdn_prefill(x, lengths, p, cfg: TextConfig, dt):
     return linear(y, p["out"], dt), {"conv": conv_state, "state": state}
 
 
-def gdn_decode(x, p, cache, cfg: TextConfig, dt):
-    """x [B, H] (normed) -> (out [B, H], cache)."""
-    B = x.shape[0]
-    qkv = linear(x, p["qkv"], dt)                                        # [B, C]
-    z = linear(x, p["z"], dt).reshape(B, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+def gdn_step(x, p, cache, cfg: TextConfig, dt):
+    """T new tokens after the cached ones, one at a time: x [B, T, H] (normed) -> (out [B, T, H], the
+    cache after each of the T tokens)."""
+    B, T, _ = x.shape
+    K = cfg.linear_conv_kernel_dim
+    qkv = linear(x, p["qkv"], dt)                                        # [B, T, C]
+    z = linear(x, p["z"], dt).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
     b, a = linear(x, p["b"], dt), linear(x, p["a"], dt)
-    window = jnp.concatenate([cache["conv"], qkv[:, None]], axis=1)      # [B, K, C]
-    conv = jnp.einsum("bkc,ck->bc", window.astype(jnp.float32), p["conv"].astype(jnp.float32), precision=HIGHEST)
-    conv = jax.nn.silu(conv.astype(dt))
-    q, k, v, beta, g = _gdn_inputs(conv, b, a, p, cfg)
-    o, state = recurrent_delta_rule(q, k, v, beta, g, cache["state"])
-    y = gated_rms_norm(o.astype(dt), z, p["norm"], cfg.rms_norm_eps).reshape(B, -1)
-    return linear(y, p["out"], dt), {"conv": window[:, 1:], "state": state}
+    window = jnp.concatenate([cache["conv"], qkv], axis=1)               # [B, K-1+T, C]
+    w = p["conv"].astype(jnp.float32)
+    conv = jnp.stack([jnp.einsum("bkc,ck->bc", window[:, t:t + K].astype(jnp.float32), w, precision=HIGHEST)
+                      for t in range(T)], axis=1)                        # [B, T, C]
+    q, k, v, beta, g = _gdn_inputs(jax.nn.silu(conv.astype(dt)), b, a, p, cfg)
+    state, outs, caches = cache["state"], [], []
+    for t in range(T):
+        o, state = recurrent_delta_rule(q[:, t], k[:, t], v[:, t], beta[:, t], g[:, t], state)
+        outs.append(o)
+        caches.append({"conv": window[:, t + 1:t + K], "state": state})
+    y = gated_rms_norm(jnp.stack(outs, axis=1).astype(dt), z, p["norm"], cfg.rms_norm_eps).reshape(B, T, -1)
+    return linear(y, p["out"], dt), caches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,18 +238,19 @@ def attn_prefill(x, rope, p, cfg: TextConfig, dt, max_len):
     return linear(o, p["o"], dt), {"k": jnp.pad(kc, pad), "v": jnp.pad(vc, pad)}
 
 
-def attn_decode(x, pos, rope, p, cache, cfg: TextConfig, dt):
-    """x [B, H] (normed), pos [B], rope [S, 2, rd] -> (out [B, H], cache)."""
-    B = x.shape[0]
-    q, gate, k, v = _attn_qkv(x[:, None], p, cfg, dt)                    # [B, 1, heads, D]
-    cs = rope[pos][:, None]                                              # [B, 1, 2, rd]
-    q, k = apply_rope(q, cs), apply_rope(k, cs)
+def attn_step(x, pos, rope, p, cache, cfg: TextConfig, dt):
+    """T new tokens at positions pos .. pos+T-1 after the cached ones: x [B, T, H] (normed), pos [B],
+    rope [S, 2, rd] -> (out [B, T, H], cache with their keys and values written)."""
+    B, T, _ = x.shape
+    q, gate, k, v = _attn_qkv(x, p, cfg, dt)                             # [B, T, heads, D]
+    at = pos[:, None] + jnp.arange(T)                                    # [B, T]
+    q, k = apply_rope(q, rope[at]), apply_rope(k, rope[at])
     put = jax.vmap(lambda c, new, i: lax.dynamic_update_slice_in_dim(c, new, i, axis=1))
     kc = put(cache["k"], jnp.swapaxes(k, 1, 2), pos)                     # [B, nKV, S, D]
     vc = put(cache["v"], jnp.swapaxes(v, 1, 2), pos)
-    q = q.reshape(B, 1, cfg.num_key_value_heads, -1, cfg.head_dim)
-    mask = (jnp.arange(kc.shape[2])[None, :] <= pos[:, None])[:, None]  # [B, 1, S]
-    o = _attend(q, kc, vc, mask, dt)[:, 0] * jax.nn.sigmoid(gate[:, 0])
+    q = q.reshape(B, T, cfg.num_key_value_heads, -1, cfg.head_dim)
+    mask = jnp.arange(kc.shape[2])[None, None, :] <= at[:, :, None]     # [B, T, S]
+    o = _attend(q, kc, vc, mask, dt) * jax.nn.sigmoid(gate)
     return linear(o, p["o"], dt), {"k": kc, "v": vc}
 
 
@@ -283,16 +291,19 @@ def _layer_prefill(h, lp, kind, lengths, rope, cfg: TextConfig, dt, routed, max_
     return (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt), c
 
 
-def _layer_decode(h, lp, kind, c, pos, rope, cfg: TextConfig, dt, routed):
-    """One decoder layer for one token per sequence, h [B, H] -> (h, cache)."""
+def _layer_step(h, lp, kind, c, pos, rope, cfg: TextConfig, dt, routed):
+    """One decoder layer for T new tokens per sequence at positions pos .. pos+T-1, h [B, T, H] ->
+    (h, the layer's cache after each of the T tokens)."""
+    B, T, _ = h.shape
     u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
     if kind == FULL:
-        u, c = attn_decode(u, pos, rope, lp["attn"], c, cfg, dt)
+        u, c = attn_step(u, pos, rope, lp["attn"], c, cfg, dt)
+        caches = [c] * T                                                 # later positions are masked, then rewritten
     else:
-        u, c = gdn_decode(u, lp["attn"], c, cfg, dt)
+        u, caches = gdn_step(u, lp["attn"], c, cfg, dt)
     h = (h + u).astype(dt)
-    u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
-    return (h + moe(u, lp["mlp"], cfg, dt, routed)).astype(dt), c
+    u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
+    return (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt), caches
 
 
 def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int, all_logits: bool,
@@ -313,13 +324,44 @@ def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_l
 
 def decode(params, caches, tokens, pos, rope, *, cfg: TextConfig, dt, routed, with_hidden: bool = False):
     """tokens [B] at positions pos [B] -> (logits [B, V] f32, caches[, final-normed hidden [B, H]])."""
-    h = params["embed"][tokens].astype(dt)                              # [B, H]
+    h, out = _step(params, caches, tokens[:, None], pos, rope, cfg, dt, routed)
+    h = h[:, 0]
+    out = [c[0] for c in out]
+    return (_lm_head(h, params, dt), out, h) if with_hidden else (_lm_head(h, params, dt), out)
+
+
+def _step(params, caches, tokens, pos, rope, cfg: TextConfig, dt, routed):
+    """tokens [B, T] at positions pos .. pos+T-1 -> (final-normed hidden [B, T, H], per layer its
+    cache after each of the T tokens)."""
+    h = params["embed"][tokens].astype(dt)                              # [B, T, H]
     out = []
     for kind, lp, c in zip(cfg.layer_types, params["layers"], caches):
-        h, c = _layer_decode(h, lp, kind, c, pos, rope, cfg, dt, routed)
+        h, c = _layer_step(h, lp, kind, c, pos, rope, cfg, dt, routed)
         out.append(c)
-    h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
-    return (_lm_head(h, params, dt), out, h) if with_hidden else (_lm_head(h, params, dt), out)
+    return rms_norm(h, params["norm"], cfg.rms_norm_eps), out
+
+
+def verify(params, caches, mtp_cache, tokens, drafts, pos, rope, *, cfg: TextConfig, dt, routed):
+    """One greedy speculative step. tokens [B] (the last chosen token, at pos [B]) and the MTP head's
+    drafts [B] of the token after it run through the model together (positions pos, pos+1); the
+    draft is accepted where it equals the model's greedy choice g0. -> (logits [B, 2, V], g [B, 2]
+    (the greedy choices after each), accepted [B] bool, caches (DeltaNet states after the draft where
+    accepted, else after the token alone; attention keys past the kept tokens are masked until
+    rewritten), the MTP cache, the next drafts' logits [B, V]). Emitted: g0, and g1 where accepted.
+    The MTP head then runs on (g0, hidden at pos) and (g1, hidden at pos+1); the next draft comes
+    from the second where accepted, else from the first."""
+    h, per_layer = _step(params, caches, jnp.stack([tokens, drafts], axis=1), pos, rope, cfg, dt, routed)
+    logits = _lm_head(h, params, dt)                                     # [B, 2, V]
+    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)                    # [B, 2], ties to the lower id
+    accepted = g[:, 0] == drafts
+    pick = lambda after_token, after_draft: jax.tree.map(
+        lambda a, b: jnp.where(accepted.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), after_token, after_draft)
+    caches = [c[0] if kind == FULL else pick(c[0], c[1]) for kind, c in zip(cfg.layer_types, per_layer)]
+    m = params["mtp"]
+    hm, mc = _layer_step(_mtp_input(params, g, h, cfg, dt), m["layer"], FULL, mtp_cache[0], pos, rope, cfg, dt, routed)
+    draft_logits = _lm_head(rms_norm(hm, m["norm"], cfg.rms_norm_eps), params, dt)      # [B, 2, V]
+    draft_logits = jnp.where(accepted[:, None], draft_logits[:, 1], draft_logits[:, 0])
+    return logits, g, accepted, caches, [mc[0]], draft_logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,9 +390,9 @@ def mtp_decode(params, cache, next_tokens, hidden, pos, rope, *, cfg: TextConfig
     """next_tokens [B] (token pos + 1), hidden [B, H] (main final hidden at pos), pos [B] -> (draft
     logits [B, V] for token pos + 2, cache)."""
     m = params["mtp"]
-    h, c = _layer_decode(_mtp_input(params, next_tokens, hidden, cfg, dt), m["layer"], FULL, cache[0], pos, rope,
-                         cfg, dt, routed)
-    return _lm_head(rms_norm(h, m["norm"], cfg.rms_norm_eps), params, dt), [c]
+    x = _mtp_input(params, next_tokens[:, None], hidden[:, None], cfg, dt)                # [B, 1, H]
+    h, c = _layer_step(x, m["layer"], FULL, cache[0], pos, rope, cfg, dt, routed)
+    return _lm_head(rms_norm(h[:, 0], m["norm"], cfg.rms_norm_eps), params, dt), [c[0]]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ class Result:
     logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when kept
     mtp_draft_ids: list[int] = field(default_factory=list)  # with mtp: entry i is the MTP head's guess of token i + 1
     mtp_logits: list[np.ndarray] = field(default_factory=list)  # its logits, when kept
+    drafts_proposed: int = 0  # speculative: steps that tried an MTP draft
+    drafts_accepted: int = 0  # ... and the drafts the model agreed with (each saved a step)
 
     def mtp_accepted(self) -> tuple[int, int]:
         """(drafts equal to the token that followed, drafts that had a following token)."""
@@ -190,6 +192,20 @@ class Runner:
                              in_shardings=(self.param_shardings,) + (self.rep,) * 5, out_shardings=(self.rep, self.rep),
                              donate_argnums=(1,))
 
+    def verify_fn(self, B: int, max_len: int):
+        def fn(params, cache, mtp_cache, tokens, drafts, pos, rope):
+            self.traces["verify"] += 1
+            return model.verify(params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt,
+                                routed=self._routed())
+
+        cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt))
+        mtp_cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt, kinds=(FULL,)))
+        vec = self._spec((B,), jnp.int32)
+        args = (self.params, cache, mtp_cache, vec, vec, vec, self.rope(max_len))
+        return self._compile(("verify", B, max_len, self.exact), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 6, out_shardings=(self.rep,) * 6,
+                             donate_argnums=(1, 2))
+
     def _cache_spec(self, shapes):
         return jax.tree.map(lambda a: self._spec(a.shape, a.dtype), shapes)
 
@@ -224,6 +240,12 @@ class Runner:
         return self.mtp_decode_fn(len(pos), max_len)(self.params, cache, jnp.asarray(next_tokens, jnp.int32), hidden,
                                                      jnp.asarray(pos, jnp.int32), self.rope(max_len))
 
+    def verify(self, cache, mtp_cache, tokens, drafts, pos, max_len: int):
+        """model.verify (the caches are donated)."""
+        return self.verify_fn(len(pos), max_len)(self.params, cache, mtp_cache, jnp.asarray(tokens, jnp.int32),
+                                                 jnp.asarray(drafts, jnp.int32), jnp.asarray(pos, jnp.int32),
+                                                 self.rope(max_len))
+
     def sample(self, logits, key, s: Sampling):
         B = logits.shape[0]
         return self.sample_fn(B)(logits, key, jnp.full((B,), s.temperature, jnp.float32),
@@ -236,14 +258,19 @@ class Runner:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None,
-                 mtp: bool = False) -> list[Result]:
+                 mtp: bool = False, speculative: bool = False) -> list[Result]:
         """Prefill all prompts together, then decode them together until each has max_new_tokens or
-        produced a stop id (kept as its last token). on_step(results, done [B]) runs after each token and
+        produced a stop id (kept as its last token). on_step(results, done [B]) runs after each step and
         may return a bool array [B] of further sequences to stop (e.g. on stop text). mtp: run the MTP
-        head beside the model, recording its greedy draft of each next token (Result.mtp_draft_ids);
-        the drafts are not used to skip steps."""
+        head beside the model, recording its greedy draft of each next token (Result.mtp_draft_ids).
+        speculative (greedy only): each step runs the last token and the MTP head's draft of the next
+        one through the model together (model.verify) and keeps the draft when the model agrees, so a
+        step emits one or two tokens; the tokens are those of plain greedy decoding."""
+        mtp = mtp or speculative
         if mtp and "mtp" not in self.params:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
+        if speculative and sampling.temperature != 0:
+            raise ValueError("--speculative: greedy decoding only (--temperature 0)")
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = bucket(int(lengths.max()))
@@ -255,9 +282,10 @@ class Runner:
         if max_new_tokens <= 0:
             return results
         key = jax.random.PRNGKey(sampling.seed)
-        self.prefill_fn(B, T, S, with_hidden=mtp), self.decode_fn(B, S, mtp), self.sample_fn(B)   # compile first
+        self.prefill_fn(B, T, S, with_hidden=mtp), self.sample_fn(B)               # compile before timing
         if mtp:
-            self.mtp_prefill_fn(B, T, S), self.mtp_decode_fn(B, S)
+            self.mtp_prefill_fn(B, T, S)
+        self.verify_fn(B, S) if speculative else (self.decode_fn(B, S, mtp), mtp and self.mtp_decode_fn(B, S))
         t0, c0 = time.perf_counter(), time.process_time()
         logits, cache, *hidden = self.prefill(tokens, lengths, S, with_hidden=mtp)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
@@ -272,29 +300,45 @@ class Runner:
         done = np.zeros(B, bool)
         pos = lengths.copy()
         stop = set(stop_ids)
+        emitted, emitted_logits = host[:, None], logits[:, None]           # [B, n] tokens of this step
+        count = np.ones(B, int)                                            # how many of them each sequence keeps
         t0, c0 = time.perf_counter(), time.process_time()
         for step in range(max_new_tokens):
             for b in np.flatnonzero(~done):
-                results[b].token_ids.append(int(host[b]))
-                if keep_logits:
-                    results[b].logits.append(np.asarray(logits[b]))
-                if mtp:
-                    results[b].mtp_draft_ids.append(int(np.argmax(np.asarray(draft[b]))))
+                for i in range(count[b]):
+                    results[b].token_ids.append(int(emitted[b, i]))
                     if keep_logits:
-                        results[b].mtp_logits.append(np.asarray(draft[b]))
-                done[b] |= int(host[b]) in stop or len(results[b].token_ids) >= max_new_tokens
+                        results[b].logits.append(np.asarray(emitted_logits[b, i]))
+                    if mtp and not speculative:
+                        results[b].mtp_draft_ids.append(int(np.argmax(np.asarray(draft[b]))))
+                        if keep_logits:
+                            results[b].mtp_logits.append(np.asarray(draft[b]))
+                    done[b] |= int(emitted[b, i]) in stop or len(results[b].token_ids) >= max_new_tokens
+                    if done[b]:
+                        break
             if on_step:
                 more = on_step(results, done)
                 done |= False if more is None else np.asarray(more, bool)
             if done.all():
                 break
-            logits, cache, *hidden = self.decode(cache, tok, pos, S, with_hidden=mtp)
-            tok = self.sample(logits, jax.random.fold_in(key, step + 1), sampling)
-            if mtp:
-                draft, mtp_cache = self.mtp_decode(mtp_cache, tok, hidden[0], pos, S)
-            pos = np.minimum(pos + 1, S - 1)
-            host = np.asarray(tok)
-            self.timings.decode_tokens += int((~done).sum())
+            if speculative:
+                emitted_logits, g, accepted, cache, mtp_cache, draft = self.verify(
+                    cache, mtp_cache, tok, jnp.argmax(draft, axis=-1).astype(jnp.int32), pos, S)
+                emitted, accepted = np.asarray(g), np.asarray(accepted)
+                count = 1 + accepted.astype(int)
+                for b in np.flatnonzero(~done):
+                    results[b].drafts_accepted += int(accepted[b])
+                    results[b].drafts_proposed += 1
+                tok = np.where(accepted, emitted[:, 1], emitted[:, 0]).astype(np.int32)
+                pos = pos + count
+            else:
+                logits, cache, *hidden = self.decode(cache, tok, pos, S, with_hidden=mtp)
+                tok = self.sample(logits, jax.random.fold_in(key, step + 1), sampling)
+                if mtp:
+                    draft, mtp_cache = self.mtp_decode(mtp_cache, tok, hidden[0], pos, S)
+                pos = np.minimum(pos + 1, S - 1)
+                emitted, emitted_logits = np.asarray(tok)[:, None], logits[:, None]
+            self.timings.decode_tokens += int(count[~done].sum())
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results

@@ -152,6 +152,34 @@ def test_mtp_drafts_match_ref(runner, ref_model, single):
         assert r.mtp_accepted() == (sum(d == t for d, t in zip(r.mtp_draft_ids, r.token_ids[1:])), STEPS - 1)
 
 
+class _OracleDrafts(Runner):
+    """A runner whose speculative steps get the plain greedy continuation as drafts, wrong at every
+    third position: both the accepted and the rejected path run."""
+    seqs: list = []
+
+    def verify(self, cache, mtp_cache, tokens, drafts, pos, max_len):
+        want = np.array([seq[min(int(p) + 1, len(seq) - 1)] for seq, p in zip(self.seqs, np.asarray(pos))])
+        drafts = np.where(np.asarray(pos) % 3 == 0, (want + 1) % self.cfg.vocab_size, want)
+        return super().verify(cache, mtp_cache, tokens, drafts, pos, max_len)
+
+
+def test_speculative_greedy_equals_plain_greedy(runner, single):
+    """MTP speculative decoding emits exactly plain greedy decoding's tokens, with its logits (f32
+    rounding of the other shapes apart), whether the drafts are the MTP head's (all rejected on random
+    weights) or mostly right; a sampling temperature is refused."""
+    r = runner.generate([PROMPTS[0]], STEPS, max_context=CONTEXT, keep_logits=True, speculative=True)[0]
+    assert r.token_ids == single[0].token_ids and r.drafts_proposed == STEPS - 1
+    oracle = _OracleDrafts(runner.params, runner.cfg, runner.mesh, "f32")
+    oracle.seqs = [p + s.token_ids for p, s in zip(PROMPTS, single)]
+    batch = oracle.generate(PROMPTS, STEPS, max_context=CONTEXT, keep_logits=True, speculative=True)
+    for b, s in zip(batch, single):
+        assert b.token_ids == s.token_ids
+        assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL
+        assert 0 < b.drafts_accepted < b.drafts_proposed < STEPS - 1                # some steps emitted two tokens
+    with pytest.raises(ValueError, match="greedy"):
+        runner.generate([PROMPTS[0]], 2, Sampling(temperature=1.0), speculative=True)
+
+
 def test_batch_equals_single(runner, single):
     batch = runner.generate(PROMPTS, STEPS, max_context=CONTEXT, keep_logits=True)
     for b, s in zip(batch, single):
@@ -216,6 +244,7 @@ def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
     (["--token-ids", "1,x"], "--token-ids"),
     (["--token-ids", "1,99999"], "99999"),
     (["--token-ids", "1,2", "--max-context", "8", "--max-new-tokens", "7"], "exceeds the context"),
+    (["--token-ids", "1,2", "--speculative", "--temperature", "0.7"], "--speculative"),
 ])
 def test_cli_bad_input_exits_2(tiny_checkpoint, capsys, args, words):
     argv = args if args[0] == "--model" else ["--model", str(tiny_checkpoint), *args]
