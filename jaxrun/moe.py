@@ -21,7 +21,7 @@ def route(x, p, cfg: TextConfig, dt):
 
 
 EXPERT_TILE = 16  # rows per grouped-matmul step in prefill
-SLOT_TOKENS = 1   # up to this many tokens, the routed experts run as unrolled slots (decode)
+SLOT_TOKENS = 2   # up to this many tokens (a decode or speculative step), the routed experts run as unrolled slots
 
 
 def _expert_planes(p, e, exact, in_scale=None):
@@ -88,30 +88,34 @@ def exact_decode_needed(params) -> bool:
 
 
 def _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act, skip_spare):
-    """Decode form of local_experts for one token (N = 1): its k picked experts, ascending by id, as
-    k unrolled slots, each reading only its own expert's packed weights (dynamic index, no gather
-    copy) and running gate/up/down as plain matrix-vector products. When the experts are split over
-    devices (not all_local), the experts held elsewhere sort last and fill the spare slots with weight
-    0: with skip_spare (default on CPU) each slot runs under a cond, so a device does the work of its
-    own experts only; otherwise (GPU, where a cond waits for its predicate on the host) a spare slot
-    repeats the first slot's expert, whose weights are then still in cache."""
-    k = ids.shape[1]
-    local = ids[0] - first
-    held = (local >= 0) & (local < e_loc)
-    order = jnp.argsort(jnp.where(held, local, e_loc + ids[0]), stable=True)        # held ones first
-    slots = order if all_local else order[:min(k, e_loc)]
-    e, live = jnp.clip(local[slots], 0, e_loc - 1), held[slots]
-    w = jnp.where(live, wts[0, slots], 0.0)
+    """Decode form of local_experts for N <= SLOT_TOKENS tokens: the distinct experts held here that
+    the tokens picked, ascending by id, as S = min(N*k, E_local) unrolled slots. Each slot reads only
+    its own expert's packed weights (dynamic index, no gather copy) and runs gate/up/down on the N
+    rows as plain matrix products, each row weighted by its routing weight for that expert (0 where
+    it did not pick it). Spare slots (fewer distinct experts than S) have weight 0. With skip_spare
+    (default on CPU) and the experts split over devices, each slot runs under a cond, so a device
+    does the work of its own experts only; otherwise (GPU, where a cond waits for its predicate on
+    the host; one device, where only tokens sharing experts leave spare slots) a spare slot repeats
+    the first slot's expert, whose weights are then still in cache."""
+    N, k = ids.shape
+    S = min(N * k, e_loc)
+    local = ids - first                                                  # [N, k]
+    key = jnp.where((local >= 0) & (local < e_loc), local, e_loc)        # experts held elsewhere -> e_loc
+    hit = jnp.zeros(e_loc + 1, bool).at[key.reshape(-1)].set(True)[:e_loc]
+    e = jnp.nonzero(hit, size=S, fill_value=0)[0]                        # [S] distinct experts, ascending
+    live = jnp.arange(S) < jnp.sum(hit)
+    w = jnp.sum(jnp.where(key[None] == e[:, None, None], wts[None], 0.0), axis=-1)   # [S, N]
+    w = jnp.where(live[:, None], w, 0.0)
     if skip_spare is None:
         skip_spare = jax.default_backend() == "cpu"
-    skip = not all_local and skip_spare
-    if not all_local and not skip:
+    skip = skip_spare and not all_local
+    if not skip:
         e = jnp.where(live, e, e[0])
 
     y = jnp.zeros(x.shape, jnp.float32)
-    for j in range(len(slots)):
+    for j in range(S):
         scales = None if act is None else act[e[j]]
-        ffn = lambda j=j, scales=scales: _expert_ffn(x, experts, e[j], dt, exact, scales).astype(jnp.float32) * w[j]
+        ffn = lambda j=j, scales=scales: _expert_ffn(x, experts, e[j], dt, exact, scales).astype(jnp.float32) * w[j][:, None]
         y = y + (lax.cond(live[j], ffn, lambda: jnp.zeros(x.shape, jnp.float32)) if skip else ffn())
     return y
 
@@ -123,7 +127,7 @@ def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False,
     exact: decode NVFP4 products in integers (exact_decode_needed). act: None (W4A16), or input
     scales [E_local, 2] (gate/up, down) to quantize every routed-expert GEMM input as the engines do
     (W4A4, NVFP4 experts only). skip_spare: see _slot_experts.
-    Up to SLOT_TOKENS tokens (decode): _slot_experts. Otherwise the (token, k) pairs held here are
+    Up to SLOT_TOKENS tokens (decode, a speculative step): _slot_experts. Otherwise the (token, k) pairs held here are
     sorted by expert (stable: ascending expert id, then token). A loop visits only the experts that
     got rows: it decodes that expert's packed weights once, and an inner loop runs gate/up/down on
     its rows, tm at a time, adding the weighted outputs to their tokens. No dropping."""

@@ -1,5 +1,5 @@
 """jaxrun's routed-expert sum (jaxrun.moe.local_experts) against a float64 recomputation from
-ref.nvfp4.dequantize, in both of its forms (decode slots for one token, the sorted loop for several),
+ref.nvfp4.dequantize, in both of its forms (decode slots for one or two tokens, the sorted loop for more),
 split over two 'devices' by hand, and with global scales tiny enough for decoded weights to be
 subnormal (the exact integer decoding, chosen by exact_decode_needed)."""
 import jax
@@ -48,7 +48,7 @@ def _run(x, ids, wts, experts, exact, shards, skip_spare):
 
 
 @pytest.mark.parametrize("tiny", [None, "gate", "down"])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 2, 5])
 @pytest.mark.parametrize("shards, skip_spare", [(1, None), (2, True), (2, False)])
 def test_local_experts_match_float64(tiny, tokens, shards, skip_spare):
     """skip_spare False is the GPU form of the decode slots (spare slots recompute with weight 0)."""
