@@ -9,8 +9,8 @@
 # bit-identity with ref.nvfp4 on the device (subnormal results, NaN, saturation included); (3) tiny
 # synthetic checkpoint: jaxrun f32 logits vs ref f64 (`generate --check`, MTP drafts included), W4A16
 # and W4A4; (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
-# experts packed, bf16 dense), decode-step time at batch 1 and 8, and the bytes one step must read
-# over that time, next to the measured copy bandwidth.
+# experts packed, bf16 dense, an MTP head), decode-step time at batch 1 and 8, and the bytes one step
+# must read over that time, next to the measured copy bandwidth; a speculative step's time at batch 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -94,13 +94,14 @@ bw = float(open(sys.argv[1] + "/bw").read())
 mesh = make_mesh()
 dt = jnp.bfloat16
 t0 = time.perf_counter()
-params = model.init_params(jax.random.PRNGKey(0), cfg, dt)          # op by op: no giant compile
+params = model.init_params(jax.random.PRNGKey(0), cfg, dt, mtp=True)  # op by op: no giant compile
 shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
 params = jax.block_until_ready(jax.device_put(params, shardings(param_specs(shapes, mesh.size, "replicated"), mesh)))
 print(f"random parameters on {mesh.size} device(s): {time.perf_counter() - t0:.1f} s")
 runner = Runner(params, cfg, mesh, "bf16")
 
-leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+leaves = [(p, a) for p, a in jax.tree_util.tree_flatten_with_path(shapes)[0]
+          if not jax.tree_util.keystr(p).startswith("['mtp']")]               # a decode step does not read the MTP head
 nbytes = lambda a: a.size * a.dtype.itemsize
 expert_bytes = sum(nbytes(a) for p, a in leaves if "experts" in jax.tree_util.keystr(p)) // (cfg.num_experts * 4)
 embed_bytes = nbytes(shapes["embed"])
@@ -132,6 +133,22 @@ for B in (1, 8):
     print(f"batch {B}: decode step {step * 1e3:.2f} ms (median of {steps}), {B / step:.1f} tok/s; reads <= "
           f"{read / 1e9:.3f} GB/step -> <= {read / step / 1e9:.0f} GB/s = {100 * read / step / bw:.0f}% of copy "
           f"bandwidth ({bw / 1e9:.0f} GB/s)")
-print(f"compile time: {runner.timings.compile_s:.1f} s; decode traces: {runner.traces['decode']} (one per batch size)")
+# a speculative step (the token and an MTP draft through the model, then the MTP head) against a decode step
+B = 1
+logits, cache, hidden = runner.prefill(np.array([prompts[0]], np.int32), np.full(1, 32, np.int32), ctx, with_hidden=True)
+following = np.array([prompts[0][1:] + [0]], np.int32)
+draft, mtp_cache = runner.mtp_prefill(following, hidden, np.full(1, 32, np.int32), ctx)
+tok, pos = np.zeros(1, np.int32), np.full(1, 32, np.int32)
+out = runner.verify(cache, mtp_cache, tok, tok, pos, ctx)              # compile + warm up
+jax.block_until_ready(out)
+times = []
+for i in range(steps):
+    t0 = time.perf_counter()
+    out = runner.verify(out[3], out[4], tok, tok, pos, ctx)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+print(f"speculative step (2 tokens + MTP head), batch 1: {float(np.median(times)) * 1e3:.2f} ms (median of {steps}); "
+      f"it pays when 1 + acceptance exceeds its ratio to the batch-1 decode step above")
+print(f"compile time: {runner.timings.compile_s:.1f} s; traces: {dict(runner.traces)}")
 EOF
 echo "gpu_check done"

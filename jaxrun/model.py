@@ -398,8 +398,9 @@ def mtp_decode(params, cache, next_tokens, hidden, pos, rope, *, cfg: TextConfig
 # ------------------------------------------------------------------------------------------------
 # Random parameters (tests before a checkpoint exists, the 397B-shape GPU check, eval_shape sizing)
 
-def init_params(key, cfg: TextConfig, dt):
-    """Random parameters of cfg's shapes: routed experts NVFP4, everything else dense in dt."""
+def init_params(key, cfg: TextConfig, dt, mtp: bool = False):
+    """Random parameters of cfg's shapes: routed experts NVFP4, everything else dense in dt; with mtp
+    an MTP head too."""
     H, E, I, Is = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
     keys = (jax.random.fold_in(key, i) for i in range(1 << 30))
 
@@ -431,5 +432,9 @@ def init_params(key, cfg: TextConfig, dt):
                "shared_gate": dense(1, H)}
         return {"input_norm": vec(H), "post_norm": vec(H), "attn": attn, "mlp": mlp}
 
-    return {"embed": (jax.random.normal(next(keys), (cfg.vocab_size, H)) * 0.5).astype(dt), "norm": vec(H),
-            "lm_head": dense(cfg.vocab_size, H), "layers": [layer(t) for t in cfg.layer_types]}
+    params = {"embed": (jax.random.normal(next(keys), (cfg.vocab_size, H)) * 0.5).astype(dt), "norm": vec(H),
+              "lm_head": dense(cfg.vocab_size, H), "layers": [layer(t) for t in cfg.layer_types]}
+    if mtp:
+        params["mtp"] = {"fc": dense(H, 2 * H), "norm_embedding": vec(H), "norm_hidden": vec(H), "norm": vec(H),
+                         "layer": layer(FULL)}
+    return params
