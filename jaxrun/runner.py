@@ -282,10 +282,16 @@ class Runner:
         if max_new_tokens <= 0:
             return results
         key = jax.random.PRNGKey(sampling.seed)
-        self.prefill_fn(B, T, S, with_hidden=mtp), self.sample_fn(B)               # compile before timing
+        self.prefill_fn(B, T, S, with_hidden=mtp)                          # compile everything before timing
+        self.sample_fn(B)
+        if speculative:
+            self.verify_fn(B, S)
+        else:
+            self.decode_fn(B, S, mtp)
         if mtp:
             self.mtp_prefill_fn(B, T, S)
-        self.verify_fn(B, S) if speculative else (self.decode_fn(B, S, mtp), mtp and self.mtp_decode_fn(B, S))
+        if mtp and not speculative:
+            self.mtp_decode_fn(B, S)
         t0, c0 = time.perf_counter(), time.process_time()
         logits, cache, *hidden = self.prefill(tokens, lengths, S, with_hidden=mtp)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
