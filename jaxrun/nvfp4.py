@@ -57,15 +57,23 @@ def _broadcast_global(s2, s):
     return jnp.broadcast_to(s2.reshape(s2.shape + (1,) * (s.ndim - s2.ndim)), s.shape)
 
 
+def _e2m1_values(q, s):
+    """Packed codes [..., K/2] -> their E2M1 values [..., K/16, 16] float32, element 2j from the low
+    nibble. Built from the bits rather than with a bitcast to float4_e2m1fn, whose nibble order XLA's
+    constant folding does not share with its compiled code (weights captured as constants decoded
+    wrongly)."""
+    c = q.astype(jnp.uint32)
+    return jnp.stack([_e2m1_f32(c & 15), _e2m1_f32(c >> 4)], axis=-1).reshape(*s.shape, 16)
+
+
 def _dequant_fast(q, s, s2):
     """dequant_nvfp4 with float32 products (exact unless a result is subnormal on CPU)."""
-    v = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
-    return (v * (s.astype(jnp.float32) * s2)[..., None]).reshape(*q.shape[:-1], 2 * q.shape[-1])
+    return (_e2m1_values(q, s) * (s.astype(jnp.float32) * s2)[..., None]).reshape(*q.shape[:-1], 2 * q.shape[-1])
 
 
 def _dequant_exact(q, s, s2):
     """dequant_nvfp4 with both products formed in integers (gradual underflow kept)."""
-    v = lax.bitcast_convert_type(q, jnp.float4_e2m1fn).astype(jnp.float32).reshape(*s.shape, 16)
+    v = _e2m1_values(q, s)
     f = _mul_exact(s.astype(jnp.float32), s2, 4)                        # [..., K/16]
     w = _mul_exact(v, jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
     return w.reshape(*q.shape[:-1], 2 * q.shape[-1])

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jaxrun.matmul import linear
 from jaxrun.moe import exact_decode_needed, local_experts
 from ref.nvfp4 import dequantize
 
@@ -62,4 +63,19 @@ def test_local_experts_match_float64(tiny, tokens, shards, skip_spare):
     want = _oracle(x, ids, wts, experts)
     got = _run(x, ids, wts, experts, exact, shards, skip_spare)
     assert np.abs(want).max() > 0
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("global_scale", [2.0 ** -6, float(TINY)])
+def test_nvfp4_linear_matches_float64(global_scale):
+    """A dense linear stored as NVFP4 (matmul.linear): the runtime choice of the exact path for a tiny
+    global keeps subnormal weights through the matmul. The weights are captured as constants, so XLA
+    folds their decoding at compile time (a bitcast to float4_e2m1fn folded with the nibbles swapped)."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    s = rng.integers(0x20, 0x48, (24, 4), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+    g = np.float32(global_scale)
+    x = (rng.standard_normal((3, 64)) * 2.0 ** 30).astype(np.float32)
+    want = x.astype(np.float64) @ dequantize(q, s, g).astype(np.float64).T
+    got = np.asarray(jax.jit(lambda x: linear(x, {"q": q, "s": s, "s2": g}, jnp.float32))(x), np.float64)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
