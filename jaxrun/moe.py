@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxrun.matmul import dot, linear, planes_matmul
-from jaxrun.nvfp4 import EXACT_SHIFT, TINY_GLOBAL_BITS, activation_values, nvfp4_matrix, nvfp4_planes, tiny_global
+from jaxrun.nvfp4 import EXACT_SHIFT, activation_values, nvfp4_matrix, nvfp4_planes, tiny_global
 from ref.config import TextConfig
 
 
@@ -24,35 +23,40 @@ EXPERT_TILE = 16  # rows per grouped-matmul step in prefill
 SLOT_TOKENS = 2   # up to this many tokens (a decode or speculative step), the routed experts run as unrolled slots
 
 
+def _expert_nvfp4(p, e, take, exact, in_scale):
+    """Expert e of an NVFP4 xlin, ready to decode: (q, s, the global to decode with, exact, post), so
+    that W = decode(q, s, global) * post. W4A4 (in_scale given): the block values e2m1 * scale (global
+    1) and post = f32(input_scale * global), the products' one factor. Else the global itself, and
+    post = 2^-EXACT_SHIFT on the exact path (see nvfp4.nvfp4_matrix)."""
+    q, s = take(p["q"]), take(p["s"])
+    if in_scale is not None:
+        return q, s, jnp.float32(1), False, in_scale * p["s2"][e]
+    return q, s, p["s2"][e], exact, jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1)
+
+
 def _expert_planes(p, e, exact, in_scale=None):
     """Expert e (traced index) of an xlin for a slot matmul: (planes, post), W = planes * post, the
-    planes as nvfp4_planes (even, odd) [out, in/2]. W4A4 (in_scale given, NVFP4): the planes hold
-    the block values e2m1 * scale and post = f32(input_scale * global), the products' one factor."""
+    planes as nvfp4_planes (even, odd) [out, in/2], read by a dynamic index (no gather copy)."""
     take = lambda a: lax.dynamic_index_in_dim(a, e, keepdims=False)
     if "w" in p:
         w = take(p["w"]).astype(jnp.float32)
         return (w[:, 0::2], w[:, 1::2]), jnp.float32(1)
-    if in_scale is not None:
-        return nvfp4_planes(take(p["q"]), take(p["s"]), jnp.float32(1), False), in_scale * p["s2"][e]
-    post = jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1)
-    return nvfp4_planes(take(p["q"]), take(p["s"]), p["s2"][e], exact), post
+    q, s, g, ex, post = _expert_nvfp4(p, e, take, exact, in_scale)
+    return nvfp4_planes(q, s, g, ex), post
 
 
-def _expert_matrix(p, e, dt, in_scale=None):
-    """Expert e (traced index) of an xlin as (w [out, in] in dt, post): W = w * post. W4A4 as in
-    _expert_planes. NVFP4 on CPU: under a cond on the expert's global being tiny, the exact path
-    (post = 2^-EXACT_SHIFT). The cond also makes XLA copy the expert's slice out before decoding
-    it, which measured faster than decoding straight from the stacked parameter inside the loop."""
+def _expert_matrix(p, e, dt, exact, in_scale=None):
+    """Expert e (traced index) of an xlin as (w [out, in] in dt, post): W = w * post. On CPU the
+    decoding runs as a computation apart (a cond on e >= 0, always true): inside the expert loop XLA
+    then copies the expert's slice out before decoding it, where decoding fused with the slicing of
+    the stacked parameter measured about 3x slower."""
     if "w" in p:
         return p["w"][e].astype(dt), jnp.float32(1)
-    q, s, s2 = p["q"][e], p["s"][e], p["s2"][e]
-    if in_scale is not None:
-        return nvfp4_matrix(q, s, jnp.float32(1), dt, False), in_scale * s2
-    decode = lambda exact: lambda q, s, s2: (nvfp4_matrix(q, s, s2, dt, exact),
-                                             jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1))
+    q, s, g, ex, post = _expert_nvfp4(p, e, lambda a: a[e], exact, in_scale)
+    decode = lambda q, s, g: nvfp4_matrix(q, s, g, dt, ex)
     if jax.default_backend() != "cpu":
-        return decode(False)(q, s, s2)
-    return lax.cond(tiny_global(s2), decode(True), decode(False), q, s, s2)
+        return decode(q, s, g), post
+    return lax.cond(e >= 0, decode, decode, q, s, g), post
 
 
 def _inputs(h, in_scale):
@@ -77,14 +81,10 @@ def exact_decode_needed(params) -> bool:
     Read from the concrete parameters, so the compiled functions specialise on it (no runtime cond)."""
     if jax.default_backend() != "cpu":
         return False
-    for layer in params["layers"] + ([params["mtp"]["layer"]] if "mtp" in params else []):
-        for name in ("gate", "up", "down"):
-            p = layer["mlp"]["experts"][name]
-            if "s2" in p:
-                b = np.abs(np.asarray(p["s2"], np.float32)).view(np.uint32)
-                if np.any((b != 0) & (b < TINY_GLOBAL_BITS)):
-                    return True
-    return False
+    layers = params["layers"] + ([params["mtp"]["layer"]] if "mtp" in params else [])
+    globals_ = [layer["mlp"]["experts"][n]["s2"] for layer in layers for n in ("gate", "up", "down")
+                if "s2" in layer["mlp"]["experts"][n]]
+    return bool(globals_) and bool(tiny_global(jnp.concatenate([jnp.ravel(g) for g in globals_])))
 
 
 def _slot_experts(x, ids, wts, experts, first, e_loc, dt, all_local, exact, act, skip_spare):
@@ -154,7 +154,7 @@ def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False,
     def expert(j, y):
         e = present[j]
         gu, dn = (None, None) if act is None else (act[e, 0], act[e, 1])
-        wg, wu, wd = (_expert_matrix(experts[n], e, dt, sc) for n, sc in (("gate", gu), ("up", gu), ("down", dn)))
+        wg, wu, wd = (_expert_matrix(experts[n], e, dt, exact, sc) for n, sc in (("gate", gu), ("up", gu), ("down", dn)))
         end = starts[e] + counts[e]
 
         def tile(i, y):
