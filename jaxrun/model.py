@@ -278,32 +278,37 @@ def cache_shapes(cfg: TextConfig, B: int, max_len: int, dt, kinds=None) -> list[
     return out
 
 
-def _layer_prefill(h, lp, kind, lengths, rope, cfg: TextConfig, dt, routed, max_len):
-    """One decoder layer over h [B, T, H] -> (h, cache)."""
+def _layer(h, lp, mixer, cfg: TextConfig, dt, routed):
+    """One decoder layer over h [B, T, H]: h + mixer(norm(h)), then + MoE(norm(h)). mixer(u) ->
+    (out [B, T, H], cache) -> (h, cache)."""
     B, T, _ = h.shape
-    u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-    if kind == FULL:
-        u, c = attn_prefill(u, rope[:T], lp["attn"], cfg, dt, max_len)
-    else:
-        u, c = gdn_prefill(u, lengths, lp["attn"], cfg, dt)
+    u, c = mixer(rms_norm(h, lp["input_norm"], cfg.rms_norm_eps))
     h = (h + u).astype(dt)
     u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
     return (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt), c
 
 
+def _layer_prefill(h, lp, kind, lengths, rope, cfg: TextConfig, dt, routed, max_len):
+    """One decoder layer over a whole prompt h [B, T, H] -> (h, cache)."""
+    T = h.shape[1]
+    if kind == FULL:
+        mixer = lambda u: attn_prefill(u, rope[:T], lp["attn"], cfg, dt, max_len)
+    else:
+        mixer = lambda u: gdn_prefill(u, lengths, lp["attn"], cfg, dt)
+    return _layer(h, lp, mixer, cfg, dt, routed)
+
+
 def _layer_step(h, lp, kind, c, pos, rope, cfg: TextConfig, dt, routed):
     """One decoder layer for T new tokens per sequence at positions pos .. pos+T-1, h [B, T, H] ->
     (h, the layer's cache after each of the T tokens)."""
-    B, T, _ = h.shape
-    u = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+    T = h.shape[1]
     if kind == FULL:
-        u, c = attn_step(u, pos, rope, lp["attn"], c, cfg, dt)
-        caches = [c] * T                                                 # later positions are masked, then rewritten
+        def mixer(u):  # one cache serves every t: keys past the kept tokens are masked, then rewritten
+            out, kv = attn_step(u, pos, rope, lp["attn"], c, cfg, dt)
+            return out, [kv] * T
     else:
-        u, caches = gdn_step(u, lp["attn"], c, cfg, dt)
-    h = (h + u).astype(dt)
-    u = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
-    return (h + moe(u, lp["mlp"], cfg, dt, routed).reshape(B, T, -1)).astype(dt), caches
+        mixer = lambda u: gdn_step(u, lp["attn"], c, cfg, dt)
+    return _layer(h, lp, mixer, cfg, dt, routed)
 
 
 def prefill(params, tokens, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int, all_logits: bool,
