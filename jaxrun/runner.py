@@ -306,7 +306,7 @@ class Runner:
         done = np.zeros(B, bool)
         pos = lengths.copy()
         stop = set(stop_ids)
-        emitted, emitted_logits = host[:, None], logits[:, None]           # [B, n] tokens of this step
+        emitted, emitted_logits = host[:, None], logits      # [B, n] tokens of this step; logits [B, V] or [B, n, V]
         count = np.ones(B, int)                                            # how many of them each sequence keeps
         t0, c0 = time.perf_counter(), time.process_time()
         for step in range(max_new_tokens):
@@ -314,7 +314,7 @@ class Runner:
                 for i in range(count[b]):
                     results[b].token_ids.append(int(emitted[b, i]))
                     if keep_logits:
-                        results[b].logits.append(np.asarray(emitted_logits[b, i]))
+                        results[b].logits.append(np.asarray(emitted_logits[b]).reshape(emitted.shape[1], -1)[i])
                     if mtp and not speculative:
                         results[b].mtp_draft_ids.append(int(np.argmax(np.asarray(draft[b]))))
                         if keep_logits:
@@ -343,7 +343,7 @@ class Runner:
                 if mtp:
                     draft, mtp_cache = self.mtp_decode(mtp_cache, tok, hidden[0], pos, S)
                 pos = np.minimum(pos + 1, S - 1)
-                emitted, emitted_logits = np.asarray(tok)[:, None], logits[:, None]
+                emitted, emitted_logits = np.asarray(tok)[:, None], logits
             self.timings.decode_tokens += int(count[~done].sum())
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
