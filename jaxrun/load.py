@@ -62,17 +62,20 @@ def _experts(ckpt: Checkpoint, layer: int | str, dt) -> dict:
                          "s2": part("weight_scale_2", np.float32)}
         else:
             out[proj] = {"w": part("weight", dt)}
-    if isinstance(first.gate, NVFP4Weight) and ckpt.expert_input_scales(layer) is not None:
-        out["in_s"] = _input_scales(ckpt, layer)
+    gate_up = ckpt.expert_input_scales(layer) if isinstance(first.gate, NVFP4Weight) else None
+    if gate_up is not None:
+        out["in_s"] = _input_scales(ckpt, layer, gate_up)
     return out
 
 
-def _input_scales(ckpt: Checkpoint, layer: int | str) -> Leaf:
-    """Per expert input scales [E, 2]: max(gate, up) (the shared GEMM input) and down (W4A4)."""
-    gate_up = ckpt.expert_input_scales(layer)
-    down = np.array([float(ckpt.expert(layer, e, prefetch=False).down.input_scale) for e in range(len(gate_up))],
-                    np.float32)
-    return _array(np.stack([gate_up, down], axis=1), np.float32)
+def _input_scales(ckpt: Checkpoint, layer: int | str, gate_up: np.ndarray) -> Leaf:
+    """Per expert input scales [E, 2] (for W4A4): max(gate, up), the shared GEMM input's, and down's,
+    read when the leaf is (only those of the experts asked for)."""
+    def read(idx):
+        rows = range(len(gate_up))[idx[0]]
+        down = [float(ckpt.expert(layer, e, prefetch=False).down.input_scale) for e in rows]
+        return np.stack([gate_up[idx[0]], np.array(down, np.float32)], axis=1)[(slice(None),) + tuple(idx[1:])]
+    return Leaf((len(gate_up), 2), np.dtype(np.float32), read)
 
 
 def _layer(ckpt: Checkpoint, prefix: str, kind: str, experts_of, dt) -> dict:
