@@ -62,8 +62,9 @@ def _e2m1_values(q, s):
     nibble. Built from the bits rather than with a bitcast to float4_e2m1fn, whose nibble order XLA's
     constant folding does not share with its compiled code (weights captured as constants decoded
     wrongly)."""
-    c = q.astype(jnp.uint32)
-    return jnp.stack([_e2m1_f32(c & 15), _e2m1_f32(c >> 4)], axis=-1).reshape(*s.shape, 16)
+    c = jnp.repeat(q.astype(jnp.uint32), 2, axis=-1)                     # [..., K]: byte j at 2j and 2j+1
+    shift = jnp.tile(jnp.array([0, 4], jnp.uint32), q.shape[-1])          # low nibble first
+    return _e2m1_f32((c >> shift) & 15).reshape(*s.shape, 16)
 
 
 def _dequant_fast(q, s, s2):
