@@ -80,7 +80,7 @@ import dataclasses, os, sys, time
 import numpy as np, jax, jax.numpy as jnp
 from ref.config import FULL, LINEAR, QWEN35_397B
 from jaxrun import model
-from jaxrun.runner import Runner
+from jaxrun.runner import Runner, Sampling
 from jaxrun.sharding import make_mesh, param_specs, shardings
 
 dry = os.environ.get("GPU_CHECK_DRY") == "1"
@@ -115,18 +115,16 @@ for B in (1, 8):
     prompts = [[int(t) for t in np.random.default_rng(b).integers(0, cfg.vocab_size, 32)] for b in range(B)]
     lengths = np.full(B, 32, np.int32)
     logits, cache = runner.prefill(np.array(prompts, np.int32), lengths, ctx)
-    tok = np.argmax(np.asarray(logits), -1).astype(np.int32)
-    pos = lengths.copy()
-    logits, cache = runner.decode(cache, tok, pos, ctx)               # compile + warm up
-    jax.block_until_ready(logits)
+    state = {"cache": cache, "next": jnp.argmax(logits, -1).astype(jnp.int32), "pos": jnp.asarray(lengths)}
+    key = jax.random.PRNGKey(0)
+    state = runner.decode(state, ctx, key, 0, Sampling())                 # compile + warm up
+    jax.block_until_ready(state)
     times = []
     for i in range(steps):
-        pos = pos + 1
         t0 = time.perf_counter()
-        logits, cache = runner.decode(cache, tok, pos, ctx)
-        jax.block_until_ready(logits)
+        state = runner.decode(state, ctx, key, i + 1, Sampling())      # the step with its sampling, as generate runs it
+        jax.block_until_ready(state["next"])
         times.append(time.perf_counter() - t0)
-        tok = np.argmax(np.asarray(logits), -1).astype(np.int32)
     step = float(np.median(times))
     experts = min(B * cfg.num_experts_per_tok, cfg.num_experts)     # distinct per layer: exact at B = 1, at most at B = 8
     read = dense_bytes + B * row + 4 * experts * expert_bytes
@@ -139,13 +137,14 @@ logits, cache, hidden = runner.prefill(np.array([prompts[0]], np.int32), np.full
 following = np.array([prompts[0][1:] + [0]], np.int32)
 draft, mtp_cache = runner.mtp_prefill(following, hidden, np.full(1, 32, np.int32), ctx)
 tok, pos = np.zeros(1, np.int32), np.full(1, 32, np.int32)
-out = runner.verify(cache, mtp_cache, tok, tok, pos, ctx)              # compile + warm up
+state = {"cache": cache, "mtp_cache": mtp_cache, "next": tok, "draft_ids": tok, "pos": jnp.asarray(pos)}
+out = runner.verify(state, ctx)                                         # compile + warm up
 jax.block_until_ready(out)
 times = []
 for i in range(steps):
     t0 = time.perf_counter()
-    out = runner.verify(out[3], out[4], tok, tok, pos, ctx)
-    jax.block_until_ready(out)
+    out = runner.verify({**state, "cache": out["cache"], "mtp_cache": out["mtp_cache"]}, ctx)
+    jax.block_until_ready(out["next"])
     times.append(time.perf_counter() - t0)
 print(f"speculative step (2 tokens + MTP head), batch 1: {float(np.median(times)) * 1e3:.2f} ms (median of {steps}); "
       f"it pays when 1 + acceptance exceeds its ratio to the batch-1 decode step above")

@@ -30,7 +30,7 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -115,6 +115,7 @@ class Runner:
         self.traces: Counter = Counter()
         self._compiled: dict = {}
         self._ropes: dict = {}
+        self._sampling: dict = {}
         self.timings = Timings()
 
     def set_params(self, params) -> None:
@@ -127,9 +128,10 @@ class Runner:
 
     # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
+        """The compiled fn for key; args: a function giving the argument specs (built only to compile)."""
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = jax.jit(fn, **jit_kw).lower(*args).compile()
+            self._compiled[key] = jax.jit(fn, **jit_kw).lower(*args()).compile()
             self.timings.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
@@ -150,22 +152,38 @@ class Runner:
             return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
                                  max_len=max_len, all_logits=all_logits, with_hidden=with_hidden)
 
-        args = (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
+        args = lambda: (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
         return self._compile(("prefill", B, T, max_len, all_logits, with_hidden, self.exact), fn, args,
                              in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
                              out_shardings=(self.rep,) * (3 if with_hidden else 2))
 
-    def decode_fn(self, B: int, max_len: int, with_hidden: bool = False):
-        def fn(params, cache, tokens, pos, rope):
+    def decode_fn(self, B: int, max_len: int, mtp: bool = False):
+        """One decode step with its sampling (and with mtp the MTP head's draft of the token after),
+        compiled as one function: (params, cache, mtp_cache, tokens [B], pos [B], rope, key, step,
+        temperature, top_p, top_k) -> {"tokens": [B, 1] the sampled tokens, "logits" [B, V], "count"
+        [B] (ones), "next", "pos" (+1, capped), "cache"[, "draft" [B, V], "draft_ids", "mtp_cache"]}."""
+        def fn(params, cache, mtp_cache, tokens, pos, rope, key, step, temperature, top_p, top_k):
             self.traces["decode"] += 1
-            return model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
-                                with_hidden=with_hidden)
+            logits, cache, *hidden = model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
+                                                  routed=self._routed(), with_hidden=mtp)
+            nxt = _sample(logits, jax.random.fold_in(key, step), temperature, top_p, top_k)
+            out = {"tokens": nxt[:, None], "logits": logits, "count": jnp.ones_like(nxt), "next": nxt,
+                   "pos": jnp.minimum(pos + 1, max_len - 1), "cache": cache}
+            if mtp:
+                out["draft"], out["mtp_cache"] = model.mtp_decode(params, mtp_cache, nxt, hidden[0], pos, rope,
+                                                                  cfg=self.cfg, dt=self.dt, routed=self._routed())
+                out["draft_ids"] = jnp.argmax(out["draft"], axis=-1).astype(jnp.int32)
+            return out
 
-        cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt))
-        args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("decode", B, max_len, with_hidden, self.exact), fn, args,
-                             in_shardings=(self.param_shardings, self.rep, self.rep, self.rep, self.rep),
-                             out_shardings=(self.rep,) * (3 if with_hidden else 2), donate_argnums=(1,))
+        def args():
+            vec = self._spec((B,), jnp.int32)
+            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
+                    vec, vec, self.rope(max_len), jax.random.PRNGKey(0), self._spec((), jnp.int32),
+                    self._spec((B,), jnp.float32), self._spec((B,), jnp.float32), vec)
+
+        return self._compile(("decode", B, max_len, mtp, self.exact), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 10, out_shardings=self.rep,
+                             donate_argnums=(1, 2))
 
     def mtp_prefill_fn(self, B: int, T: int, max_len: int):
         def fn(params, next_tokens, hidden, lengths, rope):
@@ -174,45 +192,40 @@ class Runner:
                                      routed=self._routed(), max_len=max_len)
 
         H = self.cfg.hidden_size
-        args = (self.params, self._spec((B, T), jnp.int32), self._spec((B, T, H), self.dt), self._spec((B,), jnp.int32),
-                self.rope(max_len))
+        args = lambda: (self.params, self._spec((B, T), jnp.int32), self._spec((B, T, H), self.dt),
+                        self._spec((B,), jnp.int32), self.rope(max_len))
         return self._compile(("mtp_prefill", B, T, max_len, self.exact), fn, args,
                              in_shardings=(self.param_shardings,) + (self.rep,) * 4, out_shardings=(self.rep, self.rep))
 
-    def mtp_decode_fn(self, B: int, max_len: int):
-        def fn(params, cache, next_tokens, hidden, pos, rope):
-            self.traces["mtp_decode"] += 1
-            return model.mtp_decode(params, cache, next_tokens, hidden, pos, rope, cfg=self.cfg, dt=self.dt,
-                                    routed=self._routed())
-
-        cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt, kinds=(FULL,)))
-        args = (self.params, cache, self._spec((B,), jnp.int32), self._spec((B, self.cfg.hidden_size), self.dt),
-                self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("mtp_decode", B, max_len, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 5, out_shardings=(self.rep, self.rep),
-                             donate_argnums=(1,))
-
     def verify_fn(self, B: int, max_len: int):
+        """One greedy speculative step (model.verify), compiled with its bookkeeping: -> {"tokens": [B, 2]
+        the greedy choices (the second kept where the draft was accepted), "logits" [B, 2, V], "count"
+        [B] (1 + accepted), "next" (the last kept token), "pos" (+count, capped), "draft_ids" (the next
+        drafts), "cache", "mtp_cache"}."""
         def fn(params, cache, mtp_cache, tokens, drafts, pos, rope):
             self.traces["verify"] += 1
-            return model.verify(params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt,
-                                routed=self._routed())
+            logits, g, accepted, cache, mtp_cache, draft = model.verify(
+                params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed())
+            count = 1 + accepted.astype(jnp.int32)
+            return {"tokens": g, "logits": logits, "count": count, "next": jnp.where(accepted, g[:, 1], g[:, 0]),
+                    "pos": jnp.minimum(pos + count, max_len - 1), "cache": cache, "mtp_cache": mtp_cache,
+                    "draft_ids": jnp.argmax(draft, axis=-1).astype(jnp.int32)}
 
-        cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt))
-        mtp_cache = self._cache_spec(model.cache_shapes(self.cfg, B, max_len, self.dt, kinds=(FULL,)))
         vec = self._spec((B,), jnp.int32)
-        args = (self.params, cache, mtp_cache, vec, vec, vec, self.rope(max_len))
+        args = lambda: (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)), vec, vec, vec,
+                        self.rope(max_len))
         return self._compile(("verify", B, max_len, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 6, out_shardings=(self.rep,) * 6,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 6, out_shardings=self.rep,
                              donate_argnums=(1, 2))
 
-    def _cache_spec(self, shapes):
+    def _cache_spec(self, B: int, max_len: int, kinds=None):
+        shapes = model.cache_shapes(self.cfg, B, max_len, self.dt, kinds)
         return jax.tree.map(lambda a: self._spec(a.shape, a.dtype), shapes)
 
     def sample_fn(self, B: int):
         V = self.cfg.vocab_size
-        args = (self._spec((B, V), jnp.float32), jax.random.PRNGKey(0), self._spec((B,), jnp.float32),
-                self._spec((B,), jnp.float32), self._spec((B,), jnp.int32))
+        args = lambda: (self._spec((B, V), jnp.float32), jax.random.PRNGKey(0), self._spec((B,), jnp.float32),
+                        self._spec((B,), jnp.float32), self._spec((B,), jnp.int32))
         return self._compile(("sample", B), _sample, args)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False,
@@ -223,11 +236,13 @@ class Runner:
         f = self.prefill_fn(B, T, max_len, all_logits, with_hidden)
         return f(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
 
-    def decode(self, cache, tokens, pos, max_len: int, with_hidden: bool = False):
-        """tokens [B], pos [B] (device or host) -> (logits [B, V], cache[, final hidden [B, H]]); the
-        cache is donated."""
-        f = self.decode_fn(len(pos), max_len, with_hidden)
-        return f(self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32), self.rope(max_len))
+    def decode(self, state: dict, max_len: int, key, step: int, s: Sampling) -> dict:
+        """One decode_fn step from state {"cache", "next", "pos"[, "mtp_cache"]} (device arrays; the
+        caches are donated): tokens sampled with fold_in(key, step)."""
+        mtp = "mtp_cache" in state
+        f = self.decode_fn(len(state["pos"]), max_len, mtp)
+        return f(self.params, state["cache"], state.get("mtp_cache"), state["next"], state["pos"], self.rope(max_len),
+                 key, np.int32(step), *self._sampling_arrays(len(state["pos"]), s))
 
     def mtp_prefill(self, next_tokens: np.ndarray, hidden, lengths: np.ndarray, max_len: int):
         """model.mtp_prefill: (draft logits [B, V], MTP cache) on device."""
@@ -235,21 +250,22 @@ class Runner:
         return self.mtp_prefill_fn(B, T, max_len)(self.params, jnp.asarray(next_tokens, jnp.int32), hidden,
                                                   jnp.asarray(lengths, jnp.int32), self.rope(max_len))
 
-    def mtp_decode(self, cache, next_tokens, hidden, pos, max_len: int):
-        """model.mtp_decode: (draft logits [B, V], MTP cache); the cache is donated."""
-        return self.mtp_decode_fn(len(pos), max_len)(self.params, cache, jnp.asarray(next_tokens, jnp.int32), hidden,
-                                                     jnp.asarray(pos, jnp.int32), self.rope(max_len))
+    def verify(self, state: dict, max_len: int) -> dict:
+        """One verify_fn step from state {"cache", "mtp_cache", "next", "draft_ids", "pos"} (the caches
+        are donated)."""
+        f = self.verify_fn(len(state["pos"]), max_len)
+        return f(self.params, state["cache"], state["mtp_cache"], jnp.asarray(state["next"], jnp.int32),
+                 jnp.asarray(state["draft_ids"], jnp.int32), state["pos"], self.rope(max_len))
 
-    def verify(self, cache, mtp_cache, tokens, drafts, pos, max_len: int):
-        """model.verify (the caches are donated)."""
-        return self.verify_fn(len(pos), max_len)(self.params, cache, mtp_cache, jnp.asarray(tokens, jnp.int32),
-                                                 jnp.asarray(drafts, jnp.int32), jnp.asarray(pos, jnp.int32),
-                                                 self.rope(max_len))
+    def _sampling_arrays(self, B: int, s: Sampling):
+        key = (B, s.temperature, s.top_p, s.top_k)
+        if key not in self._sampling:
+            self._sampling[key] = (jnp.full((B,), s.temperature, jnp.float32), jnp.full((B,), s.top_p, jnp.float32),
+                                    jnp.full((B,), s.top_k, jnp.int32))
+        return self._sampling[key]
 
     def sample(self, logits, key, s: Sampling):
-        B = logits.shape[0]
-        return self.sample_fn(B)(logits, key, jnp.full((B,), s.temperature, jnp.float32),
-                                 jnp.full((B,), s.top_p, jnp.float32), jnp.full((B,), s.top_k, jnp.int32))
+        return self.sample_fn(logits.shape[0])(logits, key, *self._sampling_arrays(logits.shape[0], s))
 
     # -- generation --------------------------------------------------------------------------------
     def context_for(self, prompts, max_new_tokens: int) -> int:
@@ -290,61 +306,71 @@ class Runner:
             self.decode_fn(B, S, mtp)
         if mtp:
             self.mtp_prefill_fn(B, T, S)
-        if mtp and not speculative:
-            self.mtp_decode_fn(B, S)
         t0, c0 = time.perf_counter(), time.process_time()
         logits, cache, *hidden = self.prefill(tokens, lengths, S, with_hidden=mtp)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
-        host = np.asarray(tok)
+        state = {"cache": cache, "next": tok, "pos": jnp.asarray(lengths)}
+        first = {"tokens": tok[:, None], "logits": logits}
         if mtp:                                        # row t: token t + 1 (the sampled one after the prompt)
             following = np.concatenate([tokens[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
-            following[np.arange(B), lengths - 1] = host
-            draft, mtp_cache = self.mtp_prefill(following, hidden[0], lengths, S)
+            following[np.arange(B), lengths - 1] = np.asarray(tok)
+            first["draft"], state["mtp_cache"] = self.mtp_prefill(following, hidden[0], lengths, S)
+            state["draft_ids"] = first["draft_ids"] = jnp.argmax(first["draft"], axis=-1).astype(jnp.int32)
+        drafts = mtp and not speculative                                   # recorded per token
+        wanted = ("tokens", "count") + ("logits",) * keep_logits + ("draft_ids",) * drafts \
+            + ("draft",) * (drafts and keep_logits)
+        to_host = lambda out: {k: np.asarray(out[k]) for k in wanted if k in out}
+        emitted = to_host(first)
         self.timings.prefill_s += time.perf_counter() - t0
         self.timings.prefill_cpu_s += time.process_time() - c0
         self.timings.prefill_tokens += int(lengths.sum())
+        if speculative:
+            advance = lambda st, i: self.verify(st, S)
+        else:
+            advance = lambda st, i: self.decode(st, S, key, i, sampling)
         done = np.zeros(B, bool)
-        pos = lengths.copy()
-        stop = set(stop_ids)
-        emitted, emitted_logits = host[:, None], logits      # [B, n] tokens of this step; logits [B, V] or [B, n, V]
-        count = np.ones(B, int)                                            # how many of them each sequence keeps
         t0, c0 = time.perf_counter(), time.process_time()
-        for step in range(max_new_tokens):
-            for b in np.flatnonzero(~done):
-                for i in range(count[b]):
-                    results[b].token_ids.append(int(emitted[b, i]))
-                    if keep_logits:
-                        results[b].logits.append(np.asarray(emitted_logits[b]).reshape(emitted.shape[1], -1)[i])
-                    if mtp and not speculative:
-                        results[b].mtp_draft_ids.append(int(np.argmax(np.asarray(draft[b]))))
-                        if keep_logits:
-                            results[b].mtp_logits.append(np.asarray(draft[b]))
-                    done[b] |= int(emitted[b, i]) in stop or len(results[b].token_ids) >= max_new_tokens
-                    if done[b]:
-                        break
+        for step in range(1, max_new_tokens + 1):
+            out = advance(state, step) if step < max_new_tokens else None  # queued before this step's tokens are read
+            if out is not None:
+                state = {k: out[k] for k in ("cache", "mtp_cache", "next", "pos", "draft_ids") if k in out}
+            new = self._emit(results, done, emitted, stop_ids, max_new_tokens)
+            if step > 1:
+                self.timings.decode_tokens += new
             if on_step:
                 more = on_step(results, done)
                 done |= False if more is None else np.asarray(more, bool)
-            if done.all():
+            if done.all() or out is None:
                 break
+            emitted = to_host(out)
             if speculative:
-                emitted_logits, g, accepted, cache, mtp_cache, draft = self.verify(
-                    cache, mtp_cache, tok, jnp.argmax(draft, axis=-1).astype(jnp.int32), pos, S)
-                emitted, accepted = np.asarray(g), np.asarray(accepted)
-                count = 1 + accepted.astype(int)
                 for b in np.flatnonzero(~done):
-                    results[b].drafts_accepted += int(accepted[b])
+                    results[b].drafts_accepted += int(emitted["count"][b]) - 1
                     results[b].drafts_proposed += 1
-                tok = np.where(accepted, emitted[:, 1], emitted[:, 0]).astype(np.int32)
-                pos = pos + count
-            else:
-                logits, cache, *hidden = self.decode(cache, tok, pos, S, with_hidden=mtp)
-                tok = self.sample(logits, jax.random.fold_in(key, step + 1), sampling)
-                if mtp:
-                    draft, mtp_cache = self.mtp_decode(mtp_cache, tok, hidden[0], pos, S)
-                pos = np.minimum(pos + 1, S - 1)
-                emitted, emitted_logits = np.asarray(tok)[:, None], logits
-            self.timings.decode_tokens += int(count[~done].sum())
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results
+
+    @staticmethod
+    def _emit(results, done, emitted, stop_ids, max_new_tokens: int) -> int:
+        """Append one step's tokens (host arrays: "tokens" [B, n], "count" [B] of them kept, and where
+        present "logits" [B, V] or [B, n, V], the MTP "draft_ids" [B] and "draft" logits) to the live
+        sequences, marking those that end; -> tokens appended."""
+        tokens = emitted["tokens"]
+        count = emitted.get("count", np.ones(len(tokens), int))
+        new = 0
+        for b in np.flatnonzero(~done):
+            r = results[b]
+            for i in range(count[b]):
+                r.token_ids.append(int(tokens[b, i]))
+                new += 1
+                if "logits" in emitted:
+                    r.logits.append(emitted["logits"][b].reshape(tokens.shape[1], -1)[i])
+                if "draft_ids" in emitted:
+                    r.mtp_draft_ids.append(int(emitted["draft_ids"][b]))
+                if "draft" in emitted:
+                    r.mtp_logits.append(emitted["draft"][b])
+                done[b] |= int(tokens[b, i]) in stop_ids or len(r.token_ids) >= max_new_tokens
+                if done[b]:
+                    break
+        return new

@@ -157,10 +157,11 @@ class _OracleDrafts(Runner):
     third position: both the accepted and the rejected path run."""
     seqs: list = []
 
-    def verify(self, cache, mtp_cache, tokens, drafts, pos, max_len):
-        want = np.array([seq[min(int(p) + 1, len(seq) - 1)] for seq, p in zip(self.seqs, np.asarray(pos))])
-        drafts = np.where(np.asarray(pos) % 3 == 0, (want + 1) % self.cfg.vocab_size, want)
-        return super().verify(cache, mtp_cache, tokens, drafts, pos, max_len)
+    def verify(self, state, max_len):
+        pos = np.asarray(state["pos"])
+        want = np.array([seq[min(int(p) + 1, len(seq) - 1)] for seq, p in zip(self.seqs, pos)])
+        drafts = np.where(pos % 3 == 0, (want + 1) % self.cfg.vocab_size, want)
+        return super().verify({**state, "draft_ids": drafts}, max_len)
 
 
 def test_speculative_greedy_equals_plain_greedy(runner, single):
