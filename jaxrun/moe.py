@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrun.matmul import dot, linear, planes_matmul
-from jaxrun.nvfp4 import EXACT_SHIFT, activation_values, nvfp4_matrix, nvfp4_planes, tiny_global
+from jaxrun.nvfp4 import EXACT_SHIFT, activation_values, nvfp4_planes, tiny_global
 from ref.config import TextConfig
 
 
@@ -27,36 +27,28 @@ def _expert_nvfp4(p, e, take, exact, in_scale):
     """Expert e of an NVFP4 xlin, ready to decode: (q, s, the global to decode with, exact, post), so
     that W = decode(q, s, global) * post. W4A4 (in_scale given): the block values e2m1 * scale (global
     1) and post = f32(input_scale * global), the products' one factor. Else the global itself, and
-    post = 2^-EXACT_SHIFT on the exact path (see nvfp4.nvfp4_matrix)."""
+    post = 2^-EXACT_SHIFT on the exact path (see nvfp4.nvfp4_planes)."""
     q, s = take(p["q"]), take(p["s"])
     if in_scale is not None:
         return q, s, jnp.float32(1), False, in_scale * p["s2"][e]
     return q, s, p["s2"][e], exact, jnp.float32(2.0 ** -EXACT_SHIFT if exact else 1)
 
 
-def _expert_planes(p, e, exact, in_scale=None):
-    """Expert e (traced index) of an xlin for a slot matmul: (planes, post), W = planes * post, the
-    planes as nvfp4_planes (even, odd) [out, in/2], read by a dynamic index (no gather copy)."""
+def _expert_planes(p, e, exact, in_scale=None, apart=False):
+    """Expert e (traced index) of an xlin as (planes, post), W = planes * post, the planes as
+    nvfp4_planes (even, odd) [out, in/2], read by a dynamic index (no gather copy). apart (the expert
+    loop, on CPU): decoding runs as a computation apart (a cond on e >= 0, always true); inside the
+    loop XLA then copies the expert's slice out before decoding it, where decoding fused with the
+    slicing of the stacked parameter measured about 3x slower."""
     take = lambda a: lax.dynamic_index_in_dim(a, e, keepdims=False)
     if "w" in p:
         w = take(p["w"]).astype(jnp.float32)
         return (w[:, 0::2], w[:, 1::2]), jnp.float32(1)
     q, s, g, ex, post = _expert_nvfp4(p, e, take, exact, in_scale)
-    return nvfp4_planes(q, s, g, ex), post
-
-
-def _expert_matrix(p, e, dt, exact, in_scale=None):
-    """Expert e (traced index) of an xlin as (w [out, in] in dt, post): W = w * post. On CPU the
-    decoding runs as a computation apart (a cond on e >= 0, always true): inside the expert loop XLA
-    then copies the expert's slice out before decoding it, where decoding fused with the slicing of
-    the stacked parameter measured about 3x slower."""
-    if "w" in p:
-        return p["w"][e].astype(dt), jnp.float32(1)
-    q, s, g, ex, post = _expert_nvfp4(p, e, lambda a: a[e], exact, in_scale)
-    decode = lambda q, s, g: nvfp4_matrix(q, s, g, dt, ex)
-    if jax.default_backend() != "cpu":
-        return decode(q, s, g), post
-    return lax.cond(e >= 0, decode, decode, q, s, g), post
+    decode = lambda q, s, g: nvfp4_planes(q, s, g, ex)
+    if apart and jax.default_backend() == "cpu":
+        return lax.cond(e >= 0, decode, decode, q, s, g), post
+    return decode(q, s, g), post
 
 
 def _inputs(h, in_scale):
@@ -149,12 +141,12 @@ def local_experts(x, ids, wts, experts, first, dt, all_local=False, exact=False,
     present = jnp.nonzero(counts > 0, size=e_loc, fill_value=0)[0]       # experts with rows, ascending
 
     def mm(a, w, in_scale):
-        return dot("ti,oi->to", _inputs(a, in_scale).astype(dt), w[0]) * w[1]
+        return planes_matmul(_inputs(a, in_scale), w[0], dt) * w[1]
 
     def expert(j, y):
         e = present[j]
         gu, dn = (None, None) if act is None else (act[e, 0], act[e, 1])
-        wg, wu, wd = (_expert_matrix(experts[n], e, dt, exact, sc) for n, sc in (("gate", gu), ("up", gu), ("down", dn)))
+        wg, wu, wd = (_expert_planes(experts[n], e, exact, sc, apart=True) for n, sc in (("gate", gu), ("up", gu), ("down", dn)))
         end = starts[e] + counts[e]
 
         def tile(i, y):
