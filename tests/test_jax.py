@@ -188,6 +188,22 @@ def test_batch_equals_single(runner, single):
         assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL  # f32 rounding of other shapes
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_stops_end_sequences_of_a_batch(runner, single, speculative):
+    """A stop id ends its sequences (kept as the last token) and on_step can end another, while the
+    next step is already queued; decode_tokens counts what the decode steps appended."""
+    stop = single[0].token_ids[2]
+    assert stop not in single[1].token_ids[:2]                           # sequence 1 is ended by on_step only
+    on_step = lambda results, done: np.array([False, len(results[1].token_ids) >= 2, False])
+    runner.timings = type(runner.timings)()
+    got = runner.generate(PROMPTS + [PROMPTS[0]], STEPS, max_context=CONTEXT, stop_ids={stop}, on_step=on_step,
+                          speculative=speculative)
+    first = single[0].token_ids[:single[0].token_ids.index(stop) + 1]
+    assert got[0].token_ids == got[2].token_ids == first
+    assert got[1].token_ids == single[1].token_ids[:2]
+    assert runner.timings.decode_tokens == sum(len(r.token_ids) - 1 for r in got)
+
+
 def test_sampling(runner, single):
     """top-k 1 is greedy at any temperature; a seed fixes the sample; no recompiling for new values."""
     before = dict(runner.traces)
