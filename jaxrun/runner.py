@@ -281,7 +281,9 @@ class Runner:
         head beside the model, recording its greedy draft of each next token (Result.mtp_draft_ids).
         speculative (greedy only): each step runs the last token and the MTP head's draft of the next
         one through the model together (model.verify) and keeps the draft when the model agrees, so a
-        step emits one or two tokens; the tokens are those of plain greedy decoding."""
+        step emits one or two tokens; the tokens are those of plain greedy decoding. Each step is
+        queued on the device before the host reads the previous step's tokens, so the host's
+        bookkeeping overlaps the device's work; a step queued when every sequence has ended is dropped."""
         mtp = mtp or speculative
         if mtp and "mtp" not in self.params:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
