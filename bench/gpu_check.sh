@@ -80,7 +80,8 @@ import dataclasses, os, sys, time
 import numpy as np, jax, jax.numpy as jnp
 from ref.config import FULL, LINEAR, QWEN35_397B
 from jaxrun import model
-from jaxrun.runner import Runner, Sampling
+from jaxrun.runner import Runner
+from jaxrun.sampling import Sampling
 from jaxrun.sharding import make_mesh, param_specs, shardings
 
 dry = os.environ.get("GPU_CHECK_DRY") == "1"
@@ -138,12 +139,12 @@ following = np.array([prompts[0][1:] + [0]], np.int32)
 draft, mtp_cache = runner.mtp_prefill(following, hidden, np.full(1, 32, np.int32), ctx)
 tok, pos = np.zeros(1, np.int32), np.full(1, 32, np.int32)
 state = {"cache": cache, "mtp_cache": mtp_cache, "next": tok, "draft_ids": tok, "pos": jnp.asarray(pos)}
-out = runner.verify(state, ctx)                                         # compile + warm up
+out = runner.verify(state, ctx, key, 0, Sampling())                      # compile + warm up
 jax.block_until_ready(out)
 times = []
 for i in range(steps):
     t0 = time.perf_counter()
-    out = runner.verify({**state, "cache": out["cache"], "mtp_cache": out["mtp_cache"]}, ctx)
+    out = runner.verify({**state, "cache": out["cache"], "mtp_cache": out["mtp_cache"]}, ctx, key, i + 1, Sampling())
     jax.block_until_ready(out["next"])
     times.append(time.perf_counter() - t0)
 print(f"speculative step (2 tokens + MTP head), batch 1: {float(np.median(times)) * 1e3:.2f} ms (median of {steps}); "

@@ -24,9 +24,11 @@ the default w4a16 keeps activations in the compute dtype.
 --mtp runs the checkpoint's MTP head beside the model: its greedy draft of each next token, and how
 many drafts the model's own choice then matched (the acceptance a speculative decoder would see),
 go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is skipped.
---speculative (greedy only) uses those drafts: each step runs the last token and the draft through
-the model together and keeps the draft when the model agrees, so a step can emit two tokens; the
-text is that of plain greedy decoding, and the accepted drafts are reported (--json: speculative).
+--speculative uses those drafts: each step runs the last token and the draft through the model
+together and keeps the draft when the model agrees (greedy), or with the probability the model's
+sampling distribution gives it (drawing the token from the rest otherwise), so a step can emit two
+tokens. The text is that of plain greedy decoding, or distributed as plain sampling's; the accepted
+drafts are reported (--json: speculative).
 
 --check recomputes each produced sequence with ref.model (float64, the same --activations and
 --act-scale; with --mtp also the MTP head's logits, under the same bound) and reports, per generated
@@ -79,7 +81,7 @@ def parse_args(argv):
     p.add_argument("--act-scale", choices=("per-expert", "max"), default="per-expert",
                    help="W4A4 input scale: each expert's own, or the layer's largest")
     p.add_argument("--mtp", action="store_true", help="run the MTP head and report its draft acceptance")
-    p.add_argument("--speculative", action="store_true", help="greedy speculative decoding with the MTP head")
+    p.add_argument("--speculative", action="store_true", help="speculative decoding with the MTP head's drafts")
     p.add_argument("--hide-thinking", action="store_true")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
@@ -92,8 +94,6 @@ def validate(a) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not (a.temperature >= 0 and a.temperature < float("inf")):
         raise UsageError(f"--temperature must be >= 0, got {a.temperature}")
-    if a.speculative and a.temperature != 0:
-        raise UsageError(f"--speculative: greedy decoding only (--temperature 0), got {a.temperature}")
     if not 0 < a.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.top_k < 0:
@@ -245,7 +245,8 @@ def run(a) -> int:
     from ref.synth import cached_checkpoint
     from ref.tokenizer import load_tokenizer
     from jaxrun.load import load
-    from jaxrun.runner import Runner, Sampling
+    from jaxrun.runner import Runner
+    from jaxrun.sampling import Sampling
     from jaxrun.sharding import make_mesh
 
     precision = a.precision or ("f32" if jax.default_backend() == "cpu" else "bf16")

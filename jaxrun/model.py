@@ -346,19 +346,18 @@ def _step(params, caches, tokens, pos, rope, cfg: TextConfig, dt, routed):
     return rms_norm(h, params["norm"], cfg.rms_norm_eps), out
 
 
-def verify(params, caches, mtp_cache, tokens, drafts, pos, rope, *, cfg: TextConfig, dt, routed):
-    """One greedy speculative step. tokens [B] (the last chosen token, at pos [B]) and the MTP head's
-    drafts [B] of the token after it run through the model together (positions pos, pos+1); the
-    draft is accepted where it equals the model's greedy choice g0. -> (logits [B, 2, V], g [B, 2]
-    (the greedy choices after each), accepted [B] bool, caches (DeltaNet states after the draft where
-    accepted, else after the token alone; attention keys past the kept tokens are masked until
-    rewritten), the MTP cache, the next drafts' logits [B, V]). Emitted: g0, and g1 where accepted.
-    The MTP head then runs on (g0, hidden at pos) and (g1, hidden at pos+1); the next draft comes
-    from the second where accepted, else from the first."""
+def verify(params, caches, mtp_cache, tokens, drafts, pos, rope, *, cfg: TextConfig, dt, routed, choose):
+    """One speculative step. tokens [B] (the last chosen token, at pos [B]) and the MTP head's drafts
+    [B] of the token after it run through the model together (positions pos, pos+1); choose(logits
+    [B, 2, V], drafts) -> (chosen [B, 2], accepted [B]) picks the tokens (sampling.speculative_choice).
+    -> (logits [B, 2, V], chosen, accepted, caches (DeltaNet states after the draft where accepted,
+    else after the token alone; attention keys past the kept tokens are masked until rewritten), the
+    MTP cache, the next drafts' logits [B, V]). Emitted: chosen[:, 0], and chosen[:, 1] where accepted. The MTP head then runs on
+    (chosen[:, 0], hidden at pos) and (chosen[:, 1], hidden at pos+1); the next draft comes from the
+    second where accepted, else from the first."""
     h, per_layer = _step(params, caches, jnp.stack([tokens, drafts], axis=1), pos, rope, cfg, dt, routed)
     logits = _lm_head(h, params, dt)                                     # [B, 2, V]
-    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)                    # [B, 2], ties to the lower id
-    accepted = g[:, 0] == drafts
+    g, accepted = choose(logits, drafts)
     pick = lambda after_token, after_draft: jax.tree.map(
         lambda a, b: jnp.where(accepted.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), after_token, after_draft)
     caches = [c[0] if kind == FULL else pick(c[0], c[1]) for kind, c in zip(cfg.layer_types, per_layer)]

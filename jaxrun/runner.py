@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrun import model, moe
+from jaxrun.sampling import Sampling, sample, speculative_choice
 from jaxrun.sharding import param_specs, routed_experts, shardings
 from ref.config import FULL
 
@@ -28,14 +29,6 @@ MIN_BUCKET = 16
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int = 0
 
 
 @dataclass
@@ -70,26 +63,6 @@ class Timings:
                 "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
                 "prefill_tok_s": rate(self.prefill_tokens, self.prefill_s),
                 "decode_tok_s": rate(self.decode_tokens, self.decode_s)}
-
-
-def _sample(logits, key, temperature, top_p, top_k):
-    """logits [B, V] f32 -> tokens [B]: argmax (lowest id on ties) where temperature == 0, else
-    sampling from the top-k / top-p filtered softmax(logits / temperature). An all-greedy batch skips
-    the sort."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sample():
-        order = jnp.argsort(-logits, axis=-1, stable=True)
-        scaled = jnp.take_along_axis(logits, order, -1) / jnp.maximum(temperature, 1e-6)[:, None]
-        rank = jnp.arange(logits.shape[-1])[None]
-        scaled = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, scaled)
-        probs = jax.nn.softmax(scaled, axis=-1)
-        keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (rank == 0)
-        pick = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
-        sampled = jnp.take_along_axis(order, pick[:, None], -1)[:, 0]
-        return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
-
-    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, sample)
 
 
 class Runner:
@@ -166,7 +139,7 @@ class Runner:
             self.traces["decode"] += 1
             logits, cache, *hidden = model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
                                                   routed=self._routed(), with_hidden=mtp)
-            nxt = _sample(logits, jax.random.fold_in(key, step), temperature, top_p, top_k)
+            nxt = sample(logits, jax.random.fold_in(key, step), temperature, top_p, top_k)
             out = {"tokens": nxt[:, None], "logits": logits, "count": jnp.ones_like(nxt), "next": nxt,
                    "pos": jnp.minimum(pos + 1, max_len - 1), "cache": cache}
             if mtp:
@@ -198,24 +171,31 @@ class Runner:
                              in_shardings=(self.param_shardings,) + (self.rep,) * 4, out_shardings=(self.rep, self.rep))
 
     def verify_fn(self, B: int, max_len: int):
-        """One greedy speculative step (model.verify), compiled with its bookkeeping: -> {"tokens": [B, 2]
-        the greedy choices (the second kept where the draft was accepted), "logits" [B, 2, V], "count"
-        [B] (1 + accepted), "next" (the last kept token), "pos" (+count, capped), "draft_ids" (the next
-        drafts), "cache", "mtp_cache"}."""
-        def fn(params, cache, mtp_cache, tokens, drafts, pos, rope):
+        """One speculative step (model.verify with sampling.speculative_choice), compiled with its
+        bookkeeping: (params, cache, mtp_cache, tokens [B], drafts [B], pos [B], rope, key, step,
+        temperature, top_p, top_k) -> {"tokens": [B, 2] the chosen tokens (the second kept where the
+        draft was accepted), "logits" [B, 2, V], "count" [B] (1 + accepted), "next" (the last kept
+        token), "pos" (+count, capped), "draft_ids" (the next drafts), "cache", "mtp_cache"}."""
+        def fn(params, cache, mtp_cache, tokens, drafts, pos, rope, key, step, temperature, top_p, top_k):
             self.traces["verify"] += 1
+            choose = lambda logits, drafts: speculative_choice(logits, drafts, jax.random.fold_in(key, step),
+                                                               temperature, top_p, top_k)
             logits, g, accepted, cache, mtp_cache, draft = model.verify(
-                params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed())
+                params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
+                choose=choose)
             count = 1 + accepted.astype(jnp.int32)
             return {"tokens": g, "logits": logits, "count": count, "next": jnp.where(accepted, g[:, 1], g[:, 0]),
                     "pos": jnp.minimum(pos + count, max_len - 1), "cache": cache, "mtp_cache": mtp_cache,
                     "draft_ids": jnp.argmax(draft, axis=-1).astype(jnp.int32)}
 
-        vec = self._spec((B,), jnp.int32)
-        args = lambda: (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)), vec, vec, vec,
-                        self.rope(max_len))
+        def args():
+            vec = self._spec((B,), jnp.int32)
+            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)), vec, vec, vec,
+                    self.rope(max_len), jax.random.PRNGKey(0), self._spec((), jnp.int32),
+                    self._spec((B,), jnp.float32), self._spec((B,), jnp.float32), vec)
+
         return self._compile(("verify", B, max_len, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 6, out_shardings=self.rep,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 11, out_shardings=self.rep,
                              donate_argnums=(1, 2))
 
     def _cache_spec(self, B: int, max_len: int, kinds=None):
@@ -226,7 +206,7 @@ class Runner:
         V = self.cfg.vocab_size
         args = lambda: (self._spec((B, V), jnp.float32), jax.random.PRNGKey(0), self._spec((B,), jnp.float32),
                         self._spec((B,), jnp.float32), self._spec((B,), jnp.int32))
-        return self._compile(("sample", B), _sample, args)
+        return self._compile(("sample", B), sample, args)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False,
                 with_hidden: bool = False):
@@ -250,12 +230,14 @@ class Runner:
         return self.mtp_prefill_fn(B, T, max_len)(self.params, jnp.asarray(next_tokens, jnp.int32), hidden,
                                                   jnp.asarray(lengths, jnp.int32), self.rope(max_len))
 
-    def verify(self, state: dict, max_len: int) -> dict:
+    def verify(self, state: dict, max_len: int, key, step: int, s: Sampling) -> dict:
         """One verify_fn step from state {"cache", "mtp_cache", "next", "draft_ids", "pos"} (the caches
-        are donated)."""
-        f = self.verify_fn(len(state["pos"]), max_len)
-        return f(self.params, state["cache"], state["mtp_cache"], jnp.asarray(state["next"], jnp.int32),
-                 jnp.asarray(state["draft_ids"], jnp.int32), state["pos"], self.rope(max_len))
+        are donated), its random choices from fold_in(key, step)."""
+        B = len(state["pos"])
+        return self.verify_fn(B, max_len)(
+            self.params, state["cache"], state["mtp_cache"], jnp.asarray(state["next"], jnp.int32),
+            jnp.asarray(state["draft_ids"], jnp.int32), state["pos"], self.rope(max_len), key, np.int32(step),
+            *self._sampling_arrays(B, s))
 
     def _sampling_arrays(self, B: int, s: Sampling):
         key = (B, s.temperature, s.top_p, s.top_k)
@@ -279,16 +261,15 @@ class Runner:
         produced a stop id (kept as its last token). on_step(results, done [B]) runs after each step and
         may return a bool array [B] of further sequences to stop (e.g. on stop text). mtp: run the MTP
         head beside the model, recording its greedy draft of each next token (Result.mtp_draft_ids).
-        speculative (greedy only): each step runs the last token and the MTP head's draft of the next
-        one through the model together (model.verify) and keeps the draft when the model agrees, so a
-        step emits one or two tokens; the tokens are those of plain greedy decoding. Each step is
+        speculative: each step runs the last token and the MTP head's greedy draft of the next one
+        through the model together (model.verify) and keeps the draft by sampling.speculative_choice,
+        so a step emits one or two tokens, distributed as plain sampling's (greedy: the same tokens,
+        the draft kept where the model agrees). Each step is
         queued on the device before the host reads the previous step's tokens, so the host's
         bookkeeping overlaps the device's work; a step queued when every sequence has ended is dropped."""
         mtp = mtp or speculative
         if mtp and "mtp" not in self.params:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
-        if speculative and sampling.temperature != 0:
-            raise ValueError("--speculative: greedy decoding only (--temperature 0)")
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = bucket(int(lengths.max()))
@@ -326,14 +307,12 @@ class Runner:
         self.timings.prefill_s += time.perf_counter() - t0
         self.timings.prefill_cpu_s += time.process_time() - c0
         self.timings.prefill_tokens += int(lengths.sum())
-        if speculative:
-            advance = lambda st, i: self.verify(st, S)
-        else:
-            advance = lambda st, i: self.decode(st, S, key, i, sampling)
+        advance = self.verify if speculative else self.decode
         done = np.zeros(B, bool)
         t0, c0 = time.perf_counter(), time.process_time()
         for step in range(1, max_new_tokens + 1):
-            out = advance(state, step) if step < max_new_tokens else None  # queued before this step's tokens are read
+            # the next step is queued before this one's tokens are read
+            out = advance(state, S, key, step, sampling) if step < max_new_tokens else None
             if out is not None:
                 state = {k: out[k] for k in ("cache", "mtp_cache", "next", "pos", "draft_ids") if k in out}
             new = self._emit(results, done, emitted, stop_ids, max_new_tokens)

@@ -18,7 +18,8 @@ from ckpt_edit import copy_checkpoint, edit_tensors
 from jaxrun.generate import main as cli_main
 from jaxrun.load import load
 from jaxrun.nvfp4 import dequant_nvfp4, quantize_activation
-from jaxrun.runner import Runner, Sampling
+from jaxrun.runner import Runner
+from jaxrun.sampling import Sampling
 from jaxrun.sharding import make_mesh
 from ref.model import Model
 from ref.nvfp4 import dequantize, quantize_activation as ref_quantize_activation
@@ -157,17 +158,17 @@ class _OracleDrafts(Runner):
     third position: both the accepted and the rejected path run."""
     seqs: list = []
 
-    def verify(self, state, max_len):
+    def verify(self, state, *args):
         pos = np.asarray(state["pos"])
         want = np.array([seq[min(int(p) + 1, len(seq) - 1)] for seq, p in zip(self.seqs, pos)])
         drafts = np.where(pos % 3 == 0, (want + 1) % self.cfg.vocab_size, want)
-        return super().verify({**state, "draft_ids": drafts}, max_len)
+        return super().verify({**state, "draft_ids": drafts}, *args)
 
 
 def test_speculative_greedy_equals_plain_greedy(runner, single):
     """MTP speculative decoding emits exactly plain greedy decoding's tokens, with its logits (f32
     rounding of the other shapes apart), whether the drafts are the MTP head's (all rejected on random
-    weights) or mostly right; a sampling temperature is refused."""
+    weights) or mostly right, and so does sampling with top-k 1 at any temperature."""
     r = runner.generate([PROMPTS[0]], STEPS, max_context=CONTEXT, keep_logits=True, speculative=True)[0]
     assert r.token_ids == single[0].token_ids and r.drafts_proposed == STEPS - 1
     oracle = _OracleDrafts(runner.params, runner.cfg, runner.mesh, "f32")
@@ -177,8 +178,27 @@ def test_speculative_greedy_equals_plain_greedy(runner, single):
         assert b.token_ids == s.token_ids
         assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL
         assert 0 < b.drafts_accepted < b.drafts_proposed < STEPS - 1                # some steps emitted two tokens
-    with pytest.raises(ValueError, match="greedy"):
-        runner.generate([PROMPTS[0]], 2, Sampling(temperature=1.0), speculative=True)
+    top1 = oracle.generate(PROMPTS, STEPS, Sampling(temperature=2.0, top_k=1, seed=4), max_context=CONTEXT,
+                           speculative=True)
+    assert [t.token_ids for t in top1] == [b.token_ids for b in batch]
+    assert [t.drafts_accepted for t in top1] == [b.drafts_accepted for b in batch]
+
+
+def test_speculative_sampling_follows_the_model(runner, ref_model, single):
+    """Sampled speculative decoding (drafts accepted by chance, others redrawn): each emitted token's
+    logits are ref's teacher-forced logits of the produced sequence, so the caches follow the kept
+    tokens on both paths; a seed fixes the result."""
+    oracle = _OracleDrafts(runner.params, runner.cfg, runner.mesh, "f32")
+    oracle.seqs = [p + s.token_ids for p, s in zip(PROMPTS, single)]
+    sampling = Sampling(temperature=0.5, top_k=2, seed=11)
+    got = oracle.generate(PROMPTS, STEPS, sampling, max_context=CONTEXT, keep_logits=True, speculative=True)
+    assert sum(r.drafts_accepted for r in got) > 0 and any(r.drafts_accepted < r.drafts_proposed for r in got)
+    for p, r in zip(PROMPTS, got):
+        assert len(r.token_ids) == STEPS
+        want = ref_model.logits(p + r.token_ids)[len(p) - 1:len(p) - 1 + STEPS]
+        assert np.abs(np.stack(r.logits) - want).max() <= TOL
+    again = oracle.generate(PROMPTS, STEPS, sampling, max_context=CONTEXT, speculative=True)
+    assert [a.token_ids for a in again] == [r.token_ids for r in got]
 
 
 def test_batch_equals_single(runner, single):
@@ -245,6 +265,17 @@ def test_cli_json_contract_and_check(tiny_checkpoint, single):
     assert "tok/s" in out.stderr and "check: PASS" in out.stderr and "mtp draft 0" in out.stderr
 
 
+def test_cli_speculative_sampling_checks_against_ref(tiny_checkpoint, capsys):
+    ids = ",".join(map(str, PROMPTS[1]))
+    argv = ["--model", str(tiny_checkpoint), "--token-ids", ids, "--max-new-tokens", "6", "--speculative",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--json", "--check", "--quiet"]
+    assert cli_main(argv) == 0
+    out, err = capsys.readouterr()
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert 1 <= len(obj["token_ids"]) <= 6 and obj["speculative"]["drafts_proposed"] >= 1
+    assert "check: PASS" in err
+
+
 def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
     d = copy_checkpoint(tiny_checkpoint, tmp_path / "no_mtp")
     edit_tensors(d, {"mtp.fc.weight": lambda a: None})
@@ -261,7 +292,6 @@ def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
     (["--token-ids", "1,x"], "--token-ids"),
     (["--token-ids", "1,99999"], "99999"),
     (["--token-ids", "1,2", "--max-context", "8", "--max-new-tokens", "7"], "exceeds the context"),
-    (["--token-ids", "1,2", "--speculative", "--temperature", "0.7"], "--speculative"),
 ])
 def test_cli_bad_input_exits_2(tiny_checkpoint, capsys, args, words):
     argv = args if args[0] == "--model" else ["--model", str(tiny_checkpoint), *args]
