@@ -13,6 +13,8 @@ text is random but well-formed. Prompts go through the checkpoint's chat templat
 Text streams to stdout (one prompt) or is printed per prompt at the end (a batch); thinking (after
 <think>, before </think>) is dimmed on a terminal, kept between its tags otherwise, or dropped with
 --hide-thinking. stderr gets one summary line: prefill and decode tokens/s and compile time.
+Compiled steps are kept in JAX's persistent compilation cache (--compile-cache), so a later run of
+the same shapes loads them instead of compiling again.
 
 --json: stdout holds only JSON lines, one object per prompt (the last line for a single prompt):
 prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length"), timings.
@@ -86,6 +88,9 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="where compiled steps are kept for later runs (default: $JAX_COMPILATION_CACHE_DIR, "
+                        "else $XDG_CACHE_HOME/qwen35-nvfp4-spec/xla); off: compile every run")
     return p.parse_args(argv)
 
 
@@ -242,13 +247,16 @@ def run(a) -> int:
                                    f" --xla_force_host_platform_device_count={a.devices}").strip()
     import jax
     from ref.errors import CheckpointError, ConfigError
-    from ref.synth import cached_checkpoint
+    from ref.synth import cached_checkpoint, user_cache
     from ref.tokenizer import load_tokenizer
     from jaxrun.load import load
     from jaxrun.runner import Runner
     from jaxrun.sampling import Sampling
     from jaxrun.sharding import make_mesh
 
+    if a.compile_cache != "off":                  # compiles of 1 s or more are kept (JAX's default threshold)
+        cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
+        jax.config.update("jax_compilation_cache_dir", cache)
     precision = a.precision or ("f32" if jax.default_backend() == "cpu" else "bf16")
     try:
         mesh = make_mesh(a.devices)

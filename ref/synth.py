@@ -416,9 +416,14 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, e
     return out
 
 
+def user_cache(name: str) -> Path:
+    """$XDG_CACHE_HOME (or ~/.cache)/qwen35-nvfp4-spec/name: where the project keeps what it makes once."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen35-nvfp4-spec" / name
+
+
 def cached_checkpoint(preset: str = "tiny", seed: int = 0) -> Path:
-    """A `preset` checkpoint under the user cache ($XDG_CACHE_HOME or ~/.cache), written once and reused."""
-    out = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen35-nvfp4-spec" / preset
+    """A `preset` checkpoint under user_cache(preset), written once and reused."""
+    out = user_cache(preset)
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"writing the {preset} synthetic checkpoint to {out} (once)", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Shared test settings: seeded hypothesis profiles (CI runs >= 1000 examples per property)."""
+"""Shared test settings: seeded hypothesis profiles (CI runs >= 1000 examples per property); the
+user cache ($XDG_CACHE_HOME: cached checkpoints, the CLI's compilation cache) in a temporary folder."""
 import os
 
 from hypothesis import HealthCheck, settings
@@ -12,6 +13,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # ---- synthetic checkpoints (ref.synth): the tiny preset, calibrated, in both expert layouts -----
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ One Runner (f32, one device, cache of CONTEXT positions) is shared by the module
 compiled once; the fused-layout checkpoint reuses its compiled functions.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -274,6 +275,25 @@ def test_cli_speculative_sampling_checks_against_ref(tiny_checkpoint, capsys):
     obj = json.loads(out.strip().splitlines()[-1])
     assert 1 <= len(obj["token_ids"]) <= 6 and obj["speculative"]["drafts_proposed"] >= 1
     assert "check: PASS" in err
+
+
+def test_cli_compile_cache_is_reused(tiny_checkpoint, tmp_path):
+    """The default cache is under $XDG_CACHE_HOME; a second run of the same shapes loads every
+    compiled step from it (writes no new entry) and generates the same tokens; off writes nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def run(*flags, home):
+        out = subprocess.run([sys.executable, "-m", "jaxrun.generate", "--model", str(tiny_checkpoint), "--token-ids",
+                              "5,17,300", "--max-new-tokens", "4", "--json", "--quiet", *flags],
+                             capture_output=True, text=True, timeout=300, env={**env, "XDG_CACHE_HOME": str(home)})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]
+
+    cache = tmp_path / "home" / "qwen35-nvfp4-spec" / "xla"
+    first = run(home=tmp_path / "home")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries and run(home=tmp_path / "home") == first and sorted(p.name for p in cache.iterdir()) == entries
+    assert run("--compile-cache", "off", home=tmp_path / "off") == first and not (tmp_path / "off").exists()
 
 
 def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
