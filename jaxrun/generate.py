@@ -4,7 +4,7 @@
     python -m jaxrun.generate --model DIR|REPO --prompt TEXT [--raw] [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop TEXT ...] [--devices N]
         [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
-        [--act-scale per-expert|max] [--mtp | --speculative] [--hide-thinking] [--json] [--check]
+        [--act-scale per-expert|max] [--mtp | --speculative [K]] [--hide-thinking] [--json] [--check]
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
 
 Without --model, a tiny random-weight checkpoint (ref.synth preset "tiny") is written once to
@@ -26,11 +26,12 @@ the default w4a16 keeps activations in the compute dtype.
 --mtp runs the checkpoint's MTP head beside the model: its greedy draft of each next token, and how
 many drafts the model's own choice then matched (the acceptance a speculative decoder would see),
 go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is skipped.
---speculative uses those drafts: each step runs the last token and the draft through the model
-together and keeps the draft when the model agrees (greedy), or with the probability the model's
-sampling distribution gives it (drawing the token from the rest otherwise), so a step can emit two
-tokens. The text is that of plain greedy decoding, or distributed as plain sampling's; the accepted
-drafts are reported (--json: speculative).
+--speculative [K] uses those drafts, K per step (default 1; the head chained on its own drafts as the
+engines do): each step runs the last token and the drafts through the model together and keeps
+drafts while the model agrees (greedy), or each with the probability the model's sampling
+distribution gives it (drawing the token from the rest at the first refusal), so a step can emit up
+to K + 1 tokens. The text is that of plain greedy decoding, or distributed as plain sampling's; the
+accepted drafts are reported (--json: speculative).
 
 --check recomputes each produced sequence with ref.model (float64, the same --activations and
 --act-scale; with --mtp also the MTP head's logits, under the same bound) and reports, per generated
@@ -83,7 +84,8 @@ def parse_args(argv):
     p.add_argument("--act-scale", choices=("per-expert", "max"), default="per-expert",
                    help="W4A4 input scale: each expert's own, or the layer's largest")
     p.add_argument("--mtp", action="store_true", help="run the MTP head and report its draft acceptance")
-    p.add_argument("--speculative", action="store_true", help="speculative decoding with the MTP head's drafts")
+    p.add_argument("--speculative", nargs="?", const=1, type=int, metavar="K",
+                   help="speculative decoding with K MTP drafts per step (default 1)")
     p.add_argument("--hide-thinking", action="store_true")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
@@ -99,6 +101,8 @@ def validate(a) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not (a.temperature >= 0 and a.temperature < float("inf")):
         raise UsageError(f"--temperature must be >= 0, got {a.temperature}")
+    if a.speculative is not None and a.speculative < 1:
+        raise UsageError(f"--speculative K must be >= 1, got {a.speculative}")
     if not 0 < a.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.top_k < 0:
@@ -274,11 +278,11 @@ def run(a) -> int:
     if (a.mtp or a.speculative) and "mtp" not in params:
         flag = "--speculative" if a.speculative else "--mtp"
         raise UsageError(f"{flag}: {ckpt.directory} has no MTP head (mtp.fc.weight)")
-    ctx = a.max_context or runner.context_for(prompts, a.max_new_tokens)
-    longest = max(map(len, prompts))
-    if longest + a.max_new_tokens > min(ctx, cfg.max_position_embeddings):
-        raise UsageError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds the context of "
-                         f"{min(ctx, cfg.max_position_embeddings)}")
+    K = a.speculative or 0
+    ctx = min(a.max_context or runner.context_for(prompts, a.max_new_tokens, K), cfg.max_position_embeddings)
+    if runner.positions_needed(prompts, a.max_new_tokens, K) > ctx:
+        raise UsageError(f"prompt of {max(map(len, prompts))} tokens + {a.max_new_tokens} new tokens"
+                         + (f" + {2 * K} for {K} speculative drafts" if K else "") + f" exceeds the context of {ctx}")
     texts = [tok.decode(p) for p in prompts]
     stream = len(prompts) == 1 and not a.json
     displays = [Display(t, a.hide_thinking, sys.stdout.isatty()) for t in texts]
@@ -297,7 +301,7 @@ def run(a) -> int:
 
     results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
                               stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step, mtp=a.mtp,
-                              speculative=a.speculative)
+                              speculative=a.speculative or 0)
     t = runner.timings
     for b, r in enumerate(results):
         text, hit = text_of(r.token_ids)

@@ -347,25 +347,26 @@ def _step(params, caches, tokens, pos, rope, cfg: TextConfig, dt, routed):
 
 
 def verify(params, caches, mtp_cache, tokens, drafts, pos, rope, *, cfg: TextConfig, dt, routed, choose):
-    """One speculative step. tokens [B] (the last chosen token, at pos [B]) and the MTP head's drafts
-    [B] of the token after it run through the model together (positions pos, pos+1); choose(logits
-    [B, 2, V], drafts) -> (chosen [B, 2], accepted [B]) picks the tokens (sampling.speculative_choice).
-    -> (logits [B, 2, V], chosen, accepted, caches (DeltaNet states after the draft where accepted,
-    else after the token alone; attention keys past the kept tokens are masked until rewritten), the
-    MTP cache, the next drafts' logits [B, V]). Emitted: chosen[:, 0], and chosen[:, 1] where accepted. The MTP head then runs on
-    (chosen[:, 0], hidden at pos) and (chosen[:, 1], hidden at pos+1); the next draft comes from the
-    second where accepted, else from the first."""
-    h, per_layer = _step(params, caches, jnp.stack([tokens, drafts], axis=1), pos, rope, cfg, dt, routed)
-    logits = _lm_head(h, params, dt)                                     # [B, 2, V]
-    g, accepted = choose(logits, drafts)
-    pick = lambda after_token, after_draft: jax.tree.map(
-        lambda a, b: jnp.where(accepted.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), after_token, after_draft)
-    caches = [c[0] if kind == FULL else pick(c[0], c[1]) for kind, c in zip(cfg.layer_types, per_layer)]
-    m = params["mtp"]
-    hm, mc = _layer_step(_mtp_input(params, g, h, cfg, dt), m["layer"], FULL, mtp_cache[0], pos, rope, cfg, dt, routed)
-    draft_logits = _lm_head(rms_norm(hm, m["norm"], cfg.rms_norm_eps), params, dt)      # [B, 2, V]
-    draft_logits = jnp.where(accepted[:, None], draft_logits[:, 1], draft_logits[:, 0])
-    return logits, g, accepted, caches, [mc[0]], draft_logits
+    """One speculative step. tokens [B] (the last chosen token, at pos [B]) and the MTP head's K drafts
+    [B, K] of the tokens after it run through the model together (positions pos .. pos+K);
+    choose(logits [B, K+1, V], drafts) -> (chosen [B, K+1], n [B] drafts accepted) picks the tokens
+    (sampling.speculative_choice); emitted: chosen[:, :n+1]. -> (logits, chosen, n, caches (DeltaNet
+    states after token n; attention keys past the kept tokens are masked until rewritten), the MTP
+    cache, the next K drafts [B, K]). The MTP head runs on every (chosen token, hidden) row; the next
+    drafts start from its row n and go on by mtp_chain."""
+    B, K = drafts.shape
+    h, per_layer = _step(params, caches, jnp.concatenate([tokens[:, None], drafts], axis=1), pos, rope, cfg, dt,
+                         routed)                                         # [B, K+1, H]
+    logits = _lm_head(h, params, dt)                                     # [B, K+1, V]
+    chosen, n = choose(logits, drafts)
+    rows = jnp.arange(B)
+    after_n = lambda per_token: jax.tree.map(lambda *a: jnp.stack(a, axis=1)[rows, n], *per_token)
+    caches = [c[0] if kind == FULL else after_n(c) for kind, c in zip(cfg.layer_types, per_layer)]
+    hm, mtp_cache = _mtp_step(params, mtp_cache, chosen, h, pos, rope, cfg, dt, routed)
+    first = jnp.argmax(_lm_head(hm[rows, n], params, dt), axis=-1).astype(jnp.int32)
+    nxt, mtp_cache = mtp_chain(params, mtp_cache, first, hm[rows, n], pos + n, rope, cfg=cfg, dt=dt, routed=routed,
+                               count=K)
+    return logits, chosen, n, caches, mtp_cache, nxt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,21 +383,42 @@ def _mtp_input(params, next_tokens, hidden, cfg: TextConfig, dt):
 
 def mtp_prefill(params, next_tokens, hidden, lengths, rope, *, cfg: TextConfig, dt, routed, max_len: int):
     """next_tokens [B, T] (token t+1 at row t; right-padded), hidden [B, T, H] (the main model's final
-    hidden at t), lengths [B] -> (draft logits [B, V] for token lengths + 1, the MTP cache)."""
+    hidden at t), lengths [B] -> (draft logits [B, V] for token lengths + 1, the MTP cache, the MTP
+    head's normed hidden [B, H] that made them)."""
     m = params["mtp"]
     h, c = _layer_prefill(_mtp_input(params, next_tokens, hidden, cfg, dt), m["layer"], FULL, lengths, rope,
                           cfg, dt, routed, max_len)
     h = rms_norm(h[jnp.arange(h.shape[0]), lengths - 1], m["norm"], cfg.rms_norm_eps)
-    return _lm_head(h, params, dt), [c]
+    return _lm_head(h, params, dt), [c], h
+
+
+def _mtp_step(params, cache, next_tokens, hidden, pos, rope, cfg: TextConfig, dt, routed):
+    """The MTP layer on T rows per sequence: next_tokens [B, T] (token pos+t+1), hidden [B, T, H] (at
+    pos+t) -> (its normed hidden [B, T, H], whose logits draft token pos+t+2, the cache)."""
+    m = params["mtp"]
+    h, c = _layer_step(_mtp_input(params, next_tokens, hidden, cfg, dt), m["layer"], FULL, cache[0], pos, rope,
+                       cfg, dt, routed)
+    return rms_norm(h, m["norm"], cfg.rms_norm_eps), [c[0]]
 
 
 def mtp_decode(params, cache, next_tokens, hidden, pos, rope, *, cfg: TextConfig, dt, routed):
     """next_tokens [B] (token pos + 1), hidden [B, H] (main final hidden at pos), pos [B] -> (draft
     logits [B, V] for token pos + 2, cache)."""
-    m = params["mtp"]
-    x = _mtp_input(params, next_tokens[:, None], hidden[:, None], cfg, dt)                # [B, 1, H]
-    h, c = _layer_step(x, m["layer"], FULL, cache[0], pos, rope, cfg, dt, routed)
-    return _lm_head(rms_norm(h[:, 0], m["norm"], cfg.rms_norm_eps), params, dt), [c[0]]
+    h, cache = _mtp_step(params, cache, next_tokens[:, None], hidden[:, None], pos, rope, cfg, dt, routed)
+    return _lm_head(h[:, 0], params, dt), cache
+
+
+def mtp_chain(params, cache, first, hidden, pos, rope, *, cfg: TextConfig, dt, routed, count: int):
+    """count greedy drafts [B, count]: first [B] (drafted by the MTP row at pos [B], whose normed hidden
+    is hidden [B, H]), then each next one from the MTP layer run on the previous draft and the normed
+    hidden that drafted it, one position on (the engines' chaining of a one-layer MTP head). -> (drafts,
+    cache)."""
+    drafts = [first]
+    for j in range(1, count):
+        h, cache = _mtp_step(params, cache, drafts[-1][:, None], hidden[:, None], pos + j, rope, cfg, dt, routed)
+        hidden = h[:, 0]
+        drafts.append(jnp.argmax(_lm_head(hidden, params, dt), axis=-1).astype(jnp.int32))
+    return jnp.stack(drafts, axis=1), cache
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ class Result:
     logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when kept
     mtp_draft_ids: list[int] = field(default_factory=list)  # with mtp: entry i is the MTP head's guess of token i + 1
     mtp_logits: list[np.ndarray] = field(default_factory=list)  # its logits, when kept
-    drafts_proposed: int = 0  # speculative: steps that tried an MTP draft
-    drafts_accepted: int = 0  # ... and the drafts the model agreed with (each saved a step)
+    drafts_proposed: int = 0  # speculative: MTP drafts tried (K per step)
+    drafts_accepted: int = 0  # ... and those kept (each saved a step)
 
     def mtp_accepted(self) -> tuple[int, int]:
         """(drafts equal to the token that followed, drafts that had a following token)."""
@@ -158,43 +158,49 @@ class Runner:
                              in_shardings=(self.param_shardings,) + (self.rep,) * 10, out_shardings=self.rep,
                              donate_argnums=(1, 2))
 
-    def mtp_prefill_fn(self, B: int, T: int, max_len: int):
+    def mtp_prefill_fn(self, B: int, T: int, max_len: int, drafts: int = 0):
+        """model.mtp_prefill -> (draft logits [B, V], MTP cache), with drafts > 0 also that many chained
+        greedy drafts [B, drafts] (model.mtp_chain) for the first speculative step."""
         def fn(params, next_tokens, hidden, lengths, rope):
             self.traces["mtp_prefill"] += 1
-            return model.mtp_prefill(params, next_tokens, hidden, lengths, rope, cfg=self.cfg, dt=self.dt,
-                                     routed=self._routed(), max_len=max_len)
+            kw = dict(cfg=self.cfg, dt=self.dt, routed=self._routed())
+            logits, cache, h = model.mtp_prefill(params, next_tokens, hidden, lengths, rope, max_len=max_len, **kw)
+            if not drafts:
+                return logits, cache
+            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            chain, cache = model.mtp_chain(params, cache, first, h, lengths - 1, rope, count=drafts, **kw)
+            return logits, cache, chain
 
         H = self.cfg.hidden_size
         args = lambda: (self.params, self._spec((B, T), jnp.int32), self._spec((B, T, H), self.dt),
                         self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("mtp_prefill", B, T, max_len, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 4, out_shardings=(self.rep, self.rep))
+        return self._compile(("mtp_prefill", B, T, max_len, drafts, self.exact), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 4, out_shardings=self.rep)
 
-    def verify_fn(self, B: int, max_len: int):
-        """One speculative step (model.verify with sampling.speculative_choice), compiled with its
-        bookkeeping: (params, cache, mtp_cache, tokens [B], drafts [B], pos [B], rope, key, step,
-        temperature, top_p, top_k) -> {"tokens": [B, 2] the chosen tokens (the second kept where the
-        draft was accepted), "logits" [B, 2, V], "count" [B] (1 + accepted), "next" (the last kept
-        token), "pos" (+count, capped), "draft_ids" (the next drafts), "cache", "mtp_cache"}."""
+    def verify_fn(self, B: int, max_len: int, K: int):
+        """One speculative step with K drafts (model.verify with sampling.speculative_choice), compiled
+        with its bookkeeping: (params, cache, mtp_cache, tokens [B], drafts [B, K], pos [B], rope, key,
+        step, temperature, top_p, top_k) -> {"tokens": [B, K+1] the chosen tokens, "logits" [B, K+1, V],
+        "count" [B] (1 + drafts accepted: the tokens kept), "next" (the last kept token), "pos" (+count,
+        capped), "drafts" [B, K] (the next ones), "cache", "mtp_cache"}."""
         def fn(params, cache, mtp_cache, tokens, drafts, pos, rope, key, step, temperature, top_p, top_k):
             self.traces["verify"] += 1
             choose = lambda logits, drafts: speculative_choice(logits, drafts, jax.random.fold_in(key, step),
                                                                temperature, top_p, top_k)
-            logits, g, accepted, cache, mtp_cache, draft = model.verify(
+            logits, chosen, n, cache, mtp_cache, nxt = model.verify(
                 params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
                 choose=choose)
-            count = 1 + accepted.astype(jnp.int32)
-            return {"tokens": g, "logits": logits, "count": count, "next": jnp.where(accepted, g[:, 1], g[:, 0]),
-                    "pos": jnp.minimum(pos + count, max_len - 1), "cache": cache, "mtp_cache": mtp_cache,
-                    "draft_ids": jnp.argmax(draft, axis=-1).astype(jnp.int32)}
+            return {"tokens": chosen, "logits": logits, "count": n + 1, "next": chosen[jnp.arange(B), n],
+                    "pos": jnp.minimum(pos + n + 1, max_len - 1), "cache": cache, "mtp_cache": mtp_cache,
+                    "drafts": nxt}
 
         def args():
             vec = self._spec((B,), jnp.int32)
-            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)), vec, vec, vec,
-                    self.rope(max_len), jax.random.PRNGKey(0), self._spec((), jnp.int32),
-                    self._spec((B,), jnp.float32), self._spec((B,), jnp.float32), vec)
+            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)), vec,
+                    self._spec((B, K), jnp.int32), vec, self.rope(max_len), jax.random.PRNGKey(0),
+                    self._spec((), jnp.int32), self._spec((B,), jnp.float32), self._spec((B,), jnp.float32), vec)
 
-        return self._compile(("verify", B, max_len, self.exact), fn, args,
+        return self._compile(("verify", B, max_len, K, self.exact), fn, args,
                              in_shardings=(self.param_shardings,) + (self.rep,) * 11, out_shardings=self.rep,
                              donate_argnums=(1, 2))
 
@@ -224,20 +230,20 @@ class Runner:
         return f(self.params, state["cache"], state.get("mtp_cache"), state["next"], state["pos"], self.rope(max_len),
                  key, np.int32(step), *self._sampling_arrays(len(state["pos"]), s))
 
-    def mtp_prefill(self, next_tokens: np.ndarray, hidden, lengths: np.ndarray, max_len: int):
-        """model.mtp_prefill: (draft logits [B, V], MTP cache) on device."""
+    def mtp_prefill(self, next_tokens: np.ndarray, hidden, lengths: np.ndarray, max_len: int, drafts: int = 0):
+        """mtp_prefill_fn's outputs, on device."""
         B, T = next_tokens.shape
-        return self.mtp_prefill_fn(B, T, max_len)(self.params, jnp.asarray(next_tokens, jnp.int32), hidden,
-                                                  jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+        return self.mtp_prefill_fn(B, T, max_len, drafts)(self.params, jnp.asarray(next_tokens, jnp.int32), hidden,
+                                                          jnp.asarray(lengths, jnp.int32), self.rope(max_len))
 
     def verify(self, state: dict, max_len: int, key, step: int, s: Sampling) -> dict:
-        """One verify_fn step from state {"cache", "mtp_cache", "next", "draft_ids", "pos"} (the caches
-        are donated), its random choices from fold_in(key, step)."""
-        B = len(state["pos"])
-        return self.verify_fn(B, max_len)(
-            self.params, state["cache"], state["mtp_cache"], jnp.asarray(state["next"], jnp.int32),
-            jnp.asarray(state["draft_ids"], jnp.int32), state["pos"], self.rope(max_len), key, np.int32(step),
-            *self._sampling_arrays(B, s))
+        """One verify_fn step from state {"cache", "mtp_cache", "next", "drafts" [B, K], "pos"} (the
+        caches are donated), its random choices from fold_in(key, step)."""
+        drafts = jnp.asarray(state["drafts"], jnp.int32)
+        B, K = drafts.shape
+        return self.verify_fn(B, max_len, K)(
+            self.params, state["cache"], state["mtp_cache"], jnp.asarray(state["next"], jnp.int32), drafts,
+            state["pos"], self.rope(max_len), key, np.int32(step), *self._sampling_arrays(B, s))
 
     def _sampling_arrays(self, B: int, s: Sampling):
         key = (B, s.temperature, s.top_p, s.top_k)
@@ -250,30 +256,41 @@ class Runner:
         return self.sample_fn(logits.shape[0])(logits, key, *self._sampling_arrays(logits.shape[0], s))
 
     # -- generation --------------------------------------------------------------------------------
-    def context_for(self, prompts, max_new_tokens: int) -> int:
-        longest = max(len(p) for p in prompts)
-        return bucket(max(bucket(longest), longest + max_new_tokens), 256)
+    @staticmethod
+    def positions_needed(prompts, max_new_tokens: int, speculative: int = 0) -> int:
+        """Cache positions a generation writes: the longest prompt, the new tokens, and with K drafts
+        2K more (a speculative step writes its drafts, then the MTP head's chain, past its last token)."""
+        return max(len(p) for p in prompts) + max_new_tokens + 2 * int(speculative)
+
+    def context_for(self, prompts, max_new_tokens: int, speculative: int = 0) -> int:
+        """The cache length generate uses by default: positions_needed, rounded up to a multiple of 256."""
+        return bucket(max(bucket(max(len(p) for p in prompts)), self.positions_needed(prompts, max_new_tokens,
+                                                                                       speculative)), 256)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None,
-                 mtp: bool = False, speculative: bool = False) -> list[Result]:
+                 mtp: bool = False, speculative: int = 0) -> list[Result]:
         """Prefill all prompts together, then decode them together until each has max_new_tokens or
         produced a stop id (kept as its last token). on_step(results, done [B]) runs after each step and
         may return a bool array [B] of further sequences to stop (e.g. on stop text). mtp: run the MTP
         head beside the model, recording its greedy draft of each next token (Result.mtp_draft_ids).
-        speculative: each step runs the last token and the MTP head's greedy draft of the next one
-        through the model together (model.verify) and keeps the draft by sampling.speculative_choice,
-        so a step emits one or two tokens, distributed as plain sampling's (greedy: the same tokens,
-        the draft kept where the model agrees). Each step is
-        queued on the device before the host reads the previous step's tokens, so the host's
-        bookkeeping overlaps the device's work; a step queued when every sequence has ended is dropped."""
-        mtp = mtp or speculative
+        speculative K (True = 1): each step runs the last token and K greedy drafts of the tokens after
+        it (the MTP head, chained) through the model together (model.verify) and keeps a prefix of the
+        drafts by sampling.speculative_choice, so a step emits 1 .. K+1 tokens, distributed as plain
+        sampling's (greedy: the same tokens, drafts kept while the model agrees). Each step is queued
+        on the device before the host reads the previous step's tokens, so the host's bookkeeping
+        overlaps the device's work; a step queued when every sequence has ended is dropped."""
+        K = int(speculative)
+        mtp = mtp or K > 0
         if mtp and "mtp" not in self.params:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = bucket(int(lengths.max()))
-        S = max(max_context or self.context_for(prompts, max_new_tokens), T)
+        S = max(max_context or self.context_for(prompts, max_new_tokens, K), T)
+        if self.positions_needed(prompts, max_new_tokens, K) > S:
+            raise ValueError(f"{self.positions_needed(prompts, max_new_tokens, K)} cache positions needed (prompt, "
+                             f"new tokens, 2 per draft) exceed the context of {S}")
         tokens = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = p
@@ -283,12 +300,12 @@ class Runner:
         key = jax.random.PRNGKey(sampling.seed)
         self.prefill_fn(B, T, S, with_hidden=mtp)                          # compile everything before timing
         self.sample_fn(B)
-        if speculative:
-            self.verify_fn(B, S)
+        if K:
+            self.verify_fn(B, S, K)
         else:
             self.decode_fn(B, S, mtp)
         if mtp:
-            self.mtp_prefill_fn(B, T, S)
+            self.mtp_prefill_fn(B, T, S, K)
         t0, c0 = time.perf_counter(), time.process_time()
         logits, cache, *hidden = self.prefill(tokens, lengths, S, with_hidden=mtp)
         tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
@@ -297,9 +314,12 @@ class Runner:
         if mtp:                                        # row t: token t + 1 (the sampled one after the prompt)
             following = np.concatenate([tokens[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
             following[np.arange(B), lengths - 1] = np.asarray(tok)
-            first["draft"], state["mtp_cache"] = self.mtp_prefill(following, hidden[0], lengths, S)
-            state["draft_ids"] = first["draft_ids"] = jnp.argmax(first["draft"], axis=-1).astype(jnp.int32)
-        drafts = mtp and not speculative                                   # recorded per token
+            first["draft"], state["mtp_cache"], *chain = self.mtp_prefill(following, hidden[0], lengths, S, K)
+            if K:
+                state["drafts"] = chain[0]
+            else:
+                state["draft_ids"] = first["draft_ids"] = jnp.argmax(first["draft"], axis=-1).astype(jnp.int32)
+        drafts = mtp and not K                                             # recorded per token
         wanted = ("tokens", "count") + ("logits",) * keep_logits + ("draft_ids",) * drafts \
             + ("draft",) * (drafts and keep_logits)
         to_host = lambda out: {k: np.asarray(out[k]) for k in wanted if k in out}
@@ -307,14 +327,14 @@ class Runner:
         self.timings.prefill_s += time.perf_counter() - t0
         self.timings.prefill_cpu_s += time.process_time() - c0
         self.timings.prefill_tokens += int(lengths.sum())
-        advance = self.verify if speculative else self.decode
+        advance = self.verify if K else self.decode
         done = np.zeros(B, bool)
         t0, c0 = time.perf_counter(), time.process_time()
         for step in range(1, max_new_tokens + 1):
             # the next step is queued before this one's tokens are read
             out = advance(state, S, key, step, sampling) if step < max_new_tokens else None
             if out is not None:
-                state = {k: out[k] for k in ("cache", "mtp_cache", "next", "pos", "draft_ids") if k in out}
+                state = {k: out[k] for k in ("cache", "mtp_cache", "next", "pos", "draft_ids", "drafts") if k in out}
             new = self._emit(results, done, emitted, stop_ids, max_new_tokens)
             if step > 1:
                 self.timings.decode_tokens += new
@@ -324,10 +344,10 @@ class Runner:
             if done.all() or out is None:
                 break
             emitted = to_host(out)
-            if speculative:
+            if K:
                 for b in np.flatnonzero(~done):
                     results[b].drafts_accepted += int(emitted["count"][b]) - 1
-                    results[b].drafts_proposed += 1
+                    results[b].drafts_proposed += K
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results

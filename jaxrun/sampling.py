@@ -1,5 +1,5 @@
 """Token choice inside jit: greedy, temperature / top-k / top-p sampling, and the acceptance rule of
-speculative decoding with one draft token, which keeps the sampled distribution exactly.
+speculative decoding with K draft tokens, which keeps the sampled distribution exactly.
 
 Per-row settings are arrays [B] (temperature 0 = greedy), so one compiled step serves any values.
 """
@@ -50,27 +50,33 @@ def sample(logits, key, temperature, top_p, top_k):
 
 
 def speculative_choice(logits, drafts, key, temperature, top_p, top_k):
-    """The tokens of one speculative step. logits [B, 2, V]: after the last token and after the draft
-    [B]. -> (tokens [B, 2], accepted [B]); emitted: tokens[:, 0], and tokens[:, 1] where accepted.
+    """The tokens of one speculative step. logits [B, K+1, V]: after the last token and after each of
+    the K drafts [B, K]. -> (chosen [B, K+1], n [B] drafts accepted); emitted: chosen[:, :n+1].
 
-    Greedy rows: the argmaxes, the draft accepted where it equals the first. Sampled rows (the
-    draft a single token d, i.e. a draft distribution q = one-hot(d)): d is accepted with probability
-    p(d) under the filtered distribution p after the last token, and is then the first token, the
-    second drawn from the distribution after the draft; otherwise the first token is drawn from p
-    with d removed (renormalised: max(p - q, 0)). The first token is then distributed as p, and the
-    pair as two sequential draws."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)               # [B, 2]
+    Greedy rows: the argmaxes, n the number of leading drafts equal to them. Sampled rows (each draft
+    a single token d_i, i.e. a draft distribution q_i = one-hot(d_i)): d_i is accepted with
+    probability p_i(d_i) under the filtered distribution p_i after the tokens before it, while all
+    before it were; at the first rejection the token is drawn from p_i with d_i removed
+    (renormalised max(p_i - q_i, 0)); when all K are accepted, one more is drawn from p_K. The
+    emitted tokens are then distributed as sequential draws from the model."""
+    B, K = drafts.shape
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)               # [B, K+1]
+    leading = lambda ok: jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
     def draw():
-        k_accept, k_other, k_next = jax.random.split(key, 3)
-        order, scaled = _filtered(logits[:, 0], temperature, top_p, top_k)
-        p_draft = jnp.sum(jnp.where(order == drafts[:, None], jax.nn.softmax(scaled, axis=-1), 0.0), axis=-1)
-        accepted = jax.random.uniform(k_accept, drafts.shape) < p_draft
-        other = _draw(k_other, order, jnp.where(order == drafts[:, None], -jnp.inf, scaled))
-        second = _draw(k_next, *_filtered(logits[:, 1], temperature, top_p, top_k))
-        tokens = jnp.stack([jnp.where(accepted, drafts, other), second], axis=1)
-        is_greedy = (temperature == 0)[:, None]
-        return jnp.where(is_greedy, greedy, tokens), jnp.where(is_greedy[:, 0], greedy[:, 0] == drafts, accepted)
+        keys = jax.random.split(key, 2 * K + 1)
+        tokens, accepts = [], []
+        for i in range(K):
+            order, scaled = _filtered(logits[:, i], temperature, top_p, top_k)
+            is_draft = order == drafts[:, i:i + 1]
+            p_draft = jnp.sum(jnp.where(is_draft, jax.nn.softmax(scaled, axis=-1), 0.0), axis=-1)
+            accepts.append(jax.random.uniform(keys[2 * i], (B,)) < p_draft)
+            other = _draw(keys[2 * i + 1], order, jnp.where(is_draft, -jnp.inf, scaled))
+            tokens.append(jnp.where(accepts[-1], drafts[:, i], other))
+        tokens.append(_draw(keys[2 * K], *_filtered(logits[:, K], temperature, top_p, top_k)))
+        sampled, n = jnp.stack(tokens, axis=1), leading(jnp.stack(accepts, axis=1))
+        is_greedy = temperature == 0
+        return jnp.where(is_greedy[:, None], greedy, sampled), jnp.where(is_greedy, leading(greedy[:, :K] == drafts), n)
 
-    tokens, accepted = jax.lax.cond(jnp.all(temperature == 0), lambda: (greedy, greedy[:, 0] == drafts), draw)
-    return tokens.astype(jnp.int32), accepted
+    chosen, n = jax.lax.cond(jnp.all(temperature == 0), lambda: (greedy, leading(greedy[:, :K] == drafts)), draw)
+    return chosen.astype(jnp.int32), n.astype(jnp.int32)

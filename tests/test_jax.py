@@ -155,50 +155,58 @@ def test_mtp_drafts_match_ref(runner, ref_model, single):
 
 
 class _OracleDrafts(Runner):
-    """A runner whose speculative steps get the plain greedy continuation as drafts, wrong at every
-    third position: both the accepted and the rejected path run."""
+    """A runner whose speculative steps get the plain greedy continuation as drafts, wrong where the
+    drafted position is a multiple of 3: accepted, partly accepted and rejected steps all run."""
     seqs: list = []
 
     def verify(self, state, *args):
-        pos = np.asarray(state["pos"])
-        want = np.array([seq[min(int(p) + 1, len(seq) - 1)] for seq, p in zip(self.seqs, pos)])
-        drafts = np.where(pos % 3 == 0, (want + 1) % self.cfg.vocab_size, want)
-        return super().verify({**state, "draft_ids": drafts}, *args)
+        pos = np.asarray(state["pos"])[:, None] + 1 + np.arange(np.shape(state["drafts"])[1])   # [B, K]
+        want = np.array([[seq[min(int(p), len(seq) - 1)] for p in row] for seq, row in zip(self.seqs, pos)])
+        return super().verify({**state, "drafts": np.where(pos % 3 == 0, (want + 1) % self.cfg.vocab_size, want)},
+                              *args)
 
 
-def test_speculative_greedy_equals_plain_greedy(runner, single):
-    """MTP speculative decoding emits exactly plain greedy decoding's tokens, with its logits (f32
-    rounding of the other shapes apart), whether the drafts are the MTP head's (all rejected on random
-    weights) or mostly right, and so does sampling with top-k 1 at any temperature."""
-    r = runner.generate([PROMPTS[0]], STEPS, max_context=CONTEXT, keep_logits=True, speculative=True)[0]
-    assert r.token_ids == single[0].token_ids and r.drafts_proposed == STEPS - 1
+def _oracle(runner, single, prompts=PROMPTS):
     oracle = _OracleDrafts(runner.params, runner.cfg, runner.mesh, "f32")
-    oracle.seqs = [p + s.token_ids for p, s in zip(PROMPTS, single)]
-    batch = oracle.generate(PROMPTS, STEPS, max_context=CONTEXT, keep_logits=True, speculative=True)
+    oracle.seqs = [p + s.token_ids for p, s in zip(prompts, single)]
+    return oracle
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(runner, single, K):
+    """MTP speculative decoding with K drafts emits exactly plain greedy decoding's tokens, with its
+    logits (f32 rounding of the other shapes apart), whether the drafts are the MTP head's (all
+    rejected on random weights) or mostly right, and so does sampling with top-k 1 at any temperature."""
+    r = runner.generate([PROMPTS[0]], STEPS, max_context=CONTEXT, keep_logits=True, speculative=K)[0]
+    assert r.token_ids == single[0].token_ids and r.drafts_proposed == K * (STEPS - 1)
+    oracle = _oracle(runner, single)
+    batch = oracle.generate(PROMPTS, STEPS, max_context=CONTEXT, keep_logits=True, speculative=K)
     for b, s in zip(batch, single):
         assert b.token_ids == s.token_ids
         assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL
-        assert 0 < b.drafts_accepted < b.drafts_proposed < STEPS - 1                # some steps emitted two tokens
+        assert 0 < b.drafts_accepted < b.drafts_proposed                    # some steps emitted several tokens
     top1 = oracle.generate(PROMPTS, STEPS, Sampling(temperature=2.0, top_k=1, seed=4), max_context=CONTEXT,
-                           speculative=True)
+                           speculative=K)
     assert [t.token_ids for t in top1] == [b.token_ids for b in batch]
     assert [t.drafts_accepted for t in top1] == [b.drafts_accepted for b in batch]
+    with pytest.raises(ValueError, match="exceed the context of 16"):                # no room for the drafts
+        runner.generate([PROMPTS[0]], 16 - len(PROMPTS[0]), max_context=16, speculative=K)
 
 
-def test_speculative_sampling_follows_the_model(runner, ref_model, single):
-    """Sampled speculative decoding (drafts accepted by chance, others redrawn): each emitted token's
+@pytest.mark.parametrize("K", [1, 2])
+def test_speculative_sampling_follows_the_model(runner, ref_model, single, K):
+    """Sampled speculative decoding (drafts kept by chance, others redrawn): each emitted token's
     logits are ref's teacher-forced logits of the produced sequence, so the caches follow the kept
-    tokens on both paths; a seed fixes the result."""
-    oracle = _OracleDrafts(runner.params, runner.cfg, runner.mesh, "f32")
-    oracle.seqs = [p + s.token_ids for p, s in zip(PROMPTS, single)]
-    sampling = Sampling(temperature=0.5, top_k=2, seed=11)
-    got = oracle.generate(PROMPTS, STEPS, sampling, max_context=CONTEXT, keep_logits=True, speculative=True)
+    tokens on every path; a seed fixes the result."""
+    oracle = _oracle(runner, single)
+    sampling = Sampling(temperature=0.3, top_k=2, seed=1)
+    got = oracle.generate(PROMPTS, STEPS, sampling, max_context=CONTEXT, keep_logits=True, speculative=K)
     assert sum(r.drafts_accepted for r in got) > 0 and any(r.drafts_accepted < r.drafts_proposed for r in got)
     for p, r in zip(PROMPTS, got):
         assert len(r.token_ids) == STEPS
         want = ref_model.logits(p + r.token_ids)[len(p) - 1:len(p) - 1 + STEPS]
         assert np.abs(np.stack(r.logits) - want).max() <= TOL
-    again = oracle.generate(PROMPTS, STEPS, sampling, max_context=CONTEXT, speculative=True)
+    again = oracle.generate(PROMPTS, STEPS, sampling, max_context=CONTEXT, speculative=K)
     assert [a.token_ids for a in again] == [r.token_ids for r in got]
 
 
@@ -209,20 +217,23 @@ def test_batch_equals_single(runner, single):
         assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL  # f32 rounding of other shapes
 
 
-@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("speculative", [0, 2])
 def test_stops_end_sequences_of_a_batch(runner, single, speculative):
-    """A stop id ends its sequences (kept as the last token) and on_step can end another, while the
-    next step is already queued; decode_tokens counts what the decode steps appended."""
+    """A stop id ends its sequences (kept as the last token, also inside a step that kept several
+    drafts) and on_step can end another after a step, while the next step is already queued;
+    decode_tokens counts what the decode steps appended."""
     stop = single[0].token_ids[2]
     assert stop not in single[1].token_ids[:2]                           # sequence 1 is ended by on_step only
     on_step = lambda results, done: np.array([False, len(results[1].token_ids) >= 2, False])
-    runner.timings = type(runner.timings)()
-    got = runner.generate(PROMPTS + [PROMPTS[0]], STEPS, max_context=CONTEXT, stop_ids={stop}, on_step=on_step,
-                          speculative=speculative)
+    prompts = PROMPTS + [PROMPTS[0]]
+    gen = _oracle(runner, single + [single[0]], prompts) if speculative else runner
+    gen.timings = type(gen.timings)()
+    got = gen.generate(prompts, STEPS, max_context=CONTEXT, stop_ids={stop}, on_step=on_step, speculative=speculative)
     first = single[0].token_ids[:single[0].token_ids.index(stop) + 1]
     assert got[0].token_ids == got[2].token_ids == first
-    assert got[1].token_ids == single[1].token_ids[:2]
-    assert runner.timings.decode_tokens == sum(len(r.token_ids) - 1 for r in got)
+    n = len(got[1].token_ids)                                            # a step may have kept several tokens
+    assert got[1].token_ids == single[1].token_ids[:n] and (n == 2 if not speculative else 2 <= n <= 4)
+    assert gen.timings.decode_tokens == sum(len(r.token_ids) - 1 for r in got)
 
 
 def test_sampling(runner, single):
@@ -268,7 +279,7 @@ def test_cli_json_contract_and_check(tiny_checkpoint, single):
 
 def test_cli_speculative_sampling_checks_against_ref(tiny_checkpoint, capsys):
     ids = ",".join(map(str, PROMPTS[1]))
-    argv = ["--model", str(tiny_checkpoint), "--token-ids", ids, "--max-new-tokens", "6", "--speculative",
+    argv = ["--model", str(tiny_checkpoint), "--token-ids", ids, "--max-new-tokens", "6", "--speculative", "2",
             "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--json", "--check", "--quiet"]
     assert cli_main(argv) == 0
     out, err = capsys.readouterr()
@@ -312,6 +323,8 @@ def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
     (["--token-ids", "1,x"], "--token-ids"),
     (["--token-ids", "1,99999"], "99999"),
     (["--token-ids", "1,2", "--max-context", "8", "--max-new-tokens", "7"], "exceeds the context"),
+    (["--token-ids", "1,2", "--speculative", "0"], "--speculative"),
+    (["--token-ids", "1,2", "--max-context", "16", "--max-new-tokens", "12", "--speculative", "2"], "2 speculative drafts"),
 ])
 def test_cli_bad_input_exits_2(tiny_checkpoint, capsys, args, words):
     argv = args if args[0] == "--model" else ["--model", str(tiny_checkpoint), *args]
