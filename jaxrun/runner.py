@@ -1,4 +1,5 @@
-"""Compiled prefill / decode / sampling over a mesh, and the generation loop.
+"""Compiled prefill, decode and speculative steps over a mesh (sampling compiled into them), and the
+generation loop, which queues each step before the host reads the previous one's tokens.
 
 Shape buckets: prompts are right-padded to a power of two (at least 16) and the batch is the number
 of prompts, so one `generate` call compiles prefill once per bucket and decode once; compiled

@@ -112,7 +112,7 @@ def multidevice(tiny_checkpoint):
 
 def test_greedy_tokens_identical_on_2_and_4_devices_and_to_ref(tiny_checkpoint, multidevice):
     """f32 runs against ref f64 in the same activation mode (W4A4 with the layer-max input scale is a
-    pmax over the devices)."""
+    pmax over the devices), plain and speculative decoding alike."""
     assert multidevice["devices"] == 4
     refs = {}
     for run in (r for r in multidevice["runs"] if r["precision"] == "f32"):
@@ -121,7 +121,7 @@ def test_greedy_tokens_identical_on_2_and_4_devices_and_to_ref(tiny_checkpoint, 
             ref = Model(str(tiny_checkpoint), "f64", activations=mode[0], act_scale=mode[1])
             refs[mode] = ref, [ref.generate(p, STEPS) for p in PROMPTS]
         ref, want = refs[mode]
-        assert run["tokens"] == want, (run["devices"], run["dense"], mode)
+        assert run["tokens"] == want, (run["devices"], run["dense"], mode, run["speculative"])
         assert run["decode_traces"] == 1
         for p, toks, lg in zip(PROMPTS, run["tokens"], run["logits"]):
             full = ref.logits(p + toks)
