@@ -30,8 +30,9 @@ go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is s
 engines do): each step runs the last token and the drafts through the model together and keeps
 drafts while the model agrees (greedy), or each with the probability the model's sampling
 distribution gives it (drawing the token from the rest at the first refusal), so a step can emit up
-to K + 1 tokens. The text is that of plain greedy decoding, or distributed as plain sampling's; the
-accepted drafts are reported (--json: speculative).
+to K + 1 tokens. The text is that of plain greedy decoding, or distributed as plain sampling's. The
+summary line and --json (speculative) report the figures engines log: drafts accepted of proposed,
+the acceptance rate per draft position, and the mean acceptance length (tokens per step).
 
 --check recomputes each produced sequence with ref.model (float64, the same --activations and
 --act-scale; with --mtp also the MTP head's logits, under the same bound) and reports, per generated
@@ -245,6 +246,13 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
     return ok
 
 
+def speculative_summary(stats: dict) -> str:
+    rates = " ".join(f"{r:.2f}" for r in stats["acceptance_per_position"])
+    length = stats["mean_acceptance_length"]
+    return (f" | speculative: {stats['drafts_accepted']} of {stats['drafts_proposed']} drafts accepted"
+            + (f" (per position {rates}; mean acceptance length {length:.2f})" if stats["steps"] else ""))
+
+
 def run(a) -> int:
     if a.devices and a.devices > 1 and "jax" not in sys.modules:  # fake CPU devices; no effect on GPUs
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -254,7 +262,7 @@ def run(a) -> int:
     from ref.synth import cached_checkpoint, user_cache
     from ref.tokenizer import load_tokenizer
     from jaxrun.load import load
-    from jaxrun.runner import Runner
+    from jaxrun.runner import Runner, speculative_stats
     from jaxrun.sampling import Sampling
     from jaxrun.sharding import make_mesh
 
@@ -312,7 +320,7 @@ def run(a) -> int:
             if a.mtp and not a.speculative:
                 obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
             if a.speculative:
-                obj["speculative"] = {"drafts_proposed": r.drafts_proposed, "drafts_accepted": r.drafts_accepted}
+                obj["speculative"] = speculative_stats([r])
             print(json.dumps(obj), flush=True)
         elif stream:
             print(displays[0].update(text, final=True), flush=True)
@@ -324,9 +332,7 @@ def run(a) -> int:
           f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}"
           + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
              if a.mtp and not a.speculative else "")
-          + (" | speculative: %d of %d drafts accepted" % (sum(r.drafts_accepted for r in results),
-                                                           sum(r.drafts_proposed for r in results))
-             if a.speculative else ""),
+          + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
           file=sys.stderr)
     if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
         return 1

@@ -41,11 +41,23 @@ class Result:
     mtp_logits: list[np.ndarray] = field(default_factory=list)  # its logits, when kept
     drafts_proposed: int = 0  # speculative: MTP drafts tried (K per step)
     drafts_accepted: int = 0  # ... and those kept (each saved a step)
+    accepted_at: list[int] = field(default_factory=list)  # ... kept at draft position i (1st, 2nd, ... of a step)
 
     def mtp_accepted(self) -> tuple[int, int]:
         """(drafts equal to the token that followed, drafts that had a following token)."""
         pairs = list(zip(self.mtp_draft_ids, self.token_ids[1:]))
         return sum(d == t for d, t in pairs), len(pairs)
+
+
+def speculative_stats(results: list[Result]) -> dict:
+    """The engines' speculative-decoding figures over results: per-position acceptance rates (the share
+    of steps that kept their i-th draft) and the mean acceptance length (tokens per step: 1 + kept drafts)."""
+    at = [sum(col) for col in zip(*(r.accepted_at for r in results if r.accepted_at))]
+    accepted, proposed = sum(r.drafts_accepted for r in results), sum(r.drafts_proposed for r in results)
+    steps = proposed // len(at) if at else 0
+    return {"drafts_proposed": proposed, "drafts_accepted": accepted, "steps": steps,
+            "acceptance_per_position": [a / steps for a in at] if steps else [],
+            "mean_acceptance_length": 1 + accepted / steps if steps else None}
 
 
 @dataclass
@@ -347,8 +359,10 @@ class Runner:
             emitted = to_host(out)
             if K:
                 for b in np.flatnonzero(~done):
-                    results[b].drafts_accepted += int(emitted["count"][b]) - 1
-                    results[b].drafts_proposed += K
+                    r, n = results[b], int(emitted["count"][b]) - 1
+                    r.accepted_at = [a + (i < n) for i, a in enumerate(r.accepted_at or [0] * K)]
+                    r.drafts_accepted += n
+                    r.drafts_proposed += K
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results

@@ -19,7 +19,7 @@ from ckpt_edit import copy_checkpoint, edit_tensors
 from jaxrun.generate import main as cli_main
 from jaxrun.load import load
 from jaxrun.nvfp4 import dequant_nvfp4, quantize_activation
-from jaxrun.runner import Runner
+from jaxrun.runner import Runner, speculative_stats
 from jaxrun.sampling import Sampling
 from jaxrun.sharding import make_mesh
 from ref.model import Model
@@ -185,6 +185,11 @@ def test_speculative_greedy_equals_plain_greedy(runner, single, K):
         assert b.token_ids == s.token_ids
         assert np.abs(np.stack(b.logits) - np.stack(s.logits)).max() <= TOL
         assert 0 < b.drafts_accepted < b.drafts_proposed                    # some steps emitted several tokens
+        stats = speculative_stats([b])
+        rates = stats["acceptance_per_position"]
+        assert len(rates) == K and rates == sorted(rates, reverse=True) and rates[0] > 0
+        assert stats["steps"] * K == b.drafts_proposed and sum(b.accepted_at) == b.drafts_accepted
+        assert stats["mean_acceptance_length"] == pytest.approx(1 + sum(rates))
     top1 = oracle.generate(PROMPTS, STEPS, Sampling(temperature=2.0, top_k=1, seed=4), max_context=CONTEXT,
                            speculative=K)
     assert [t.token_ids for t in top1] == [b.token_ids for b in batch]
@@ -284,8 +289,10 @@ def test_cli_speculative_sampling_checks_against_ref(tiny_checkpoint, capsys):
     assert cli_main(argv) == 0
     out, err = capsys.readouterr()
     obj = json.loads(out.strip().splitlines()[-1])
-    assert 1 <= len(obj["token_ids"]) <= 6 and obj["speculative"]["drafts_proposed"] >= 1
-    assert "check: PASS" in err
+    spec = obj["speculative"]
+    assert 1 <= len(obj["token_ids"]) <= 6 and spec["drafts_proposed"] == 2 * spec["steps"] >= 2
+    assert len(spec["acceptance_per_position"]) == 2 and spec["mean_acceptance_length"] >= 1
+    assert "check: PASS" in err and "mean acceptance length" in err
 
 
 def test_cli_compile_cache_is_reused(tiny_checkpoint, tmp_path):
