@@ -363,9 +363,9 @@ def verify(params, caches, mtp_cache, tokens, drafts, pos, rope, *, cfg: TextCon
     after_n = lambda per_token: jax.tree.map(lambda *a: jnp.stack(a, axis=1)[rows, n], *per_token)
     caches = [c[0] if kind == FULL else after_n(c) for kind, c in zip(cfg.layer_types, per_layer)]
     hm, mtp_cache = _mtp_step(params, mtp_cache, chosen, h, pos, rope, cfg, dt, routed)
-    first = jnp.argmax(_lm_head(hm[rows, n], params, dt), axis=-1).astype(jnp.int32)
-    nxt, mtp_cache = mtp_chain(params, mtp_cache, first, hm[rows, n], pos + n, rope, cfg=cfg, dt=dt, routed=routed,
-                               count=K)
+    hm = hm[rows, n]                                                     # the MTP row after the last kept token
+    first = jnp.argmax(_lm_head(hm, params, dt), axis=-1).astype(jnp.int32)
+    nxt, mtp_cache = mtp_chain(params, mtp_cache, first, hm, pos + n, rope, cfg=cfg, dt=dt, routed=routed, count=K)
     return logits, chosen, n, caches, mtp_cache, nxt
 
 

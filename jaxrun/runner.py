@@ -39,9 +39,23 @@ class Result:
     logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when kept
     mtp_draft_ids: list[int] = field(default_factory=list)  # with mtp: entry i is the MTP head's guess of token i + 1
     mtp_logits: list[np.ndarray] = field(default_factory=list)  # its logits, when kept
-    drafts_proposed: int = 0  # speculative: MTP drafts tried (K per step)
-    drafts_accepted: int = 0  # ... and those kept (each saved a step)
-    accepted_at: list[int] = field(default_factory=list)  # ... kept at draft position i (1st, 2nd, ... of a step)
+    speculative_steps: int = 0  # speculative: steps taken with K drafts each
+    accepted_at: list[int] = field(default_factory=list)  # [K]: steps that kept their i-th draft
+
+    @property
+    def drafts_proposed(self) -> int:
+        return self.speculative_steps * len(self.accepted_at)
+
+    @property
+    def drafts_accepted(self) -> int:  # each saved a step
+        return sum(self.accepted_at)
+
+    def record_step(self, kept: int, K: int) -> None:
+        """A speculative step with K drafts that kept the first `kept` of them."""
+        self.accepted_at = self.accepted_at or [0] * K
+        for i in range(kept):
+            self.accepted_at[i] += 1
+        self.speculative_steps += 1
 
     def mtp_accepted(self) -> tuple[int, int]:
         """(drafts equal to the token that followed, drafts that had a following token)."""
@@ -54,7 +68,7 @@ def speculative_stats(results: list[Result]) -> dict:
     of steps that kept their i-th draft) and the mean acceptance length (tokens per step: 1 + kept drafts)."""
     at = [sum(col) for col in zip(*(r.accepted_at for r in results if r.accepted_at))]
     accepted, proposed = sum(r.drafts_accepted for r in results), sum(r.drafts_proposed for r in results)
-    steps = proposed // len(at) if at else 0
+    steps = sum(r.speculative_steps for r in results)
     return {"drafts_proposed": proposed, "drafts_accepted": accepted, "steps": steps,
             "acceptance_per_position": [a / steps for a in at] if steps else [],
             "mean_acceptance_length": 1 + accepted / steps if steps else None}
@@ -146,15 +160,15 @@ class Runner:
     def decode_fn(self, B: int, max_len: int, mtp: bool = False):
         """One decode step with its sampling (and with mtp the MTP head's draft of the token after),
         compiled as one function: (params, cache, mtp_cache, tokens [B], pos [B], rope, key, step,
-        temperature, top_p, top_k) -> {"tokens": [B, 1] the sampled tokens, "logits" [B, V], "count"
-        [B] (ones), "next", "pos" (+1, capped), "cache"[, "draft" [B, V], "draft_ids", "mtp_cache"]}."""
+        temperature, top_p, top_k) -> {"tokens": [B, 1] the sampled tokens, "logits" [B, V], "next",
+        "pos" (+1, capped), "cache"[, "draft" [B, V], "draft_ids", "mtp_cache"]}."""
         def fn(params, cache, mtp_cache, tokens, pos, rope, key, step, temperature, top_p, top_k):
             self.traces["decode"] += 1
             logits, cache, *hidden = model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
                                                   routed=self._routed(), with_hidden=mtp)
             nxt = sample(logits, jax.random.fold_in(key, step), temperature, top_p, top_k)
-            out = {"tokens": nxt[:, None], "logits": logits, "count": jnp.ones_like(nxt), "next": nxt,
-                   "pos": jnp.minimum(pos + 1, max_len - 1), "cache": cache}
+            out = {"tokens": nxt[:, None], "logits": logits, "next": nxt, "pos": jnp.minimum(pos + 1, max_len - 1),
+                   "cache": cache}
             if mtp:
                 out["draft"], out["mtp_cache"] = model.mtp_decode(params, mtp_cache, nxt, hidden[0], pos, rope,
                                                                   cfg=self.cfg, dt=self.dt, routed=self._routed())
@@ -301,9 +315,10 @@ class Runner:
         lengths = np.array([len(p) for p in prompts], np.int32)
         T = bucket(int(lengths.max()))
         S = max(max_context or self.context_for(prompts, max_new_tokens, K), T)
-        if self.positions_needed(prompts, max_new_tokens, K) > S:
-            raise ValueError(f"{self.positions_needed(prompts, max_new_tokens, K)} cache positions needed (prompt, "
-                             f"new tokens, 2 per draft) exceed the context of {S}")
+        needed = self.positions_needed(prompts, max_new_tokens, K)
+        if needed > S:
+            raise ValueError(f"{needed} cache positions needed (prompt, new tokens, 2 per draft) exceed the context "
+                             f"of {S}")
         tokens = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = p
@@ -359,21 +374,18 @@ class Runner:
             emitted = to_host(out)
             if K:
                 for b in np.flatnonzero(~done):
-                    r, n = results[b], int(emitted["count"][b]) - 1
-                    r.accepted_at = [a + (i < n) for i, a in enumerate(r.accepted_at or [0] * K)]
-                    r.drafts_accepted += n
-                    r.drafts_proposed += K
+                    results[b].record_step(int(emitted["count"][b]) - 1, K)
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results
 
     @staticmethod
     def _emit(results, done, emitted, stop_ids, max_new_tokens: int) -> int:
-        """Append one step's tokens (host arrays: "tokens" [B, n], "count" [B] of them kept, and where
-        present "logits" [B, V] or [B, n, V], the MTP "draft_ids" [B] and "draft" logits) to the live
-        sequences, marking those that end; -> tokens appended."""
+        """Append one step's tokens (host arrays: "tokens" [B, n], "count" [B] of them kept (default
+        all), and where present "logits" [B, V] or [B, n, V], the MTP "draft_ids" [B] and "draft"
+        logits) to the live sequences, marking those that end; -> tokens appended."""
         tokens = emitted["tokens"]
-        count = emitted.get("count", np.ones(len(tokens), int))
+        count = emitted.get("count", np.full(len(tokens), tokens.shape[1]))
         new = 0
         for b in np.flatnonzero(~done):
             r = results[b]

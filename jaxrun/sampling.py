@@ -62,6 +62,7 @@ def speculative_choice(logits, drafts, key, temperature, top_p, top_k):
     B, K = drafts.shape
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)               # [B, K+1]
     leading = lambda ok: jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    greedy_n = leading(greedy[:, :K] == drafts)
 
     def draw():
         keys = jax.random.split(key, 2 * K + 1)
@@ -76,7 +77,7 @@ def speculative_choice(logits, drafts, key, temperature, top_p, top_k):
         tokens.append(_draw(keys[2 * K], *_filtered(logits[:, K], temperature, top_p, top_k)))
         sampled, n = jnp.stack(tokens, axis=1), leading(jnp.stack(accepts, axis=1))
         is_greedy = temperature == 0
-        return jnp.where(is_greedy[:, None], greedy, sampled), jnp.where(is_greedy, leading(greedy[:, :K] == drafts), n)
+        return jnp.where(is_greedy[:, None], greedy, sampled), jnp.where(is_greedy, greedy_n, n)
 
-    chosen, n = jax.lax.cond(jnp.all(temperature == 0), lambda: (greedy, leading(greedy[:, :K] == drafts)), draw)
+    chosen, n = jax.lax.cond(jnp.all(temperature == 0), lambda: (greedy, greedy_n), draw)
     return chosen.astype(jnp.int32), n.astype(jnp.int32)
