@@ -2,7 +2,7 @@
 
 Opening a checkpoint parses config.json and the safetensors headers, nothing else. Tensors are
 zero-copy views of the mapped files, so a computation touches only the bytes it reads. Routed experts
-come out in one normalised form from either on-disk layout (checkpoint.md):
+come out in one normalised form from either on-disk layout:
 
     per-expert   {P}.{e}.gate_proj.weight / .weight_scale / .weight_scale_2 / .input_scale, up_proj, down_proj
     fused 3-D    {P}.gate_up_proj [E, 2I, H/2] (gate rows first) + gate_up_proj_weight_scale[_2] / _input_scale,

@@ -1,14 +1,35 @@
-"""The tensors a Qwen3.5-MoE config implies (model.md §2): names and logical shapes.
+"""The tensors a Qwen3.5-MoE config implies: names and logical shapes, in one place.
 
-One table shared by the writer (ref.synth) and the validator (ref.checkpoint_check), so what we write
-is what we check. Routed experts are listed separately (`expert_shapes`) because they come in two
-layouts. Shapes are logical [out, in]; an NVFP4-quantized linear stores `.weight` as U8 [out, in/2].
+Each module is a table from its own field names (the checkpoint's: `in_proj_qkv`, `A_log`, `q_norm`,
+`shared_expert`...) to the `Tensor` it stores, nested as the model nests its modules (`model_tensors`).
+The writer (ref.synth), the validator (ref.checkpoint_check), the reference's weight wiring
+(ref.weights) and jaxrun's parameter declaration (jaxrun.params) all read names from these tables, so
+what we write is what we check and what both forward passes read. Routed experts are listed separately
+(`expert_shapes`) because they come in two layouts. Shapes are logical [out, in]; an NVFP4-quantized
+linear stores `.weight` as U8 [out, in/2].
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from ref.config import FULL, Config, TextConfig
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class Tensor(NamedTuple):
+    name: str                # full name in the checkpoint
+    shape: tuple[int, ...]   # logical shape; a linear's [out, in]
+    linear: bool = False     # used as x @ W.T, so it may be stored quantized (name ends in .weight)
+
+
+def _linear(name: str, out: int, inp: int) -> Tensor:
+    return Tensor(f"{name}.weight", (out, inp), True)
+
+
+def layer_prefix(cfg: Config, layer: int | str) -> str:
+    """'model.language_model.layers.{i}.' for decoder layer i, 'mtp.layers.0.' for "mtp"."""
+    return "mtp.layers.0." if layer == "mtp" else f"{cfg.text_prefix}layers.{int(layer)}."
 
 
 def expert_shapes(t: TextConfig) -> dict[str, tuple[int, int]]:
@@ -17,51 +38,89 @@ def expert_shapes(t: TextConfig) -> dict[str, tuple[int, int]]:
     return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
 
-def _moe(p: str, t: TextConfig) -> dict[str, tuple[int, ...]]:
-    h, s = t.hidden_size, t.shared_expert_intermediate_size
-    return {f"{p}.mlp.gate.weight": (t.num_experts, h),
-            f"{p}.mlp.shared_expert.gate_proj.weight": (s, h), f"{p}.mlp.shared_expert.up_proj.weight": (s, h),
-            f"{p}.mlp.shared_expert.down_proj.weight": (h, s), f"{p}.mlp.shared_expert_gate.weight": (1, h)}
+def experts_prefix(cfg: Config, layer: int | str) -> str:
+    """Prefix of a layer's routed-expert tensors (per-expert '.{e}.gate_proj...' or fused '.gate_up_proj')."""
+    return layer_prefix(cfg, layer) + "mlp.experts"
 
 
-def _full_attention(p: str, t: TextConfig) -> dict[str, tuple[int, ...]]:
-    h, d = t.hidden_size, t.head_dim
+def sparse_moe(t: TextConfig, p: str) -> dict:
+    """The MoE block under prefix p ('...layers.{i}.'), routed experts excluded: router `gate`, the shared
+    expert and its sigmoid gate."""
+    h, s, m = t.hidden_size, t.shared_expert_intermediate_size, f"{p}mlp."
+    return {"gate": _linear(m + "gate", t.num_experts, h),
+            "shared_expert": {"gate_proj": _linear(m + "shared_expert.gate_proj", s, h),
+                              "up_proj": _linear(m + "shared_expert.up_proj", s, h),
+                              "down_proj": _linear(m + "shared_expert.down_proj", h, s)},
+            "shared_expert_gate": _linear(m + "shared_expert_gate", 1, h)}
+
+
+def gated_attention(t: TextConfig, p: str) -> dict:
+    """`self_attn` of a full-attention layer; q_proj rows are per head [query | gate]."""
+    h, d, a = t.hidden_size, t.head_dim, f"{p}self_attn."
     q, kv = t.num_attention_heads, t.num_key_value_heads
-    return {f"{p}.self_attn.q_proj.weight": (2 * q * d, h),  # per head: [query | gate]
-            f"{p}.self_attn.k_proj.weight": (kv * d, h), f"{p}.self_attn.v_proj.weight": (kv * d, h),
-            f"{p}.self_attn.o_proj.weight": (h, q * d),
-            f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)}
+    return {"q_proj": _linear(a + "q_proj", 2 * q * d, h), "k_proj": _linear(a + "k_proj", kv * d, h),
+            "v_proj": _linear(a + "v_proj", kv * d, h), "o_proj": _linear(a + "o_proj", h, q * d),
+            "q_norm": Tensor(a + "q_norm.weight", (d,)), "k_norm": Tensor(a + "k_norm.weight", (d,))}
 
 
-def _linear_attention(p: str, t: TextConfig) -> dict[str, tuple[int, ...]]:
-    h, hv = t.hidden_size, t.linear_num_value_heads
-    a = f"{p}.linear_attn"
-    return {f"{a}.in_proj_qkv.weight": (t.linear_conv_dim, h), f"{a}.in_proj_z.weight": (t.linear_value_dim, h),
-            f"{a}.in_proj_b.weight": (hv, h), f"{a}.in_proj_a.weight": (hv, h),
-            f"{a}.conv1d.weight": (t.linear_conv_dim, 1, t.linear_conv_kernel_dim),
-            f"{a}.dt_bias": (hv,), f"{a}.A_log": (hv,), f"{a}.norm.weight": (t.linear_value_head_dim,),
-            f"{a}.out_proj.weight": (h, t.linear_value_dim)}
+def gated_deltanet(t: TextConfig, p: str) -> dict:
+    """`linear_attn` of a linear-attention layer."""
+    h, hv, a = t.hidden_size, t.linear_num_value_heads, f"{p}linear_attn."
+    return {"in_proj_qkv": _linear(a + "in_proj_qkv", t.linear_conv_dim, h),
+            "in_proj_z": _linear(a + "in_proj_z", t.linear_value_dim, h),
+            "in_proj_b": _linear(a + "in_proj_b", hv, h), "in_proj_a": _linear(a + "in_proj_a", hv, h),
+            "conv1d": Tensor(a + "conv1d.weight", (t.linear_conv_dim, 1, t.linear_conv_kernel_dim)),
+            "dt_bias": Tensor(a + "dt_bias", (hv,)), "A_log": Tensor(a + "A_log", (hv,)),
+            "norm": Tensor(a + "norm.weight", (t.linear_value_head_dim,)),
+            "out_proj": _linear(a + "out_proj", h, t.linear_value_dim)}
+
+
+def decoder_layer(cfg: Config, layer: int | str) -> dict:
+    """Decoder layer i (or the MTP head's, "mtp": always full attention), routed experts excluded."""
+    t, p = cfg.text, layer_prefix(cfg, layer)
+    full = layer == "mtp" or t.layer_types[layer] == FULL
+    mixer = {"self_attn": gated_attention(t, p)} if full else {"linear_attn": gated_deltanet(t, p)}
+    return {"input_layernorm": Tensor(f"{p}input_layernorm.weight", (t.hidden_size,)), **mixer,
+            "post_attention_layernorm": Tensor(f"{p}post_attention_layernorm.weight", (t.hidden_size,)),
+            "mlp": sparse_moe(t, p)}
+
+
+def mtp_module(cfg: Config) -> dict:
+    """The MTP head: fc over [norm(embedding) | norm(hidden)], one decoder layer, a final norm; {} if absent."""
+    t = cfg.text
+    if t.mtp_num_hidden_layers == 0:
+        return {}
+    h = t.hidden_size
+    return {"fc": _linear("mtp.fc", h, 2 * h), "pre_fc_norm_embedding": Tensor("mtp.pre_fc_norm_embedding.weight", (h,)),
+            "pre_fc_norm_hidden": Tensor("mtp.pre_fc_norm_hidden.weight", (h,)), "norm": Tensor("mtp.norm.weight", (h,)),
+            "layers": [decoder_layer(cfg, "mtp")]}
+
+
+def model_tensors(cfg: Config) -> dict:
+    """The text model as nested module tables, routed experts excluded."""
+    t, p = cfg.text, cfg.text_prefix
+    return {"embed_tokens": Tensor(f"{p}embed_tokens.weight", (t.vocab_size, t.hidden_size)),
+            "layers": [decoder_layer(cfg, i) for i in range(t.num_hidden_layers)],
+            "norm": Tensor(f"{p}norm.weight", (t.hidden_size,)),
+            "lm_head": _linear("lm_head", t.vocab_size, t.hidden_size), "mtp": mtp_module(cfg)}
+
+
+def flatten(module) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a (nested) module table, in table order."""
+    if isinstance(module, Tensor):
+        return {module.name: module.shape}
+    parts = module.values() if isinstance(module, dict) else module
+    return {name: shape for part in parts for name, shape in flatten(part).items()}
 
 
 def layer_tensors(cfg: Config, i: int) -> dict[str, tuple[int, ...]]:
     """Decoder layer i, routed experts excluded."""
-    t = cfg.text
-    p = f"{cfg.text_prefix}layers.{i}"
-    mixer = _full_attention if t.layer_types[i] == FULL else _linear_attention
-    return {f"{p}.input_layernorm.weight": (t.hidden_size,), **mixer(p, t),
-            f"{p}.post_attention_layernorm.weight": (t.hidden_size,), **_moe(p, t)}
+    return flatten(decoder_layer(cfg, i))
 
 
 def mtp_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
     """The MTP module (a full-attention MoE layer plus fc and norms), routed experts excluded."""
-    t = cfg.text
-    if t.mtp_num_hidden_layers == 0:
-        return {}
-    h, p = t.hidden_size, "mtp.layers.0"
-    return {"mtp.fc.weight": (h, 2 * h), "mtp.pre_fc_norm_embedding.weight": (h,),
-            "mtp.pre_fc_norm_hidden.weight": (h,), "mtp.norm.weight": (h,),
-            f"{p}.input_layernorm.weight": (h,), **_full_attention(p, t),
-            f"{p}.post_attention_layernorm.weight": (h,), **_moe(p, t)}
+    return flatten(mtp_module(cfg))
 
 
 def vision_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -86,12 +145,7 @@ def vision_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 def dense_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor but the routed experts, in file order (embeddings, layers, norm, head, MTP, vision)."""
-    t = cfg.text
-    out = {f"{cfg.text_prefix}embed_tokens.weight": (t.vocab_size, t.hidden_size)}
-    for i in range(t.num_hidden_layers):
-        out |= layer_tensors(cfg, i)
-    out |= {f"{cfg.text_prefix}norm.weight": (t.hidden_size,), "lm_head.weight": (t.vocab_size, t.hidden_size)}
-    return out | mtp_tensors(cfg) | vision_tensors(cfg)
+    return flatten(model_tensors(cfg)) | vision_tensors(cfg)
 
 
 def is_linear(name: str, shape: tuple[int, ...]) -> bool:

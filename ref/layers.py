@@ -1,8 +1,8 @@
 """The Qwen3.5-MoE text decoder as small pure NumPy functions, one per module (spec/model.md).
 
 Every function takes plain arrays and a `Precision`; nothing here knows where weights come from.
-Weights use the nn.Linear layout [out, in] and are already in the compute dtype (ref.model converts
-them). `p.act(x)` marks each point where Hugging Face's bf16 path stores a bf16 tensor: it rounds to
+Weights use the nn.Linear layout [out, in] and are already in the compute dtype (ref.weights wires
+them from the checkpoint). `p.act(x)` marks each point where Hugging Face's bf16 path stores a bf16 tensor: it rounds to
 bf16 in "bf16" mode and only casts to the compute dtype in "f64" / "f32" mode.
 
 Shapes: T new tokens, S cached + new tokens, H hidden, E experts, k experts per token,
@@ -18,7 +18,6 @@ import numpy as np
 from ref import nvfp4
 
 CHUNK = 64  # chunk length of the chunked gated delta rule
-ROW_BLOCK_BYTES = 1 << 23  # weight rows converted at a time by `linear` (float64 bytes)
 
 
 @dataclass(frozen=True)
@@ -68,29 +67,10 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def linear(x: np.ndarray, w, p: Precision = F64) -> np.ndarray:
-    """x [..., in] @ w[out, in].T -> [..., out], one rounding of the result.
-
-    `w` is an array in the compute dtype, or any array-like (shape, row slicing) whose row blocks
-    convert exactly to it, such as a memory-mapped bf16 tensor: that one is converted a block of
-    rows at a time, never whole (decode reads each weight once, from cache-sized blocks). An
-    array-like with `read_rows(rows, out)` writes each block straight into the reused buffer."""
-    if isinstance(w, np.ndarray) and w.dtype == p.dtype:
-        return p.act(x @ w.T)
-    n, k = w.shape
-    rows = min(n, max(1, ROW_BLOCK_BYTES // (8 * k)))
-    out = np.empty(x.shape[:-1] + (n,), p.dtype)
-    buf = np.empty((rows, k), p.dtype)  # one small buffer, reused: no fresh pages per block
-    for lo in range(0, n, rows):
-        dst, block = buf[:min(rows, n - lo)], slice(lo, lo + rows)
-        if hasattr(w, "read_rows"):
-            blk = w.read_rows(block, dst)
-        else:
-            blk = np.asarray(w[block])
-            if blk.dtype != p.dtype:
-                np.copyto(dst, blk)
-                blk = dst
-        out[..., block] = x @ blk.T
-    return p.act(out)
+    """x [..., in] @ w[out, in].T -> [..., out], one rounding of the result. `w` is an array in the compute
+    dtype, or anything that multiplies like one (ref.weights.StreamedWeight converts a stored weight
+    a block of rows at a time)."""
+    return p.act(x @ w.T)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,11 +1,9 @@
 """The reference forward pass over a checkpoint: layer streaming, caches, batches, dumps, MTP.
 
 `Model` holds no weights between layers: for each decoder layer it reads that layer's tensors from
-the memory-mapped checkpoint and runs every sequence of the batch through the layer. Linear weights
-reach ref.layers.linear still memory-mapped (BF16) or packed (NVFP4) and are converted a block of
-rows at a time, so no weight matrix is ever materialised whole in float64. Routed experts are read
-and dequantized only when some token is routed to them, one expert at a time. The maths lives in
-ref.layers; this module only wires weights and caches to it.
+the memory-mapped checkpoint (ref.weights wires them to ref.layers' functions) and runs every sequence
+of the batch through the layer. The maths lives in ref.layers; this module runs the layers in order
+and keeps the caches.
 """
 from __future__ import annotations
 
@@ -15,15 +13,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
 from ref import layers as L
 from ref.config import FULL
-from ref.nvfp4 import dequantize
-
-ACTIVATIONS = ("w4a16", "w4a4")
-ACT_SCALES = ("per-expert", "max")
+from ref.modes import Modes
+from ref.weights import Weights
 
 
 @dataclass(frozen=True)
@@ -33,32 +28,6 @@ class Cache:
     pos: int
     layers: tuple
     hidden: np.ndarray
-
-
-def _is_nvfp4(w) -> bool:
-    return hasattr(w, "packed")
-
-
-class _NVFP4Rows:
-    """An NVFP4 weight [out, in] as an array-like whose row slices are dequantized on access:
-    exactly (float64, then rounded once to bf16 in bf16 mode) or to float32 in f32 mode."""
-
-    def __init__(self, w, p: L.Precision):
-        self.w, self.p, self.shape = w, p, w.shape
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        w = self.w
-        exact = dequantize(w.packed[rows], w.weight_scale[rows], w.weight_scale_2,
-                           dtype=np.float32 if self.p.name == "f32" else np.float64)
-        return self.p.act(exact)
-
-    def read_rows(self, rows: slice, out: np.ndarray) -> np.ndarray:
-        """self[rows] written into `out` (compute dtype); f64 and f32 dequantize straight into it."""
-        if self.p.name == "bf16":
-            out[...] = self[rows]
-            return out
-        w = self.w
-        return dequantize(w.packed[rows], w.weight_scale[rows], w.weight_scale_2, dtype=out.dtype, out=out)
 
 
 class Model:
@@ -71,13 +40,10 @@ class Model:
         if isinstance(ckpt, (str, Path)):
             from ref.checkpoint import open_checkpoint
             ckpt = open_checkpoint(ckpt)
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
-        if act_scale not in ACT_SCALES:
-            raise ValueError(f"act_scale must be one of {list(ACT_SCALES)}, got {act_scale!r}")
+        self.modes = Modes(precision, activations, act_scale)
         self.ckpt, self.cfg = ckpt, ckpt.config.text
         self.p = L.Precision(precision)
-        self.activations, self.act_scale = activations, act_scale
+        self.weights = Weights(ckpt, self.p, activations, act_scale)
         self.progress = progress
         c = self.cfg
         self.rope = L.Rope(c.rotary_dim, c.rope_theta, tuple(c.mrope_section), c.mrope_interleaved)
@@ -112,9 +78,6 @@ class Model:
         logits, caches = self.prefill_batch([[t] for t in token_ids], caches)
         return np.stack([x[0] for x in logits]), caches
 
-    def logits_batch(self, seqs) -> list[np.ndarray]:
-        return self.prefill_batch(seqs)[0]
-
     def generate(self, token_ids, max_new_tokens: int, stop_ids=()) -> list[int]:
         """Greedy continuation (argmax, ties to the lower id); stops after a token in stop_ids."""
         if max_new_tokens <= 0:
@@ -146,14 +109,13 @@ class Model:
             raise ValueError("checkpoint has no MTP head (mtp.fc.weight)")
         if hidden is None:
             (_, hidden, _), = self._forward([ids], [None], [None])
-        T = len(ids) - 1
-        pre = "mtp."
-        x = L.mtp_input(self._embed(ids[1:]), np.asarray(hidden, p.dtype)[:T],
-                        self._vec(pre + "pre_fc_norm_embedding.weight"), self._vec(pre + "pre_fc_norm_hidden.weight"),
-                        self._linear(pre + "fc"), c.rms_norm_eps, p)
+        T, w = len(ids) - 1, self.weights
+        m = w.tables["mtp"]
+        x = L.mtp_input(w.embedding(ids[1:]), np.asarray(hidden, p.dtype)[:T], w.vector(m["pre_fc_norm_embedding"]),
+                        w.vector(m["pre_fc_norm_hidden"]), w.linear(m["fc"]), c.rms_norm_eps, p)
         layer = self.layer("mtp")
         h = layer.moe_step(layer.mixer_step(x)[0])[0]
-        return self.lm_head(L.rms_norm(h, self._vec(pre + "norm.weight"), c.rms_norm_eps, p))
+        return self.lm_head(L.rms_norm(h, w.vector(m["norm"]), c.rms_norm_eps, p))
 
     # -------------------------------------------------------------------------------------------
     # Per-step API: the forward pass piece by piece, each step from the residual stream it starts at
@@ -166,12 +128,12 @@ class Model:
 
     def final_norm(self, h: np.ndarray) -> np.ndarray:
         """The last layer's after_moe [T, H] -> final_hidden [T, H] (the final RMSNorm)."""
-        return L.rms_norm(self.p.act(h), self._vec(self.ckpt.config.text_prefix + "norm.weight"),
-                          self.cfg.rms_norm_eps, self.p)
+        norm = self.weights.vector(self.weights.tables["norm"])
+        return L.rms_norm(self.p.act(h), norm, self.cfg.rms_norm_eps, self.p)
 
     def lm_head(self, x: np.ndarray) -> np.ndarray:
         """final_hidden [T, H] -> logits [T, V] (lm_head is read in row blocks, never converted whole)."""
-        return L.linear(self.p.act(x), self._linear("lm_head"), self.p)
+        return L.linear(self.p.act(x), self.weights.linear(self.weights.tables["lm_head"]), self.p)
 
     # -------------------------------------------------------------------------------------------
     # The streaming forward pass
@@ -182,7 +144,7 @@ class Model:
         seqs = [self._check_ids(s) for s in seqs]
         bounds = np.cumsum([0] + [len(s) for s in seqs])
         starts = [cache.pos if cache is not None else 0 for cache in caches]
-        h = self._embed(np.concatenate(seqs))                                   # [sum T, H]
+        h = self.weights.embedding(np.concatenate(seqs))                        # [sum T, H]
         self._dump(dumps, bounds, "embeddings", h)
         states: list[list] = [[] for _ in seqs]
         for i, kind in enumerate(c.layer_types):
@@ -211,91 +173,6 @@ class Model:
             out.append((logits[lo:hi], final[lo:hi], Cache(starts[j] + len(s), tuple(states[j]), final[hi - 1])))
         return out
 
-    def _deltanet(self, pre: str):
-        c, p = self.cfg, self.p
-        a = pre + "linear_attn."
-        conv = self._vec(a + "conv1d.weight")
-        prm = L.DeltaNetParams(
-            in_proj_qkv=self._linear(a + "in_proj_qkv"), in_proj_z=self._linear(a + "in_proj_z"),
-            in_proj_b=self._linear(a + "in_proj_b"), in_proj_a=self._linear(a + "in_proj_a"),
-            conv1d=conv.reshape(conv.shape[0], conv.shape[-1]), dt_bias=self._vec(a + "dt_bias"),
-            A_log=self._vec(a + "A_log"), norm=self._vec(a + "norm.weight"), out_proj=self._linear(a + "out_proj"))
-        return lambda x, state, start: L.gated_deltanet(x, prm, c.linear_num_key_heads, c.rms_norm_eps, state, p)
-
-    def _attention(self, pre: str):
-        c, p = self.cfg, self.p
-        prm = self._attention_params(pre)
-        return lambda x, cache, start: L.gated_attention(
-            x, prm, c.num_attention_heads, c.num_key_value_heads, L.text_positions(start, x.shape[0]), self.rope,
-            c.rms_norm_eps, cache, p)
-
-    def _attention_params(self, pre: str) -> L.AttentionParams:
-        a = pre + "self_attn."
-        return L.AttentionParams(*(self._linear(a + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                 q_norm=self._vec(a + "q_norm.weight"), k_norm=self._vec(a + "k_norm.weight"))
-
-    def _moe(self, pre: str, layer):
-        """The MoE of one layer as a function (x [T, H], topk_ids=None) -> (y, router logits, ids,
-        weights); topk_ids forces the experts that run (see L.sparse_moe)."""
-        c, p = self.cfg, self.p
-        m = pre + "mlp."
-        shared = L.SharedExpertParams(self._linear(m + "shared_expert.gate_proj"), self._linear(m + "shared_expert.up_proj"),
-                                      self._linear(m + "shared_expert.down_proj"), self._linear(m + "shared_expert_gate"))
-        router = self._linear(m + "gate")
-        expert = self._expert_fn(layer)
-        return lambda x, topk_ids=None: L.sparse_moe(x, router, c.num_experts_per_tok, expert, shared, p, topk_ids)
-
-    def _expert_fn(self, layer):
-        """expert(e, rows) for one layer; reads and dequantizes expert e only when called."""
-        p, w4a4 = self.p, self.activations == "w4a4"
-        layer_max = {}
-
-        def scales(e, ex):
-            if self.act_scale == "per-expert":
-                return max(float(ex.gate.input_scale), float(ex.up.input_scale)), float(ex.down.input_scale)
-            if not layer_max:  # max over the layer's experts, as FlashInfer backends do
-                E = self.cfg.num_experts
-                layer_max["gate_up"] = float(np.max(self.ckpt.expert_input_scales(layer)))
-                layer_max["down"] = max(float(self.ckpt.expert(layer, j).down.input_scale) for j in range(E))
-            return layer_max["gate_up"], layer_max["down"]
-
-        def run(e: int, x: np.ndarray) -> np.ndarray:
-            ex = self.ckpt.expert(layer, e)
-            if w4a4 and _is_nvfp4(ex.gate) and ex.gate.input_scale is not None:
-                gu, dn = scales(e, ex)
-                return L.swiglu_w4a4(x, ex.gate, ex.up, ex.down, gu, dn, p)
-            return L.swiglu(x, self._weight(ex.gate), self._weight(ex.up), self._weight(ex.down), p)
-
-        return run
-
-    # -------------------------------------------------------------------------------------------
-    # Weights -> compute dtype
-
-    def _array(self, x: np.ndarray) -> np.ndarray:
-        """A stored tensor in the compute dtype (bf16 mode: rounded to bf16, as HF loads it)."""
-        if x.dtype == ml_dtypes.bfloat16:
-            return x.astype(self.p.dtype)  # exact in every mode
-        return self.p.act(x)
-
-    def _vec(self, name: str) -> np.ndarray:
-        return self._array(self.ckpt.tensor(name))
-
-    def _weight(self, w):
-        """A linear weight [out, in] for L.linear: BF16 stays memory-mapped (linear converts row
-        blocks exactly), NVFP4 dequantizes the rows linear asks for, anything else is converted."""
-        if _is_nvfp4(w):
-            return _NVFP4Rows(w, self.p)
-        if w.weight.dtype == ml_dtypes.bfloat16:
-            return w.weight
-        return self._array(w.weight)
-
-    def _linear(self, module: str):
-        return self._weight(self.ckpt.linear(module))
-
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        table = self.ckpt.tensor(self.ckpt.config.text_prefix + "embed_tokens.weight")
-        return self._array(table[ids])                                          # only the rows used
-
     def _check_ids(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids)
         V = self.cfg.vocab_size
@@ -323,21 +200,22 @@ class Layer:
     def __init__(self, model: Model, layer: int | str):
         c = model.cfg
         if layer == "mtp":
-            self.kind, self._pre = FULL, "mtp.layers.0."
+            self.kind = FULL
         elif isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and 0 <= layer < c.num_hidden_layers:
             layer = int(layer)
-            self.kind, self._pre = c.layer_types[layer], f"{model.ckpt.config.text_prefix}layers.{layer}."
+            self.kind = c.layer_types[layer]
         else:
             raise ValueError(f"layer must be 0..{c.num_hidden_layers - 1} or 'mtp', got {layer!r}")
         self.model, self.index = model, layer
+        self.tensors = model.weights.layer_tables(layer)
 
     def mixer_step(self, h: np.ndarray, state=None, start: int = 0):
         """The layer's input h [T, H] -> (after_mixer = h + mixer(input_layernorm(h)) [T, H], the
         mixer's new state). `state`: the layer's KVCache (full attention) or DeltaNetState (linear
         attention) after the `start` tokens before h, or None for none (start 0)."""
         m = self.model
-        return L.pre_norm_residual(m.p.act(h), self._norm("input_layernorm"), m.cfg.rms_norm_eps,
-                                   lambda x: self._mixer(x, state, start), m.p)
+        norm = m.weights.vector(self.tensors["input_layernorm"])
+        return L.pre_norm_residual(m.p.act(h), norm, m.cfg.rms_norm_eps, lambda x: self._mixer(x, state, start), m.p)
 
     def moe_step(self, a: np.ndarray, topk_ids: np.ndarray | None = None):
         """after_mixer a [T, H] -> (after_moe = a + moe(post_attention_layernorm(a)) [T, H],
@@ -345,17 +223,25 @@ class Layer:
         forces the experts that run (e.g. an engine's choice), weighted by the router's
         probabilities of them, renormalised; the routing returned is always the router's own."""
         m = self.model
-        return L.pre_norm_residual(m.p.act(a), self._norm("post_attention_layernorm"), m.cfg.rms_norm_eps,
-                                   lambda x: self._moe(x, topk_ids), m.p)
-
-    def _norm(self, name: str) -> np.ndarray:
-        return self.model._vec(self._pre + name + ".weight")
+        norm = m.weights.vector(self.tensors["post_attention_layernorm"])
+        return L.pre_norm_residual(m.p.act(a), norm, m.cfg.rms_norm_eps, lambda x: self._moe(x, topk_ids), m.p)
 
     @cached_property
     def _mixer(self):
-        m = self.model
-        return m._attention(self._pre) if self.kind == FULL else m._deltanet(self._pre)
+        """(x [T, H], state, start) -> (y, state) with this layer's weights."""
+        m, c, w = self.model, self.model.cfg, self.model.weights
+        if self.kind == FULL:
+            prm = w.attention(self.tensors["self_attn"])
+            return lambda x, cache, start: L.gated_attention(
+                x, prm, c.num_attention_heads, c.num_key_value_heads, L.text_positions(start, x.shape[0]), m.rope,
+                c.rms_norm_eps, cache, m.p)
+        prm = w.deltanet(self.tensors["linear_attn"])
+        return lambda x, state, start: L.gated_deltanet(x, prm, c.linear_num_key_heads, c.rms_norm_eps, state, m.p)
 
     @cached_property
     def _moe(self):
-        return self.model._moe(self._pre, self.index)
+        """(x [T, H], topk_ids=None) -> (y, router logits, ids, weights) with this layer's weights
+        (topk_ids forces the experts that run, see L.sparse_moe)."""
+        m, w, moe = self.model, self.model.weights, self.tensors["mlp"]
+        router, shared, expert = w.linear(moe["gate"]), w.shared_expert(moe), w.expert_fn(self.index)
+        return lambda x, topk_ids=None: L.sparse_moe(x, router, m.cfg.num_experts_per_tok, expert, shared, m.p, topk_ids)

@@ -1,6 +1,6 @@
 """A small Qwen-style tokenizer for synthetic checkpoints (ref.synth).
 
-Byte-level BPE with Qwen3.5's normalizer, pre-tokenizer regex and decoder (model.md §10), trained on a
+Byte-level BPE with Qwen3.5's normalizer, pre-tokenizer regex and decoder, trained on a
 fixed text so it is deterministic; the vocabulary is padded with unreachable filler entries so that
 Qwen's 26 special tokens land at `special_base` (248044 in the real model), in Qwen's order.
 """

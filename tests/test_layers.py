@@ -337,27 +337,28 @@ def test_precision_rejects_unknown_names():
 
 def test_linear_converts_stored_weights_block_by_block(monkeypatch):
     import ml_dtypes
+    from ref import weights as W
     rng = np.random.default_rng(5)
     w = rng.normal(size=(37, 16)).astype(ml_dtypes.bfloat16)
     x = rng.normal(size=(3, 16))
-    monkeypatch.setattr(L, "ROW_BLOCK_BYTES", 8 * 16 * 5)  # 5 rows per block, the last one short
+    monkeypatch.setattr(W, "ROW_BLOCK_BYTES", 8 * 16 * 5)  # 5 rows per block, the last one short
     for name in ("f64", "f32", "bf16"):
         p = L.Precision(name)
-        got = L.linear(p.act(x), w, p)
+        got = L.linear(p.act(x), W.stored_weight(w, p), p)
         assert got.dtype == p.dtype
         np.testing.assert_allclose(got, L.linear(p.act(x), w.astype(p.dtype), p), rtol=1e-13 if name == "f64" else 1e-6)  # row blocks may take another BLAS kernel: a few ulps
 
 
 def test_linear_reads_nvfp4_rows_into_its_buffer(monkeypatch):
+    from ref import weights as W
     from ref.checkpoint import NVFP4Weight
-    from ref.model import _NVFP4Rows
     rng = np.random.default_rng(6)
     packed, scale, scale2 = nvfp4.quantize_weight(rng.normal(size=(37, 32)).astype(np.float32))
     x = rng.normal(size=(3, 32))
-    monkeypatch.setattr(L, "ROW_BLOCK_BYTES", 8 * 32 * 5)  # 5 rows per block, the last one short
+    monkeypatch.setattr(W, "ROW_BLOCK_BYTES", 8 * 32 * 5)  # 5 rows per block, the last one short
     for name in ("f64", "f32", "bf16"):
         p = L.Precision(name)
-        rows = _NVFP4Rows(NVFP4Weight(packed, scale, scale2, None), p)
+        rows = W.nvfp4_weight(NVFP4Weight(packed, scale, scale2, None), p)
         dense = p.act(nvfp4.dequantize(packed, scale, scale2, dtype=np.float32 if name == "f32" else np.float64))
         buf = np.full((5, 32), np.nan, p.dtype)
         np.testing.assert_array_equal(rows.read_rows(slice(35, 40), buf[:2]), dense[35:])  # short last block
