@@ -21,6 +21,7 @@ from ref import layers as L
 from ref.checkpoint import open_checkpoint
 from ref.model import Model
 from ref.errors import FormatError
+from ref.modes import Modes
 from ref.safetensors_io import SafetensorsFile, overwrite_tensor
 from ref.tokenizer import load_tokenizer
 
@@ -44,8 +45,8 @@ def engine(ckpt, ids, **kw):
     return np.asarray(logits, np.float64), dumps
 
 
-def check(ckpt, ids, eng_logits, dumps, **kw):
-    return X.crosscheck(ckpt, ids, eng_logits=eng_logits, eng_dumps=dumps, lint=False, **kw)
+def check(ckpt, ids, eng_logits, dumps, **modes):
+    return X.crosscheck(ckpt, ids, eng_logits=eng_logits, eng_dumps=dumps, lint=False, modes=Modes(**modes))
 
 
 # ---------------------------------------------------------------- bug injection
@@ -109,9 +110,10 @@ def tiled_heads(original, x, prm, n_k_heads, *args, **kw):
     perm = [h for kh in range(n_k_heads) for h in range(Hv) if h % n_k_heads == kh]
     vrows = np.concatenate([np.arange(h * dv, (h + 1) * dv) for h in perm])
     rows = np.concatenate([np.arange(2 * key_dim), 2 * key_dim + vrows])
-    prm = prm._replace(in_proj_qkv=prm.in_proj_qkv[rows], conv1d=prm.conv1d[rows], in_proj_z=prm.in_proj_z[vrows],
-                       in_proj_b=prm.in_proj_b[perm], in_proj_a=prm.in_proj_a[perm], dt_bias=prm.dt_bias[perm],
-                       A_log=prm.A_log[perm], out_proj=prm.out_proj[:, vrows])
+    w = {n: np.asarray(getattr(prm, n)) for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")}
+    prm = prm._replace(in_proj_qkv=w["in_proj_qkv"][rows], conv1d=prm.conv1d[rows], in_proj_z=w["in_proj_z"][vrows],
+                       in_proj_b=w["in_proj_b"][perm], in_proj_a=w["in_proj_a"][perm], dt_bias=prm.dt_bias[perm],
+                       A_log=prm.A_log[perm], out_proj=w["out_proj"][:, vrows])
     return original(x, prm, n_k_heads, *args, **kw)
 
 
@@ -132,7 +134,7 @@ def test_recompute_reproduces_the_reference_exactly(ckpt, ids, activations):
     """Each step recomputed from the reference's own dumps equals the reference's next dump: the
     recompute wires the layers exactly as ref.model does."""
     _, dumps = engine(ckpt, ids, precision="bf16", activations=activations)
-    local = X.recompute_from_engine(ckpt, dumps, "bf16", activations)
+    local = X.recompute_from_engine(ckpt, dumps, Modes("bf16", activations))
     assert set(local) == set(dumps) - {"embeddings"}
     for name, value in local.items():
         assert np.array_equal(value, dumps[name]), name
@@ -348,10 +350,10 @@ def test_token_strings_through_the_checkpoint_tokenizer(ckpt):
 def test_jax_backend(ckpt, ids):
     """The reference logits from jaxrun (f32) instead of ref.model."""
     logits, _ = engine(ckpt, ids, precision="bf16")
-    rep = X.crosscheck(ckpt, ids, eng_logits=logits, backend="jax", precision="f32", lint=False)
+    rep = X.crosscheck(ckpt, ids, eng_logits=logits, backend="jax", modes=Modes("f32"), lint=False)
     assert rep["verdict"]["ok"] and rep["reference"]["backend"] == "jax"
     with pytest.raises(FormatError, match="--engine-dumps needs --backend ref"):
-        X.crosscheck(ckpt, ids, eng_logits=logits, eng_dumps={"logits": logits}, backend="jax", precision="f32")
+        X.crosscheck(ckpt, ids, eng_logits=logits, eng_dumps={"logits": logits}, backend="jax", modes=Modes("f32"))
 
 
 def test_hf_style_hidden_states_dumps(ckpt, ids, tmp_path):

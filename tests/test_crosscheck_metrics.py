@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from ref import divergence as D
-from ref.crosscheck import compare_layers, compare_positions, summarize, verdict
+from ref.compare import Thresholds, compare_layers, compare_positions, summarize, verdict
 
 LN = math.log
 P4 = np.log([0.4, 0.3, 0.2, 0.1])  # reference distribution over a 4-token vocabulary
@@ -94,9 +94,9 @@ def test_compare_positions_and_summary():
     s = summarize(rows)
     assert s["kl_kind"] == "full" and s["mean_kl"] == pytest.approx(0.028768 / 2, abs=1e-6)
     assert s["max_kl_t"] == 2 and s["top1_agreement"] == 0.5 and s["first_greedy_divergence"] == 2
-    v = verdict(s, [], max_kl=0.1, max_kl_pos=0.1, min_top1=0.4)
+    v = verdict(s, [], Thresholds(max_kl=0.1, max_kl_pos=0.1, min_top1=0.4))
     assert v["ok"] and v["line"].startswith("PASS")
-    v = verdict(s, [], max_kl=0.1, max_kl_pos=0.01, min_top1=0.4)
+    v = verdict(s, [], Thresholds(max_kl=0.1, max_kl_pos=0.01, min_top1=0.4))
     assert not v["ok"] and "at t=2" in v["line"]
 
 
@@ -108,7 +108,7 @@ def test_compare_layers_first_flagged():
     eng = dict(ref, **{"layers.1.after_mixer": 1.2 * x, "layers.1.after_moe": 1.3 * x,
                        "layers.0.topk_ids": np.array([[1, 0], [1, 3]])})
     local = {"layers.1.after_mixer": x, "layers.1.after_moe": 1.2 * x}  # the step recomputed from engine inputs
-    rows = compare_layers(ref, eng, local, layer_rtol=0.1, token_rtol=0.5, num_experts=4)
+    rows = compare_layers(ref, eng, local, Thresholds(layer_rtol=0.1, token_rtol=0.5), num_experts=4)
     names = [r["name"] for r in rows]
     assert names == ["embeddings", "layers.0.after_mixer", "layers.0.topk_ids", "layers.0.topk_weights",
                      "layers.0.after_moe", "layers.1.after_mixer", "layers.1.after_moe"]
@@ -116,7 +116,7 @@ def test_compare_layers_first_flagged():
     assert rows[6]["rel_err"] == pytest.approx(0.3) and rows[6]["local_err"] == pytest.approx(0.1 / 1.2)
     assert rows[6]["local_tok_err"] == pytest.approx(0.1 / 1.2) and rows[6]["local_worst_pos"] == 0
     assert not rows[6]["flagged"] and "flagged" not in rows[1]   # no local value, no flag
-    v = verdict({}, rows, 1.0, 1.0, 0.0)
+    v = verdict({}, rows, Thresholds(max_kl=1.0, max_kl_pos=1.0, min_top1=0.0))
     assert not v["ok"] and v["first_divergent"]["name"] == "layers.1.after_mixer"
     assert v["first_divergent"]["local_err"] == pytest.approx(0.2)
 

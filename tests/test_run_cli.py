@@ -50,7 +50,7 @@ def test_prompt_with_chat_template_and_bf16(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--token-ids", "1,2,99999"], "outside the vocabulary"),
-    (["--token-ids", "1,x"], "comma-separated integers"),
+    (["--token-ids", "1,x"], "--token-ids: expected integers"),
     (["--prompt", ""], "empty"),
     (["--token-ids", "1", "--precision", "fp8"], "invalid choice"),
     (["--token-ids", "1", "--max-new-tokens", "-1"], "max-new-tokens"),
