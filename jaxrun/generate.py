@@ -35,59 +35,53 @@ summary line and --json (speculative) report the figures engines log: drafts acc
 the acceptance rate per draft position, and the mean acceptance length (tokens per step).
 
 --check recomputes each produced sequence with ref.model (float64, the same --activations and
---act-scale; with --mtp also the MTP head's logits, under the same bound) and reports, per generated
-token, max |Δ logit|, KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bound:
-  f32:  max |Δ logit| <= 1e-3 * max(1, max |ref logit|), and top-1 equal unless the ref's top-2 gap
-        is below 2 max |Δ| (a near tie);
-  bf16: KL <= 0.02 on average over a sequence's tokens and <= 0.25 for every token (bf16 rounding
-        can flip a near-tied expert choice, a discrete jump at one token), and the same top-1 rule.
+--act-scale; with --mtp also the MTP head's logits) and reports, per generated token, max |Δ logit|,
+KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bounds of jaxrun.check.
+
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
-values, token ids outside the vocabulary) prints one line on stderr and exits 2.
+values, token ids outside the vocabulary) prints one line on stderr and exits 2; an interrupt
+prints one line and exits 130.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-F32_BOUND = 1e-3                             # max |Δ logit| / max(1, max |ref logit|)
-BF16_MEAN_KL, BF16_MAX_KL = 0.02, 0.25       # KL(ref || jaxrun) per sequence (mean) and per token
+from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
+    run_main
+from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
 
-
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit status 2."""
+PROG = "jaxrun.generate"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxrun.generate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=f"python -m {PROG}", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="checkpoint directory or hub id (default: built-in tiny synthetic model)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (chat template applied unless --raw)")
-    src.add_argument("--token-ids", help="comma-separated prompt token ids (no template)")
+    src.add_argument("--token-ids", help="prompt token ids, comma- or space-separated, or @FILE (no template)")
     src.add_argument("--batch-file", help="file with one prompt per line, generated together")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--max-context", type=int, help="cache length (default: prompt + new tokens, rounded up)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches P, in (0, 1] (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K likeliest tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop text (repeatable); EOS ids always stop")
-    p.add_argument("--devices", type=int, help="devices in the mesh (default: all visible)")
-    p.add_argument("--dense", choices=("replicated", "sharded"), default="replicated",
-                   help="dense weights replicated or tensor-parallel")
-    p.add_argument("--precision", choices=("f32", "bf16"), help="default f32 on CPU, bf16 on GPU")
-    p.add_argument("--activations", choices=("w4a16", "w4a4"), default="w4a16",
-                   help="w4a4: quantize routed-expert GEMM inputs as the engines do")
-    p.add_argument("--act-scale", choices=("per-expert", "max"), default="per-expert",
-                   help="W4A4 input scale: each expert's own, or the layer's largest")
+    p.add_argument("--devices", type=int, help="devices in the mesh: 1, 2, 4 or 8, dividing the number of experts "
+                   "(default: all visible; on CPU, that many simulated devices)")
+    p.add_argument("--dense", choices=DENSE_LAYOUTS, default="replicated",
+                   help="dense weights replicated on every device or tensor-parallel (default replicated)")
+    add_mode_arguments(p, JAX_PRECISIONS, default_precision=None)
     p.add_argument("--mtp", action="store_true", help="run the MTP head and report its draft acceptance")
     p.add_argument("--speculative", nargs="?", const=1, type=int, metavar="K",
                    help="speculative decoding with K MTP drafts per step (default 1)")
-    p.add_argument("--hide-thinking", action="store_true")
+    p.add_argument("--hide-thinking", action="store_true", help="drop the text between <think> and </think>")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -98,6 +92,7 @@ def parse_args(argv):
 
 
 def validate(a) -> None:
+    """The flags alone (nothing read yet)."""
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not (a.temperature >= 0 and a.temperature < float("inf")):
@@ -115,13 +110,12 @@ def validate(a) -> None:
 
 
 def prompts_from(a, tok, vocab: int) -> list[list[int]]:
+    """The prompts' token ids (chat template applied unless --raw); tok may be None with --token-ids."""
     if a.token_ids is not None:
-        try:
-            ids = [int(x) for x in a.token_ids.split(",") if x.strip()]
-        except ValueError:
-            raise UsageError(f"--token-ids: expected comma-separated integers, got {a.token_ids!r}") from None
-        batch = [ids]
+        batch = [parse_token_ids(a.token_ids)]
     else:
+        if tok is None:
+            raise UsageError("a text prompt needs the checkpoint's tokenizer (tokenizer.json); give --token-ids")
         if a.batch_file is not None:
             try:
                 texts = [line.rstrip("\n") for line in Path(a.batch_file).read_text().splitlines() if line.strip()]
@@ -138,9 +132,7 @@ def prompts_from(a, tok, vocab: int) -> list[list[int]]:
     for ids in batch:
         if not ids:
             raise UsageError("empty prompt")
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise UsageError(f"token id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+        check_token_ids(ids, vocab)
     return batch
 
 
@@ -199,53 +191,6 @@ def trim_stop(text: str, stops) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _compare(a, b, precision: str) -> tuple[float, float, bool]:
-    """ref logits a [V] (float64) vs jaxrun's b [V] -> (max |Δ|, KL(ref || jaxrun), within the
-    precision's per-token bound)."""
-    import numpy as np
-    from ref.divergence import kl_full, log_softmax
-    d = float(np.abs(a - b).max())
-    kl = kl_full(log_softmax(a), log_softmax(b))
-    bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
-    return d, kl, bound
-
-
-def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert") -> bool:
-    """Recompute each sequence with ref.model (float64, the same activation mode; the MTP head's drafts
-    too when kept); per-token report on stderr; True if within bounds."""
-    import numpy as np
-    from ref.model import Model
-    ref = Model(ckpt, "f64", activations=activations, act_scale=act_scale)
-    ok = True
-    for n, r in enumerate(results):
-        kls = []
-        full = ref.logits(r.prompt_token_ids + r.token_ids[:-1])
-        rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
-        for i, jl in enumerate(r.logits):
-            a, b = rl[i], np.asarray(jl, np.float64)
-            d, kl, bound = _compare(a, b, precision)
-            top = np.sort(a)[-2:]
-            agree = int(np.argmax(a)) == int(np.argmax(b))
-            near_tie = top[1] - top[0] < 2 * d
-            kls.append(kl)
-            good = bound and (agree or near_tie)
-            ok &= good
-            print(f"check [{n}] step {i}: max|dlogit| {d:.3e}  KL {kl:.3e}  top1 {'agree' if agree else 'DIFFER'}"
-                  f"{'' if good else '  <-- beyond bound'}", file=sys.stderr)
-        if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
-            ok = False
-            print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=sys.stderr)
-        if r.mtp_logits:                                                 # ref row t drafts token t + 2
-            want = ref.mtp_logits(r.prompt_token_ids + r.token_ids)[len(r.prompt_token_ids) - 1:]
-            for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
-                d, kl, good = _compare(a, np.asarray(b, np.float64), precision)
-                ok &= good
-                print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}"
-                      f"{'' if good else '  <-- beyond bound'}", file=sys.stderr)
-    print(f"check: {'PASS' if ok else 'FAIL'} ({precision} {activations} vs ref f64)", file=sys.stderr)
-    return ok
-
-
 def speculative_summary(stats: dict) -> str:
     rates = " ".join(f"{r:.2f}" for r in stats["acceptance_per_position"])
     length = stats["mean_acceptance_length"]
@@ -253,51 +198,76 @@ def speculative_summary(stats: dict) -> str:
             + (f" (per position {rates}; mean acceptance length {length:.2f})" if stats["steps"] else ""))
 
 
+def _context(a, ckpt, prompts) -> int:
+    """The cache length, checked against what the run needs (before any weight is read)."""
+    from jaxrun.runner import Runner
+    cfg, K = ckpt.config.text, a.speculative or 0
+    ctx = min(a.max_context or Runner.context_for(prompts, a.max_new_tokens, K), cfg.max_position_embeddings)
+    if Runner.positions_needed(prompts, a.max_new_tokens, K) > ctx:
+        raise UsageError(f"prompt of {max(map(len, prompts))} tokens + {a.max_new_tokens} new tokens"
+                         + (f" + {2 * K} for {K} speculative drafts" if K else "") + f" exceeds the context of {ctx}")
+    return ctx
+
+
+def _check_checkpoint(a, ckpt) -> None:
+    """What the flags need of the checkpoint, read from its index (before any weight is read)."""
+    if (a.mtp or a.speculative) and not ckpt.has("mtp.fc.weight"):
+        flag = "--speculative" if a.speculative else "--mtp"
+        raise UsageError(f"{flag}: {ckpt.directory} has no MTP head (mtp.fc.weight)")
+    if a.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
+        raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
+
+
+def _tokenizer(ckpt, needed: bool):
+    """The checkpoint's tokenizer; None when it has none and the prompt is token ids."""
+    from ref.errors import CheckpointError
+    from ref.tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(ckpt.directory)
+    except CheckpointError:
+        if needed:
+            raise
+        return None
+
+
 def run(a) -> int:
+    validate(a)
     if a.devices and a.devices > 1 and "jax" not in sys.modules:  # fake CPU devices; no effect on GPUs
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={a.devices}").strip()
     import jax
-    from ref.errors import CheckpointError, ConfigError
-    from ref.synth import cached_checkpoint, user_cache
-    from ref.tokenizer import load_tokenizer
+    from jaxrun.check import check
     from jaxrun.load import load
+    from jaxrun.options import default_precision
     from jaxrun.runner import Runner, speculative_stats
     from jaxrun.sampling import Sampling
-    from jaxrun.sharding import make_mesh
+    from jaxrun.sharding import check_experts, make_mesh
+    from ref.checkpoint import open_checkpoint
+    from ref.synth import cached_checkpoint, user_cache
 
     if a.compile_cache != "off":                  # compiles of 1 s or more are kept (JAX's default threshold)
         cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
         jax.config.update("jax_compilation_cache_dir", cache)
-    precision = a.precision or ("f32" if jax.default_backend() == "cpu" else "bf16")
-    try:
-        mesh = make_mesh(a.devices)
-        model = a.model or cached_checkpoint("tiny")
-        ckpt, params = load(str(model), mesh, precision, a.dense, progress=not a.quiet)
-        tok = load_tokenizer(ckpt.directory)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
+    precision = a.precision or default_precision()
+    ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
+    tok = _tokenizer(ckpt, needed=a.token_ids is None)
     cfg = ckpt.config.text
     prompts = prompts_from(a, tok, cfg.vocab_size)
-    try:
-        runner = Runner(params, cfg, mesh, precision, a.dense, a.activations, a.act_scale)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if (a.mtp or a.speculative) and "mtp" not in params:
-        flag = "--speculative" if a.speculative else "--mtp"
-        raise UsageError(f"{flag}: {ckpt.directory} has no MTP head (mtp.fc.weight)")
-    K = a.speculative or 0
-    ctx = min(a.max_context or runner.context_for(prompts, a.max_new_tokens, K), cfg.max_position_embeddings)
-    if runner.positions_needed(prompts, a.max_new_tokens, K) > ctx:
-        raise UsageError(f"prompt of {max(map(len, prompts))} tokens + {a.max_new_tokens} new tokens"
-                         + (f" + {2 * K} for {K} speculative drafts" if K else "") + f" exceeds the context of {ctx}")
-    texts = [tok.decode(p) for p in prompts]
+    _check_checkpoint(a, ckpt)
+    ctx = _context(a, ckpt, prompts)
+    mesh = make_mesh(a.devices)
+    check_experts(cfg.num_experts, mesh.size)
+    ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
+    runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
+    texts = [tok.decode(p) if tok else "" for p in prompts]
     stream = len(prompts) == 1 and not a.json
     displays = [Display(t, a.hide_thinking, sys.stdout.isatty()) for t in texts]
     stopped = [False] * len(prompts)
-    stop_ids = tuple(cfg.eos_token_ids) + tuple(tok.eos_token_ids)
+    stop_ids = tuple(cfg.eos_token_ids) + (tuple(tok.eos_token_ids) if tok else ())
 
     def text_of(ids):  # generated text without a final stop token, cut at the first stop text
+        if tok is None:
+            return "", False
         return trim_stop(tok.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids), a.stop)
 
     def on_step(results, done):
@@ -340,14 +310,9 @@ def run(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        validate(a)
-        return run(a)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(PROG, lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
+    exit_on_interrupt(PROG)
     sys.exit(main())

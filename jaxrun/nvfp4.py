@@ -80,14 +80,14 @@ def _dequant_exact(q, s, s2):
     return w.reshape(*q.shape[:-1], 2 * q.shape[-1])
 
 
-def dequant_nvfp4(q, s, s2):
+def dequant_nvfp4(q, s, s2, flushes_subnormals: bool = True):
     """Packed E2M1 codes [..., K/2] (element 2j in the low nibble), E4M3 block scales [..., K/16],
     float32 global scale (0-d, or one per leading index of s) -> float32 [..., K], bit-identical to
     ref.nvfp4.dequantize: factor = f32(scale * global) per block, value = f32(e2m1 * factor).
-    On CPU, where XLA flushes subnormals, both products are formed exactly in integers when a
-    global scale is tiny enough for a result to be subnormal (tiny_global); else in float32."""
+    flushes_subnormals (XLA:CPU): both products are formed exactly in integers when a global scale is
+    tiny enough for a result to be subnormal (tiny_global, decided at run time); else in float32."""
     s2 = _broadcast_global(s2, s)
-    if jax.default_backend() != "cpu":
+    if not flushes_subnormals:
         return _dequant_fast(q, s, s2)
     return lax.cond(tiny_global(s2), _dequant_exact, _dequant_fast, q, s, s2)
 
@@ -105,7 +105,7 @@ EXACT_SHIFT = 64  # the exact path hands matmuls its weights times 2^64 (all nor
 
 
 def _shifted_up(w):
-    """float32 weights of magnitude below 2^-99 (any global with _tiny_global), subnormals included ->
+    """float32 weights of magnitude below 2^-99 (any global with tiny_global), subnormals included ->
     the same values times 2^EXACT_SHIFT, exactly, all normal. Subnormals are rebuilt from their bits:
     XLA on CPU reads them as zero, so a matmul would drop them."""
     b = lax.bitcast_convert_type(w, jnp.uint32)
@@ -118,7 +118,7 @@ def nvfp4_planes(q, s, s2, exact: bool):
     """One NVFP4 matrix (q [out, K/2], s [out, K/16], s2 []) decoded as in dequant_nvfp4, for a
     matmul, split into its even and odd columns: (w[:, 0::2], w[:, 1::2]), each float32 [out, K/2].
     The fast form builds the values of each byte's low and high nibble as bit patterns (no
-    interleaving, so XLA vectorises it). `exact` (globals where _tiny_global holds) forms the
+    interleaving, so XLA vectorises it). `exact` (globals where tiny_global holds) forms the
     products in integers and returns the values times 2^EXACT_SHIFT (planes_matmul scales back)."""
     if exact:
         w = _shifted_up(_dequant_exact(q, s, _broadcast_global(s2, s)))

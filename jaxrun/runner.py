@@ -1,36 +1,82 @@
-"""Compiled prefill, decode and speculative steps over a mesh (sampling compiled into them), and the
-generation loop, which queues each step before the host reads the previous one's tokens.
+"""Compiled prefill, decode and speculative steps over a mesh, on a typed decode state of B slots, and
+the generation loop, which queues each step before the host reads the previous one's tokens.
 
-Shape buckets: prompts are right-padded to a power of two (at least 16) and the batch is the number
-of prompts, so one `generate` call compiles prefill once per bucket and decode once; compiled
-functions are kept per shape and reused across calls. `traces` counts how often each function was
-traced (= compiled).
+The pieces a scheduler drives (jaxrun.scheduler; `generate` is the simplest driver):
+- `start(prompts)`: prefill prompts (in chunks, continuing the cache) and choose each one's first
+  token -> (DecodeState of those sequences, the StepOut of the first token);
+- `step(state)`: one decode or speculative step of every slot -> (state, StepOut);
+- `insert(state, rows, slots)`: put started sequences into slots of a larger state (a finished
+  sequence's slot is simply overwritten by the next one: evicting is the host forgetting it).
+
+Shape buckets: prompt chunks are right-padded to a power of two (at least MIN_BUCKET), so a few
+compiled prefills serve every prompt; compiled functions are kept per shape and reused across calls.
+`traces` counts how often each function was traced (= compiled).
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrun import model, moe
+from jaxrun import model
+from jaxrun.layers import rope_table
+from jaxrun.options import Options, exact_decode_needed
+from jaxrun.params import Params, abstract, declare_cache
 from jaxrun.sampling import Sampling, sample, speculative_choice
-from jaxrun.sharding import param_specs, routed_experts, shardings
 from ref.config import FULL
+from ref.modes import Modes
 
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-ACTIVATIONS = ("w4a16", "w4a4")
-ACT_SCALES = ("per-expert", "max")
 MIN_BUCKET = 16
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
+
+# ------------------------------------------------------------------------------------------------
+# Decode state and step outputs (pytrees of device arrays, leading axis: the B slots)
+
+class SlotSampling(NamedTuple):
+    temperature: jax.Array   # [B] float32, 0 = greedy
+    top_p: jax.Array         # [B] float32
+    top_k: jax.Array         # [B] int32, 0 = off
+
+
+class DecodeState(NamedTuple):
+    cache: tuple             # per layer DeltaNetCache | KVCache
+    mtp_cache: tuple | None  # (KVCache,) of the MTP layer, with the MTP head
+    tokens: jax.Array        # [B] int32: each slot's last chosen token (the next step's input)
+    pos: jax.Array           # [B] int32: its position
+    drafts: jax.Array | None  # [B, K] the next speculative step's drafts
+    keys: jax.Array          # [B, 2] uint32: each slot's PRNG key (from its seed)
+    steps: jax.Array         # [B] int32: tokens chosen so far (the fold_in index of the next choice)
+    sampling: SlotSampling
+
+
+class StepOut(NamedTuple):
+    tokens: jax.Array        # [B, n] the chosen tokens (n = 1, or K + 1 in a speculative step)
+    count: jax.Array | None  # [B] how many of them are emitted (speculative), else all
+    logits: jax.Array        # [B, V] or [B, K+1, V] float32
+    draft_ids: jax.Array | None     # [B] with the MTP head (not speculative): its draft of the token after
+    draft_logits: jax.Array | None  # [B, V] the logits of that draft
+
+
+class Chunk(NamedTuple):
+    """A prefill chunk's results."""
+    logits: jax.Array        # [B, V] at each row's last real token, or [B, T, V] (all_logits)
+    cache: tuple
+    mtp_cache: tuple | None
+    hidden: jax.Array | None  # [B, H] final-normed hidden at the last real token (with the MTP head)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results and timings of generate
 
 @dataclass
 class Result:
@@ -92,195 +138,233 @@ class Timings:
                 "decode_tok_s": rate(self.decode_tokens, self.decode_s)}
 
 
+# ------------------------------------------------------------------------------------------------
+
 class Runner:
     """Parameters placed on a mesh plus their compiled functions."""
 
-    def __init__(self, params, cfg, mesh, precision: str = "f32", dense: str = "replicated",
-                 activations: str = "w4a16", act_scale: str = "per-expert"):
-        """activations "w4a4": routed-expert GEMM inputs quantized as the engines do, with each
-        expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them."""
-        if activations not in ACTIVATIONS or act_scale not in ACT_SCALES:
-            raise ValueError(f"activations {activations!r} / act_scale {act_scale!r}: expected one of "
-                             f"{list(ACTIVATIONS)} / {list(ACT_SCALES)}")
-        if activations == "w4a4" and not all("in_s" in layer["mlp"]["experts"] for layer in params["layers"]):
+    def __init__(self, params: Params, cfg, mesh, precision: str = "f32", activations: str = "w4a16",
+                 act_scale: str = "per-expert", options: Options | None = None):
+        """params: placed on `mesh` (jaxrun.load.load, or jaxrun.load.place for random ones); cfg: the
+        TextConfig. activations "w4a4": routed-expert GEMM inputs quantized as the engines do, with each
+        expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them.
+        options: the backend choices (default: Options.build for the mesh's platform)."""
+        self.modes = Modes(precision, activations, act_scale)
+        if activations == "w4a4" and any(layer.mlp.experts.input_scale is None for layer in params.layers):
             raise ValueError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
-        self.cfg, self.mesh, self.precision, self.dense = cfg, mesh, precision, dense
-        self.activations, self.act_scale = activations, act_scale
-        self.dt = DTYPES[precision]
-        self.specs = param_specs(params, mesh.size, dense)
-        self.param_shardings = shardings(self.specs, mesh)
-        self.params = jax.device_put(params, self.param_shardings)
-        self.exact = moe.exact_decode_needed(params)
+        self.cfg, self.mesh = cfg, mesh
+        self.opts = options or Options.build(mesh, self.modes, params)
+        self.param_shardings = jax.tree.map(lambda a: _placed(a, mesh), params)
+        self.params = params
         self.rep = NamedSharding(mesh, P())
         self.traces: Counter = Counter()
         self._compiled: dict = {}
         self._ropes: dict = {}
-        self._sampling: dict = {}
         self.timings = Timings()
 
-    def set_params(self, params) -> None:
+    def set_params(self, params: Params) -> None:
         """Swap in other parameters of the same structure and shapes (compiled functions are kept; a
         second set is compiled if only one of the two needs exact NVFP4 decoding)."""
         if jax.tree.structure(params) != jax.tree.structure(self.params):
             raise ValueError("set_params: parameter tree differs from the compiled one")
         self.params = jax.device_put(params, self.param_shardings)
-        self.exact = moe.exact_decode_needed(params)
+        self.opts = self.opts.replace(exact_experts=self.opts.flushes_subnormals and exact_decode_needed(params))
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.params.mtp is not None
 
     # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
-        """The compiled fn for key; args: a function giving the argument specs (built only to compile)."""
+        """The compiled fn for key (with the options); args: a function giving the argument specs."""
+        key = key + (self.opts,)
         if key not in self._compiled:
             t0 = time.perf_counter()
             self._compiled[key] = jax.jit(fn, **jit_kw).lower(*args()).compile()
             self.timings.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
-    def _routed(self):
-        return routed_experts(self.mesh, self.dt, self.exact, self.activations, self.act_scale)
-
     def _spec(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self.rep)
 
+    def _cache_spec(self, B: int, max_len: int, kinds=None):
+        shapes = abstract(declare_cache(self.cfg, B, max_len, kinds), self.opts.dtype)
+        return jax.tree.map(lambda a: self._spec(a.shape, a.dtype), shapes)
+
+    def _state_spec(self, B: int, max_len: int, mtp: bool, K: int) -> DecodeState:
+        vec, f32 = self._spec((B,), jnp.int32), self._spec((B,), jnp.float32)
+        return DecodeState(self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
+                           vec, vec, self._spec((B, K), jnp.int32) if K else None, self._spec((B, 2), jnp.uint32), vec,
+                           SlotSampling(f32, f32, vec))
+
     def rope(self, max_len: int):
         if max_len not in self._ropes:
-            self._ropes[max_len] = jax.device_put(model.rope_table(self.cfg, max_len, self.dt), self.rep)
+            self._ropes[max_len] = jax.device_put(rope_table(self.cfg, max_len, self.opts.dtype), self.rep)
         return self._ropes[max_len]
 
-    def prefill_fn(self, B: int, T: int, max_len: int, all_logits: bool = False, with_hidden: bool = False):
-        def fn(params, tokens, lengths, rope):
-            self.traces["prefill"] += 1
-            return model.prefill(params, tokens, lengths, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
-                                 max_len=max_len, all_logits=all_logits, with_hidden=with_hidden)
+    def zeros_fn(self, B: int, max_len: int, kinds=None):
+        """Fresh caches (zeros) for B sequences, made on the devices."""
+        shapes = abstract(declare_cache(self.cfg, B, max_len, kinds), self.opts.dtype)
+        fn = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        return self._compile(("zeros", B, max_len, kinds), fn, lambda: (), out_shardings=self.rep)
 
-        args = lambda: (self.params, self._spec((B, T), jnp.int32), self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("prefill", B, T, max_len, all_logits, with_hidden, self.exact), fn, args,
-                             in_shardings=(self.param_shardings, self.rep, self.rep, self.rep),
-                             out_shardings=(self.rep,) * (3 if with_hidden else 2))
+    def chunk_fn(self, B: int, T: int, max_len: int, mtp: bool, all_logits: bool = False):
+        """One prefill chunk (model.prefill, and with mtp the MTP head's rows whose next token is known):
+        (params, cache, mtp_cache, tokens [B, T], following [B] (the token after each row's last real
+        one, -1 where it is not known yet), pos [B], lengths [B], rope) -> Chunk."""
+        cfg, opts = self.cfg, self.opts
+
+        def fn(params, cache, mtp_cache, tokens, following, pos, lengths, rope):
+            self.traces["prefill"] += 1
+            pre = model.prefill(params, cache, tokens, pos, lengths, rope, cfg=cfg, opts=opts, all_logits=all_logits,
+                                with_hidden=mtp)
+            if not mtp:
+                return Chunk(pre.logits, pre.cache, None, None)
+            rows = jnp.arange(tokens.shape[0])
+            nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+            nxt = nxt.at[rows, lengths - 1].set(jnp.maximum(following, 0))                # row t: token t + 1
+            known = jnp.where(following >= 0, lengths, lengths - 1)                       # MTP rows to run
+            mtp_cache = model.mtp_prefill(params, mtp_cache, nxt, pre.hidden, pos, known, rope, cfg=cfg, opts=opts)
+            return Chunk(pre.logits, pre.cache, mtp_cache, pre.hidden[rows, lengths - 1])
+
+        vec = self._spec((B,), jnp.int32)
+        args = lambda: (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
+                        self._spec((B, T), jnp.int32), vec, vec, vec, self.rope(max_len))
+        return self._compile(("prefill", B, T, max_len, mtp, all_logits), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 7, out_shardings=self.rep,
+                             donate_argnums=(1, 2))
+
+    def first_fn(self, B: int, max_len: int, mtp: bool, K: int):
+        """The first token after the prompts, with its sampling: (params, the last Chunk's cache,
+        mtp_cache, logits and hidden, lengths [B], keys [B, 2], SlotSampling, rope) -> (DecodeState,
+        StepOut). With mtp, also the MTP head's draft after it (speculative: its K chained drafts),
+        from the prompt's last row."""
+        cfg, opts = self.cfg, self.opts
+
+        def fn(params, cache, mtp_cache, logits, hidden, lengths, keys, sampling, rope):
+            self.traces["first"] += 1
+            steps = jnp.zeros_like(lengths)
+            tok = sample(logits, _step_keys(keys, steps), *sampling)
+            drafts = draft_ids = draft_logits = None
+            if mtp:
+                draft_logits, mtp_cache, hm = model.mtp_decode(params, mtp_cache, tok, hidden, lengths - 1, rope,
+                                                               cfg=cfg, opts=opts)
+                first = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
+                if K:
+                    drafts, mtp_cache = model.mtp_chain(params, mtp_cache, first, hm, lengths - 1, rope, cfg=cfg,
+                                                        opts=opts, count=K)
+                    draft_logits = None
+                else:
+                    draft_ids = first
+            state = DecodeState(cache, mtp_cache, tok, lengths, drafts, keys, steps + 1, sampling)
+            return state, StepOut(tok[:, None], None, logits, draft_ids, draft_logits)
+
+        def args():
+            H, V, vec, f32 = self.cfg.hidden_size, self.cfg.vocab_size, self._spec((B,), jnp.int32), \
+                self._spec((B,), jnp.float32)
+            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
+                    self._spec((B, V), jnp.float32), self._spec((B, H), self.opts.dtype) if mtp else None, vec,
+                    self._spec((B, 2), jnp.uint32), SlotSampling(f32, f32, vec), self.rope(max_len))
+
+        return self._compile(("first", B, max_len, mtp, K), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 8, out_shardings=self.rep,
+                             donate_argnums=(1, 2))
 
     def decode_fn(self, B: int, max_len: int, mtp: bool = False):
         """One decode step with its sampling (and with mtp the MTP head's draft of the token after),
-        compiled as one function: (params, cache, mtp_cache, tokens [B], pos [B], rope, key, step,
-        temperature, top_p, top_k) -> {"tokens": [B, 1] the sampled tokens, "logits" [B, V], "next",
-        "pos" (+1, capped), "cache"[, "draft" [B, V], "draft_ids", "mtp_cache"]}."""
-        def fn(params, cache, mtp_cache, tokens, pos, rope, key, step, temperature, top_p, top_k):
+        compiled as one function: (params, DecodeState) -> (DecodeState, StepOut)."""
+        cfg, opts = self.cfg, self.opts
+
+        def fn(params, state: DecodeState, rope):
             self.traces["decode"] += 1
-            logits, cache, *hidden = model.decode(params, cache, tokens, pos, rope, cfg=self.cfg, dt=self.dt,
-                                                  routed=self._routed(), with_hidden=mtp)
-            nxt = sample(logits, jax.random.fold_in(key, step), temperature, top_p, top_k)
-            out = {"tokens": nxt[:, None], "logits": logits, "next": nxt, "pos": jnp.minimum(pos + 1, max_len - 1),
-                   "cache": cache}
+            logits, cache, hidden = model.decode(params, state.cache, state.tokens, state.pos, rope, cfg=cfg, opts=opts)
+            nxt = sample(logits, _step_keys(state.keys, state.steps), *state.sampling)
+            draft_ids = draft_logits = None
+            mtp_cache = state.mtp_cache
             if mtp:
-                out["draft"], out["mtp_cache"] = model.mtp_decode(params, mtp_cache, nxt, hidden[0], pos, rope,
-                                                                  cfg=self.cfg, dt=self.dt, routed=self._routed())
-                out["draft_ids"] = jnp.argmax(out["draft"], axis=-1).astype(jnp.int32)
-            return out
+                draft_logits, mtp_cache, _ = model.mtp_decode(params, mtp_cache, nxt, hidden, state.pos, rope,
+                                                              cfg=cfg, opts=opts)
+                draft_ids = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
+            state = state._replace(cache=cache, mtp_cache=mtp_cache, tokens=nxt,
+                                   pos=jnp.minimum(state.pos + 1, max_len - 1), steps=state.steps + 1)
+            return state, StepOut(nxt[:, None], None, logits, draft_ids, draft_logits)
 
-        def args():
-            vec = self._spec((B,), jnp.int32)
-            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
-                    vec, vec, self.rope(max_len), jax.random.PRNGKey(0), self._spec((), jnp.int32),
-                    self._spec((B,), jnp.float32), self._spec((B,), jnp.float32), vec)
-
-        return self._compile(("decode", B, max_len, mtp, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 10, out_shardings=self.rep,
-                             donate_argnums=(1, 2))
-
-    def mtp_prefill_fn(self, B: int, T: int, max_len: int, drafts: int = 0):
-        """model.mtp_prefill -> (draft logits [B, V], MTP cache), with drafts > 0 also that many chained
-        greedy drafts [B, drafts] (model.mtp_chain) for the first speculative step."""
-        def fn(params, next_tokens, hidden, lengths, rope):
-            self.traces["mtp_prefill"] += 1
-            kw = dict(cfg=self.cfg, dt=self.dt, routed=self._routed())
-            logits, cache, h = model.mtp_prefill(params, next_tokens, hidden, lengths, rope, max_len=max_len, **kw)
-            if not drafts:
-                return logits, cache
-            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            chain, cache = model.mtp_chain(params, cache, first, h, lengths - 1, rope, count=drafts, **kw)
-            return logits, cache, chain
-
-        H = self.cfg.hidden_size
-        args = lambda: (self.params, self._spec((B, T), jnp.int32), self._spec((B, T, H), self.dt),
-                        self._spec((B,), jnp.int32), self.rope(max_len))
-        return self._compile(("mtp_prefill", B, T, max_len, drafts, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 4, out_shardings=self.rep)
+        args = lambda: (self.params, self._state_spec(B, max_len, mtp, 0), self.rope(max_len))
+        return self._compile(("decode", B, max_len, mtp), fn, args, in_shardings=(self.param_shardings, self.rep, self.rep),
+                             out_shardings=self.rep, donate_argnums=(1,))
 
     def verify_fn(self, B: int, max_len: int, K: int):
         """One speculative step with K drafts (model.verify with sampling.speculative_choice), compiled
-        with its bookkeeping: (params, cache, mtp_cache, tokens [B], drafts [B, K], pos [B], rope, key,
-        step, temperature, top_p, top_k) -> {"tokens": [B, K+1] the chosen tokens, "logits" [B, K+1, V],
-        "count" [B] (1 + drafts accepted: the tokens kept), "next" (the last kept token), "pos" (+count,
-        capped), "drafts" [B, K] (the next ones), "cache", "mtp_cache"}."""
-        def fn(params, cache, mtp_cache, tokens, drafts, pos, rope, key, step, temperature, top_p, top_k):
+        with its bookkeeping: (params, DecodeState) -> (DecodeState, StepOut with count = 1 + drafts
+        accepted: the tokens kept)."""
+        cfg, opts = self.cfg, self.opts
+
+        def fn(params, state: DecodeState, rope):
             self.traces["verify"] += 1
-            choose = lambda logits, drafts: speculative_choice(logits, drafts, jax.random.fold_in(key, step),
-                                                               temperature, top_p, top_k)
-            logits, chosen, n, cache, mtp_cache, nxt = model.verify(
-                params, cache, mtp_cache, tokens, drafts, pos, rope, cfg=self.cfg, dt=self.dt, routed=self._routed(),
-                choose=choose)
-            return {"tokens": chosen, "logits": logits, "count": n + 1, "next": chosen[jnp.arange(B), n],
-                    "pos": jnp.minimum(pos + n + 1, max_len - 1), "cache": cache, "mtp_cache": mtp_cache,
-                    "drafts": nxt}
+            keys = _step_keys(state.keys, state.steps)
+            choose = lambda logits, drafts: speculative_choice(logits, drafts, keys, *state.sampling)
+            v = model.verify(params, state.cache, state.mtp_cache, state.tokens, state.drafts, state.pos, rope,
+                             cfg=cfg, opts=opts, choose=choose)
+            n = v.accepted
+            state = state._replace(cache=v.cache, mtp_cache=v.mtp_cache, tokens=v.chosen[jnp.arange(B), n],
+                                   pos=jnp.minimum(state.pos + n + 1, max_len - 1), drafts=v.drafts,
+                                   steps=state.steps + 1)
+            return state, StepOut(v.chosen, n + 1, v.logits, None, None)
 
-        def args():
-            vec = self._spec((B,), jnp.int32)
-            return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)), vec,
-                    self._spec((B, K), jnp.int32), vec, self.rope(max_len), jax.random.PRNGKey(0),
-                    self._spec((), jnp.int32), self._spec((B,), jnp.float32), self._spec((B,), jnp.float32), vec)
+        args = lambda: (self.params, self._state_spec(B, max_len, True, K), self.rope(max_len))
+        return self._compile(("verify", B, max_len, K), fn, args, in_shardings=(self.param_shardings, self.rep, self.rep),
+                             out_shardings=self.rep, donate_argnums=(1,))
 
-        return self._compile(("verify", B, max_len, K, self.exact), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 11, out_shardings=self.rep,
-                             donate_argnums=(1, 2))
+    def insert_fn(self, B: int, n: int, max_len: int, mtp: bool, K: int):
+        """(state of B slots, state of n sequences, slots [n]) -> the state with those slots replaced."""
+        def fn(big, rows, slots):
+            self.traces["insert"] += 1
+            return jax.tree.map(lambda a, b: a.at[slots].set(b), big, rows)
 
-    def _cache_spec(self, B: int, max_len: int, kinds=None):
-        shapes = model.cache_shapes(self.cfg, B, max_len, self.dt, kinds)
-        return jax.tree.map(lambda a: self._spec(a.shape, a.dtype), shapes)
+        args = lambda: (self._state_spec(B, max_len, mtp, K), self._state_spec(n, max_len, mtp, K),
+                        self._spec((n,), jnp.int32))
+        return self._compile(("insert", B, n, max_len, mtp, K), fn, args, in_shardings=(self.rep,) * 3,
+                             out_shardings=self.rep, donate_argnums=(0,))
 
-    def sample_fn(self, B: int):
-        V = self.cfg.vocab_size
-        args = lambda: (self._spec((B, V), jnp.float32), jax.random.PRNGKey(0), self._spec((B,), jnp.float32),
-                        self._spec((B,), jnp.float32), self._spec((B,), jnp.int32))
-        return self._compile(("sample", B), sample, args)
-
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False,
-                with_hidden: bool = False):
-        """tokens [B, T] int32 (T a bucket, <= max_len), lengths [B] -> (logits, cache[, final hidden])
-        on device."""
+    # -- steps on device arrays -------------------------------------------------------------------
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False):
+        """Teacher-forced: tokens [B, T] int32 (T a bucket, <= max_len), lengths [B] -> (logits [B, T, V]
+        (all_logits) or [B, V] at each last token, cache), from a fresh cache."""
         B, T = tokens.shape
-        f = self.prefill_fn(B, T, max_len, all_logits, with_hidden)
-        return f(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+        chunk = self.chunk_fn(B, T, max_len, False, all_logits)(
+            self.params, self.zeros_fn(B, max_len)(), None, jnp.asarray(tokens, jnp.int32),
+            jnp.full(B, -1, jnp.int32), jnp.zeros(B, jnp.int32), jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+        return chunk.logits, chunk.cache
 
-    def decode(self, state: dict, max_len: int, key, step: int, s: Sampling) -> dict:
-        """One decode_fn step from state {"cache", "next", "pos"[, "mtp_cache"]} (device arrays; the
-        caches are donated): tokens sampled with fold_in(key, step)."""
-        mtp = "mtp_cache" in state
-        f = self.decode_fn(len(state["pos"]), max_len, mtp)
-        return f(self.params, state["cache"], state.get("mtp_cache"), state["next"], state["pos"], self.rope(max_len),
-                 key, np.int32(step), *self._sampling_arrays(len(state["pos"]), s))
+    def start(self, prompts: list[list[int]], max_len: int, sampling: Sampling | list[Sampling], mtp: bool = False,
+              K: int = 0) -> tuple[DecodeState, StepOut]:
+        """Prefill the prompts together and choose each one's first token (with its own seed and
+        settings) -> (DecodeState of len(prompts) sequences, StepOut of the first token)."""
+        job = Prefill(self, prompts, max_len, mtp)
+        while not job.advance():
+            pass
+        return job.finish(sampling, K)
 
-    def mtp_prefill(self, next_tokens: np.ndarray, hidden, lengths: np.ndarray, max_len: int, drafts: int = 0):
-        """mtp_prefill_fn's outputs, on device."""
-        B, T = next_tokens.shape
-        return self.mtp_prefill_fn(B, T, max_len, drafts)(self.params, jnp.asarray(next_tokens, jnp.int32), hidden,
-                                                          jnp.asarray(lengths, jnp.int32), self.rope(max_len))
+    def step(self, state: DecodeState, max_len: int) -> tuple[DecodeState, StepOut]:
+        """One decode step (or, with drafts in the state, a speculative one) of every slot; the state
+        is donated."""
+        if state.drafts is not None:
+            return self.verify(state, max_len)
+        B = state.tokens.shape[0]
+        return self.decode_fn(B, max_len, state.mtp_cache is not None)(self.params, state, self.rope(max_len))
 
-    def verify(self, state: dict, max_len: int, key, step: int, s: Sampling) -> dict:
-        """One verify_fn step from state {"cache", "mtp_cache", "next", "drafts" [B, K], "pos"} (the
-        caches are donated), its random choices from fold_in(key, step)."""
-        drafts = jnp.asarray(state["drafts"], jnp.int32)
-        B, K = drafts.shape
-        return self.verify_fn(B, max_len, K)(
-            self.params, state["cache"], state["mtp_cache"], jnp.asarray(state["next"], jnp.int32), drafts,
-            state["pos"], self.rope(max_len), key, np.int32(step), *self._sampling_arrays(B, s))
+    def verify(self, state: DecodeState, max_len: int) -> tuple[DecodeState, StepOut]:
+        """One speculative step from the state's drafts (the state is donated)."""
+        B, K = state.drafts.shape
+        state = state._replace(drafts=jnp.asarray(state.drafts, jnp.int32))
+        return self.verify_fn(B, max_len, K)(self.params, state, self.rope(max_len))
 
-    def _sampling_arrays(self, B: int, s: Sampling):
-        key = (B, s.temperature, s.top_p, s.top_k)
-        if key not in self._sampling:
-            self._sampling[key] = (jnp.full((B,), s.temperature, jnp.float32), jnp.full((B,), s.top_p, jnp.float32),
-                                    jnp.full((B,), s.top_k, jnp.int32))
-        return self._sampling[key]
-
-    def sample(self, logits, key, s: Sampling):
-        return self.sample_fn(logits.shape[0])(logits, key, *self._sampling_arrays(logits.shape[0], s))
+    def insert(self, state: DecodeState, rows: DecodeState, slots, max_len: int) -> DecodeState:
+        """rows (a DecodeState of n sequences, e.g. from start) into `slots` [n] of state (donated)."""
+        B, n = state.tokens.shape[0], rows.tokens.shape[0]
+        K = 0 if state.drafts is None else state.drafts.shape[1]
+        f = self.insert_fn(B, n, max_len, state.mtp_cache is not None, K)
+        return f(state, rows, jnp.asarray(slots, jnp.int32))
 
     # -- generation --------------------------------------------------------------------------------
     @staticmethod
@@ -289,10 +373,11 @@ class Runner:
         2K more (a speculative step writes its drafts, then the MTP head's chain, past its last token)."""
         return max(len(p) for p in prompts) + max_new_tokens + 2 * int(speculative)
 
-    def context_for(self, prompts, max_new_tokens: int, speculative: int = 0) -> int:
+    @staticmethod
+    def context_for(prompts, max_new_tokens: int, speculative: int = 0) -> int:
         """The cache length generate uses by default: positions_needed, rounded up to a multiple of 256."""
-        return bucket(max(bucket(max(len(p) for p in prompts)), self.positions_needed(prompts, max_new_tokens,
-                                                                                       speculative)), 256)
+        return bucket(max(bucket(max(len(p) for p in prompts)), Runner.positions_needed(prompts, max_new_tokens,
+                                                                                         speculative)), 256)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None,
@@ -309,78 +394,89 @@ class Runner:
         overlaps the device's work; a step queued when every sequence has ended is dropped."""
         K = int(speculative)
         mtp = mtp or K > 0
-        if mtp and "mtp" not in self.params:
+        if mtp and not self.has_mtp:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
-        B = len(prompts)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        T = bucket(int(lengths.max()))
-        S = max(max_context or self.context_for(prompts, max_new_tokens, K), T)
-        needed = self.positions_needed(prompts, max_new_tokens, K)
-        if needed > S:
-            raise ValueError(f"{needed} cache positions needed (prompt, new tokens, 2 per draft) exceed the context "
-                             f"of {S}")
-        tokens = np.zeros((B, T), np.int32)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = p
+        S = self._context(prompts, max_new_tokens, max_context, K)
         results = [Result(list(map(int, p))) for p in prompts]
         if max_new_tokens <= 0:
             return results
-        key = jax.random.PRNGKey(sampling.seed)
-        self.prefill_fn(B, T, S, with_hidden=mtp)                          # compile everything before timing
-        self.sample_fn(B)
-        if K:
-            self.verify_fn(B, S, K)
-        else:
-            self.decode_fn(B, S, mtp)
-        if mtp:
-            self.mtp_prefill_fn(B, T, S, K)
+        self._compile_ahead(prompts, S, mtp, K)
         t0, c0 = time.perf_counter(), time.process_time()
-        logits, cache, *hidden = self.prefill(tokens, lengths, S, with_hidden=mtp)
-        tok = self.sample(logits, jax.random.fold_in(key, 0), sampling)
-        state = {"cache": cache, "next": tok, "pos": jnp.asarray(lengths)}
-        first = {"tokens": tok[:, None], "logits": logits}
-        if mtp:                                        # row t: token t + 1 (the sampled one after the prompt)
-            following = np.concatenate([tokens[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
-            following[np.arange(B), lengths - 1] = np.asarray(tok)
-            first["draft"], state["mtp_cache"], *chain = self.mtp_prefill(following, hidden[0], lengths, S, K)
-            if K:
-                state["drafts"] = chain[0]
-            else:
-                state["draft_ids"] = first["draft_ids"] = jnp.argmax(first["draft"], axis=-1).astype(jnp.int32)
-        drafts = mtp and not K                                             # recorded per token
-        wanted = ("tokens", "count") + ("logits",) * keep_logits + ("draft_ids",) * drafts \
-            + ("draft",) * (drafts and keep_logits)
-        to_host = lambda out: {k: np.asarray(out[k]) for k in wanted if k in out}
-        emitted = to_host(first)
+        state, first = self.start(prompts, S, sampling, mtp, K)
+        done = np.zeros(len(prompts), bool)
+        self._emit(results, done, self._to_host(first, keep_logits), stop_ids, max_new_tokens)
         self.timings.prefill_s += time.perf_counter() - t0
         self.timings.prefill_cpu_s += time.process_time() - c0
-        self.timings.prefill_tokens += int(lengths.sum())
-        advance = self.verify if K else self.decode
-        done = np.zeros(B, bool)
+        self.timings.prefill_tokens += sum(len(p) for p in prompts)
         t0, c0 = time.perf_counter(), time.process_time()
-        for step in range(1, max_new_tokens + 1):
-            # the next step is queued before this one's tokens are read
-            out = advance(state, S, key, step, sampling) if step < max_new_tokens else None
-            if out is not None:
-                state = {k: out[k] for k in ("cache", "mtp_cache", "next", "pos", "draft_ids", "drafts") if k in out}
-            new = self._emit(results, done, emitted, stop_ids, max_new_tokens)
-            if step > 1:
-                self.timings.decode_tokens += new
-            if on_step:
-                more = on_step(results, done)
-                done |= False if more is None else np.asarray(more, bool)
-            if done.all() or out is None:
-                break
-            emitted = to_host(out)
-            if K:
-                for b in np.flatnonzero(~done):
-                    results[b].record_step(int(emitted["count"][b]) - 1, K)
+        _ask(on_step, results, done)
+        self._decode_loop(state, results, done, S, K, stop_ids, max_new_tokens, keep_logits, on_step)
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results
 
+    def _context(self, prompts, max_new_tokens: int, max_context: int | None, K: int) -> int:
+        """The cache length of a generation; ValueError when its positions do not fit."""
+        S = max(max_context or self.context_for(prompts, max_new_tokens, K), bucket(max(len(p) for p in prompts)))
+        needed = self.positions_needed(prompts, max_new_tokens, K)
+        if needed > S:
+            raise ValueError(f"{needed} cache positions needed (prompt, new tokens, 2 per draft) exceed the context "
+                             f"of {S}")
+        return S
+
+    def _compile_ahead(self, prompts, S: int, mtp: bool, K: int) -> None:
+        """Compile every function a generation runs before anything is timed."""
+        B, T = len(prompts), bucket(max(len(p) for p in prompts))
+        self.zeros_fn(B, S)
+        if mtp:
+            self.zeros_fn(B, S, (FULL,))
+        self.chunk_fn(B, T, S, mtp)
+        self.first_fn(B, S, mtp, K)
+        if K:
+            self.verify_fn(B, S, K)
+        else:
+            self.decode_fn(B, S, mtp)
+
     @staticmethod
-    def _emit(results, done, emitted, stop_ids, max_new_tokens: int) -> int:
+    def _to_host(out: StepOut, keep_logits: bool) -> dict:
+        """What the host reads of a step: its tokens (and count), and where kept the logits and drafts."""
+        host = {"tokens": np.asarray(out.tokens)}
+        if out.count is not None:
+            host["count"] = np.asarray(out.count)
+        if out.draft_ids is not None:
+            host["draft_ids"] = np.asarray(out.draft_ids)
+        if keep_logits:
+            host["logits"] = np.asarray(out.logits)
+            if out.draft_logits is not None:
+                host["draft"] = np.asarray(out.draft_logits)
+        return host
+
+    def _decode_loop(self, state: DecodeState, results, done, S: int, K: int, stop_ids, max_new_tokens: int,
+                     keep_logits: bool, on_step) -> None:
+        """Steps until every sequence has ended; each is queued before the previous one's tokens are read."""
+        pending = None
+        for _ in range(1, max_new_tokens):
+            if done.all():
+                break
+            state, out = self.step(state, S)                               # queued; the host goes on
+            if pending is not None:
+                self._after_step(results, done, pending, stop_ids, max_new_tokens, K, on_step)
+                if done.all():                                               # the queued step is dropped
+                    return
+            pending = self._to_host(out, keep_logits)
+        if pending is not None and not done.all():
+            self._after_step(results, done, pending, stop_ids, max_new_tokens, K, on_step)
+
+    def _after_step(self, results, done, emitted: dict, stop_ids, max_new_tokens: int, K: int, on_step) -> None:
+        """A step's host side: speculative counts, its tokens appended, on_step asked."""
+        if K:
+            for b in np.flatnonzero(~done):
+                results[b].record_step(int(emitted["count"][b]) - 1, K)
+        self.timings.decode_tokens += self._emit(results, done, emitted, stop_ids, max_new_tokens)
+        _ask(on_step, results, done)
+
+    @staticmethod
+    def _emit(results, done, emitted: dict, stop_ids, max_new_tokens: int) -> int:
         """Append one step's tokens (host arrays: "tokens" [B, n], "count" [B] of them kept (default
         all), and where present "logits" [B, V] or [B, n, V], the MTP "draft_ids" [B] and "draft"
         logits) to the live sequences, marking those that end; -> tokens appended."""
@@ -402,3 +498,76 @@ class Runner:
                 if done[b]:
                     break
         return new
+
+
+class Prefill:
+    """Prompts being prefilled together, one chunk at a time (a scheduler interleaves the chunks of a
+    long prompt with decode steps). Each chunk is right-padded to a bucket; with several prompts,
+    every prompt must fit the first chunk (their chunks would not line up)."""
+
+    def __init__(self, runner: Runner, prompts: list[list[int]], max_len: int, mtp: bool = False,
+                 chunk: int | None = None):
+        self.runner, self.prompts, self.max_len, self.mtp = runner, prompts, max_len, mtp
+        self.lengths = np.array([len(p) for p in prompts], np.int32)
+        longest = int(self.lengths.max())
+        self.size = min(chunk or bucket(longest), bucket(longest))
+        if len(prompts) > 1 and self.size < longest:
+            raise ValueError("Prefill: several prompts are prefilled in one chunk")
+        B = len(prompts)
+        self.cache = runner.zeros_fn(B, max_len)()
+        self.mtp_cache = runner.zeros_fn(B, max_len, (FULL,))() if mtp else None
+        self.done_tokens, self.last = 0, None
+
+    def advance(self) -> bool:
+        """Run the next chunk; True when the prompts are fully prefilled."""
+        r, lo = self.runner, self.done_tokens
+        B = len(self.prompts)
+        n = np.clip(self.lengths - lo, 0, self.size).astype(np.int32)     # real tokens of each row here
+        tokens = np.zeros((B, bucket(int(n.max()))), np.int32)
+        following = np.full(B, -1, np.int32)
+        for b, p in enumerate(self.prompts):
+            tokens[b, :n[b]] = p[lo:lo + n[b]]
+            if lo + n[b] < len(p):
+                following[b] = p[lo + n[b]]
+        f = r.chunk_fn(B, tokens.shape[1], self.max_len, self.mtp)
+        self.last = f(r.params, self.cache, self.mtp_cache, jnp.asarray(tokens), jnp.asarray(following),
+                      jnp.full(B, lo, jnp.int32), jnp.asarray(n), r.rope(self.max_len))
+        self.cache, self.mtp_cache = self.last.cache, self.last.mtp_cache
+        self.done_tokens += self.size
+        return self.done_tokens >= int(self.lengths.max())
+
+    def finish(self, sampling: Sampling | list[Sampling], K: int = 0) -> tuple[DecodeState, StepOut]:
+        """The first token of each prompt (its own seed and settings; K: speculative drafts to start
+        with) -> (DecodeState, StepOut)."""
+        r, B = self.runner, len(self.prompts)
+        samplings = sampling if isinstance(sampling, list) else [sampling] * B
+        keys = jnp.stack([jax.random.PRNGKey(s.seed) for s in samplings]).astype(jnp.uint32)
+        slot = SlotSampling(jnp.asarray([s.temperature for s in samplings], jnp.float32),
+                            jnp.asarray([s.top_p for s in samplings], jnp.float32),
+                            jnp.asarray([s.top_k for s in samplings], jnp.int32))
+        f = r.first_fn(B, self.max_len, self.mtp, K)
+        c = self.last
+        return f(r.params, c.cache, c.mtp_cache, c.logits, c.hidden, jnp.asarray(self.lengths), keys, slot,
+                 r.rope(self.max_len))
+
+
+def _ask(on_step, results, done) -> None:
+    """on_step(results, done) may end further sequences (a bool array [B])."""
+    if on_step:
+        more = on_step(results, done)
+        done |= False if more is None else np.asarray(more, bool)
+
+
+def _placed(a, mesh):
+    """The sharding of a parameter placed on mesh; ValueError for one that is not."""
+    sharding = getattr(a, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh != mesh:
+        raise ValueError("Runner: the parameters must be placed on the runner's mesh (jaxrun.load.load or "
+                         "jaxrun.load.place)")
+    return sharding
+
+
+def _step_keys(keys, steps):
+    """Each slot's key for its next choice: fold_in(its key, its step count) [B, 2]."""
+    return jax.vmap(jax.random.fold_in)(keys, steps)
+

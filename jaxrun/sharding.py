@@ -1,27 +1,37 @@
-"""The sharding rules, in one place: a 1-D mesh with axis 'expert' over N devices.
+"""The sharding rules, in one place: logical axes (declared per parameter in jaxrun.params) -> mesh axes.
 
-Routed experts: every expert tensor is split along its leading expert axis, E/N experts per device.
-Dense weights: replicated, or (`dense="sharded"`) tensor-parallel over the same axis: column-parallel
-(output rows split) for embeddings, lm_head, q/k/v, DeltaNet in-projections and conv, shared-expert
-gate/up; row-parallel (input columns split) for o_proj, DeltaNet out_proj and shared-expert down. A
-dimension is split only when N divides it; XLA inserts the collectives the dense maths needs. Norm
-weights, gates' biases, router and caches are replicated. Tokens are replicated; the routed-expert sum
-runs in `shard_map`: each device sums its own experts (moe.local_experts) and a psum combines.
+The mesh is 1-D, axis "expert" over N devices. Routed experts are split along their expert axis, E/N
+per device, in both layouts of the dense weights:
+- "replicated": every dense weight whole on every device;
+- "sharded": tensor-parallel over the same axis: column-parallel (output features split) for the
+  embedding and lm_head (vocabulary), q/k/v, the DeltaNet in-projections and conv channels and the
+  shared expert's gate/up; row-parallel (input features split) for o_proj, DeltaNet out_proj and the
+  shared expert's down. XLA inserts the collectives the dense maths needs.
+Norms, gates, the router, the MTP fc and the caches (jaxrun.params.declare_cache) stay replicated. A dimension whose size the mesh
+axis does not divide stays whole (and the two parts of an NVFP4 weight are always split alike). A
+logical axis without a rule is an error: nothing is replicated by accident.
 """
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrun.moe import local_experts
+from jaxrun.params import NVFP4, Param, leaves, resolve_dtype
+from ref.modes import DENSE_LAYOUTS, check_choice
 
 AXIS = "expert"
-DENSE_MODES = ("replicated", "sharded")
-_COLUMN = {("embed",), ("lm_head",), ("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "qkv"), ("attn", "z"),
-           ("attn", "b"), ("attn", "a"), ("attn", "conv"), ("shared", "gate"), ("shared", "up")}
-_ROW = {("attn", "o"), ("attn", "out"), ("shared", "down")}
+
+# logical axis -> mesh axis (None: not split), per dense layout
+_REPLICATED = {"experts": AXIS, "vocab": None, "embed": None, "attn_out": None, "attn_in": None,
+               "deltanet_out": None, "deltanet_in": None, "deltanet_heads": None, "conv_kernel": None,
+               "head_dim": None, "shared_mlp": None, "expert_mlp": None, "router": None, "gate_out": None,
+               "mtp_in": None, "scale_pair": None,
+               # caches
+               "batch": None, "kv_heads": None, "cache_seq": None, "cache_head_dim": None, "conv_window": None,
+               "cache_channels": None, "cache_heads": None, "cache_key_dim": None, "cache_value_dim": None}
+_TENSOR_PARALLEL = ("vocab", "attn_out", "attn_in", "deltanet_out", "deltanet_in", "shared_mlp")
+RULES = {"replicated": _REPLICATED, "sharded": _REPLICATED | {a: AXIS for a in _TENSOR_PARALLEL}}
 
 
 def make_mesh(n: int | None = None) -> Mesh:
@@ -33,77 +43,44 @@ def make_mesh(n: int | None = None) -> Mesh:
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+def check_experts(num_experts: int, n: int) -> None:
+    if num_experts % n:
+        raise ValueError(f"--devices {n}: must divide num_experts {num_experts}")
 
 
-def param_spec(path, shape, n: int, dense: str) -> P:
-    """PartitionSpec of one parameter, from its path in the pytree and its shape."""
-    names = _names(path)
-    if "experts" in names:
-        return P(AXIS, *([None] * (len(shape) - 1)))
-    if dense == "replicated" or len(shape) == 0 or names[-1] == "s2":
-        return P()
-    owner = names[:-1] if names[-1] in ("w", "q", "s") else names
-    owner = owner[-2:] if len(owner) >= 2 else owner
-    if owner in _COLUMN or owner[-1:] in _COLUMN:
-        dim = 0
-    elif owner in _ROW:
-        dim = len(shape) - 1
-    else:
-        return P()
-    if shape[dim] % n:
-        return P()
-    spec = [None] * len(shape)
-    spec[dim] = AXIS
-    return P(*spec)
+def logical_spec(param: Param, n: int, dense: str) -> P:
+    """PartitionSpec of one declared leaf on an n-device mesh."""
+    check_choice("--dense", dense, DENSE_LAYOUTS)
+    rules = RULES[dense]
+    spec = []
+    for axis, size in zip(param.axes, param.shape):
+        if axis not in rules:
+            raise ValueError(f"logical axis {axis!r} (a parameter of shape {param.shape}) has no sharding rule")
+        mesh_axis = rules[axis]
+        spec.append(mesh_axis if mesh_axis is not None and size % n == 0 else None)
+    return P(*spec) if any(spec) else P()
 
 
-def param_specs(params, n: int, dense: str = "replicated"):
-    """Pytree of PartitionSpecs for params (arrays or ShapeDtypeStructs) on an n-device mesh."""
-    if dense not in DENSE_MODES:
-        raise ValueError(f"--dense {dense!r}: expected one of {list(DENSE_MODES)}")
-    return jax.tree_util.tree_map_with_path(lambda p, a: param_spec(p, a.shape, n, dense), params)
+def param_specs(declared, n: int, dense: str = "replicated"):
+    """The PartitionSpec of every declared leaf (a tree like `declared`)."""
+    def container(node):
+        if isinstance(node, NVFP4):                 # codes and block scales split alike
+            w, s = logical_spec(node.weight, n, dense), logical_spec(node.weight_scale, n, dense)
+            same = w if w == s else P()   # one of the two parts cannot be split: keep both whole
+            return NVFP4(same, same, logical_spec(node.weight_scale_2, n, dense))
+        return logical_spec(node, n, dense)
+
+    return jax.tree.map(container, declared, is_leaf=lambda x: isinstance(x, (Param, NVFP4)))
 
 
 def shardings(specs, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def check_experts(num_experts: int, n: int) -> None:
-    if num_experts % n:
-        raise ValueError(f"--devices {n}: must divide num_experts {num_experts}")
-
-
-def routed_experts(mesh: Mesh, dt, exact: bool = False, activations: str = "w4a16", act_scale: str = "per-expert"):
-    """The routed-expert sum (x [N, H], ids [N, k], weights [N, k], experts) -> [N, H] f32, with the
-    experts split over the mesh's 'expert' axis, tokens replicated, psum to combine. exact: see
-    moe.exact_decode_needed. activations "w4a4": the experts' GEMM inputs quantized with each
-    expert's input scales, or (act_scale "max") the layer's largest, a pmax over the devices."""
-
-    def local(x, ids, wts, experts):
-        e_loc = jax.tree.leaves(experts)[0].shape[0]
-        first = jax.lax.axis_index(AXIS) * e_loc
-        act = None
-        if activations == "w4a4" and "in_s" in experts:                 # else (MTP experts without) W4A16
-            act = experts["in_s"]                                          # [E_local, 2]
-            if act_scale == "max":
-                act = jnp.broadcast_to(jax.lax.pmax(jnp.max(act, axis=0), AXIS), act.shape)
-        y = local_experts(x, ids, wts, experts, first, dt, all_local=mesh.size == 1, exact=exact, act=act)
-        return jax.lax.psum(y, AXIS)
-
-    def routed(x, ids, wts, experts):
-        specs = jax.tree.map(lambda a: P(AXIS, *([None] * (a.ndim - 1))), experts)
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), specs), out_specs=P(),
-                             check_vma=False)(x, ids, wts, experts)
-
-    return routed
-
-
-def bytes_per_device(shapes, specs, n: int) -> int:
+def bytes_per_device(declared, specs, n: int, dtype) -> int:
     """Parameter bytes one device holds: each leaf's size divided by n along its split dimension."""
     total = 0
-    for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+    for p, s in zip(leaves(declared), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
         split = n if any(d == AXIS for d in s) else 1
-        total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize // split
+        total += int(np.prod(p.shape)) * np.dtype(resolve_dtype(p, dtype)).itemsize // split
     return total

@@ -32,7 +32,7 @@ def main(ckpt_dir, prompts, steps, context):
         mesh = make_mesh(n)
         ckpt, params = load(ckpt_dir, mesh, precision, dense, progress=False)
         act_scale = "max" if activations == "w4a4" else "per-expert"
-        r = Runner(params, ckpt.config.text, mesh, precision, dense, activations, act_scale)
+        r = Runner(params, ckpt.config.text, mesh, precision, activations, act_scale)
         gen = lambda ps: r.generate(ps, steps, max_context=context, keep_logits=True, speculative=speculative)
         res = gen(prompts) if batching == "together" else [gen([p])[0] for p in prompts]
         placed = {jax.tree_util.keystr(p): [list(a.sharding.spec), list(a.addressable_shards[0].data.shape)]

@@ -134,9 +134,8 @@ def test_w4a4_matches_ref_w4a4(runner, tiny_checkpoint):
         assert r.token_ids == ref.generate(p, STEPS)
         full = ref.logits(p + r.token_ids)[len(p) - 1:len(p) - 1 + STEPS]
         assert np.abs(np.stack(r.logits) - full).max() <= 1e-3 * max(1.0, np.abs(full).max())
-    bare = jax.tree.map(lambda a: a, runner.params)
-    for layer in bare["layers"]:
-        del layer["mlp"]["experts"]["in_s"]
+    no_scales = lambda layer: layer._replace(mlp=layer.mlp._replace(experts=layer.mlp.experts._replace(input_scale=None)))
+    bare = runner.params._replace(layers=tuple(no_scales(layer) for layer in runner.params.layers))
     with pytest.raises(ValueError, match="input scales"):
         Runner(bare, runner.cfg, runner.mesh, "f32", activations="w4a4")
 
@@ -160,9 +159,9 @@ class _OracleDrafts(Runner):
     seqs: list = []
 
     def verify(self, state, *args):
-        pos = np.asarray(state["pos"])[:, None] + 1 + np.arange(np.shape(state["drafts"])[1])   # [B, K]
+        pos = np.asarray(state.pos)[:, None] + 1 + np.arange(np.shape(state.drafts)[1])   # [B, K]
         want = np.array([[seq[min(int(p), len(seq) - 1)] for p in row] for seq, row in zip(self.seqs, pos)])
-        return super().verify({**state, "drafts": np.where(pos % 3 == 0, (want + 1) % self.cfg.vocab_size, want)},
+        return super().verify(state._replace(drafts=np.where(pos % 3 == 0, (want + 1) % self.cfg.vocab_size, want)),
                               *args)
 
 
@@ -319,7 +318,7 @@ def test_cli_mtp_without_head_exits_2(tiny_checkpoint, tmp_path, capsys):
     edit_tensors(d, {"mtp.fc.weight": lambda a: None})
     assert cli_main(["--model", str(d), "--token-ids", "1,2", "--mtp", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --mtp") and "mtp.fc.weight" in err[0]
+    assert len(err) == 1 and err[0].startswith("jaxrun.generate: error: --mtp") and "mtp.fc.weight" in err[0]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -337,4 +336,4 @@ def test_cli_bad_input_exits_2(tiny_checkpoint, capsys, args, words):
     argv = args if args[0] == "--model" else ["--model", str(tiny_checkpoint), *args]
     assert cli_main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and words in err[0]
+    assert len(err) == 1 and err[0].startswith("jaxrun.generate: error:") and words in err[0]

@@ -9,25 +9,32 @@ import numpy as np
 import pytest
 
 from jaxrun.matmul import linear
-from jaxrun.moe import exact_decode_needed, local_experts
+from jaxrun.moe import local_experts
+from jaxrun.options import Options, exact_decode_needed
+from jaxrun.params import NVFP4, Experts
+from jaxrun.sharding import make_mesh
+from ref.modes import Modes
 from ref.nvfp4 import dequantize
 
 E, H, I, K = 8, 64, 32, 3
 TINY = np.float32(2.0 ** -125)  # a global that makes every decoded weight subnormal
 
 
-def _experts(rng, tiny: str | None):
+OPTS = Options.for_platform(make_mesh(1), Modes("f32"))
+
+
+def _experts(rng, tiny: str | None) -> Experts:
     def xlin(name, out, inp):
         s = rng.integers(0x20, 0x48, (E, out, inp // 16), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
         s2 = np.full(E, TINY if name == tiny else 2.0 ** -6, np.float32)
-        return {"q": rng.integers(0, 256, (E, out, inp // 2), dtype=np.uint8), "s": s, "s2": s2}
-    return {"gate": xlin("gate", I, H), "up": xlin("up", I, H), "down": xlin("down", H, I)}
+        return NVFP4(rng.integers(0, 256, (E, out, inp // 2), dtype=np.uint8), s, s2)
+    return Experts(xlin("gate", I, H), xlin("up", I, H), xlin("down", H, I))
 
 
-def _oracle(x, ids, wts, experts):
+def _oracle(x, ids, wts, experts: Experts):
     """float64 SwiGLU of the float32 weights ref.nvfp4 decodes (subnormals kept), summed in ascending id."""
-    w = {n: np.stack([dequantize(p["q"][e], p["s"][e], p["s2"][e]) for e in range(E)]).astype(np.float64)
-         for n, p in experts.items()}
+    w = {n: np.stack([dequantize(p.weight[e], p.weight_scale[e], p.weight_scale_2[e]) for e in range(E)])
+         .astype(np.float64) for n, p in zip(("gate", "up", "down"), experts[:3])}
     y = np.zeros((len(x), H))
     for t in range(len(x)):
         for e, g in sorted(zip(ids[t], wts[t])):
@@ -38,13 +45,15 @@ def _oracle(x, ids, wts, experts):
 
 
 def _run(x, ids, wts, experts, exact, shards, skip_spare):
-    """local_experts over `shards` equal expert ranges, summed (what the psum over devices does)."""
+    """local_experts over `shards` equal expert ranges, summed (what the psum over devices does).
+    skip_spare: the decode slots' "skip" form (CPU's default), or False for "repeat" (GPU's)."""
     e_loc = E // shards
+    opts = OPTS.replace(exact_experts=exact, spare_slots="repeat" if skip_spare is False else "skip")
     y = 0
     for d in range(shards):
         part = jax.tree.map(lambda a: jnp.asarray(a[d * e_loc:(d + 1) * e_loc]), experts)
-        y = y + local_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(wts), part, d * e_loc, jnp.float32,
-                              all_local=shards == 1, exact=exact, skip_spare=skip_spare)
+        y = y + local_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(wts), part, d * e_loc, opts,
+                              all_local=shards == 1)
     return np.asarray(y, np.float64)
 
 
@@ -58,7 +67,7 @@ def test_local_experts_match_float64(tiny, tokens, shards, skip_spare):
     x = (rng.standard_normal((tokens, H)) * 2.0 ** 30).astype(np.float32)   # products of subnormal weights stay normal
     ids = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)]).astype(np.int32)
     wts = rng.dirichlet(np.ones(K), tokens).astype(np.float32)
-    exact = exact_decode_needed({"layers": [{"mlp": {"experts": experts}}]})
+    exact = exact_decode_needed([experts])
     assert exact == (tiny is not None)
     want = _oracle(x, ids, wts, experts)
     got = _run(x, ids, wts, experts, exact, shards, skip_spare)
@@ -77,5 +86,5 @@ def test_nvfp4_linear_matches_float64(global_scale):
     g = np.float32(global_scale)
     x = (rng.standard_normal((3, 64)) * 2.0 ** 30).astype(np.float32)
     want = x.astype(np.float64) @ dequantize(q, s, g).astype(np.float64).T
-    got = np.asarray(jax.jit(lambda x: linear(x, {"q": q, "s": s, "s2": g}, jnp.float32))(x), np.float64)
+    got = np.asarray(jax.jit(lambda x: linear(x, NVFP4(q, s, g), OPTS))(x), np.float64)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxrun.generate import BF16_MAX_KL, BF16_MEAN_KL
+from jaxrun.check import BF16_MAX_KL, BF16_MEAN_KL
 from jaxrun.load import describe
 from jaxrun.sharding import param_specs
 from ref.checkpoint import open_checkpoint
@@ -25,61 +24,61 @@ E = "expert"
 
 # parameter path (layer index as *) -> (spec with --dense replicated, spec with --dense sharded), N = 4
 SNAPSHOT = {
-    "['embed']": ((), (E, None)),
-    "['layers'][*]['attn']['A_log']": ((), ()),
-    "['layers'][*]['attn']['a']['w']": ((), (E, None)),
-    "['layers'][*]['attn']['b']['w']": ((), (E, None)),
-    "['layers'][*]['attn']['conv']": ((), (E, None)),
-    "['layers'][*]['attn']['dt_bias']": ((), ()),
-    "['layers'][*]['attn']['k']['w']": ((), (E, None)),
-    "['layers'][*]['attn']['k_norm']": ((), ()),
-    "['layers'][*]['attn']['norm']": ((), ()),
-    "['layers'][*]['attn']['o']['w']": ((), (None, E)),
-    "['layers'][*]['attn']['out']['w']": ((), (None, E)),
-    "['layers'][*]['attn']['q']['w']": ((), (E, None)),
-    "['layers'][*]['attn']['q_norm']": ((), ()),
-    "['layers'][*]['attn']['qkv']['w']": ((), (E, None)),
-    "['layers'][*]['attn']['v']['w']": ((), (E, None)),
-    "['layers'][*]['attn']['z']['w']": ((), (E, None)),
-    "['layers'][*]['input_norm']": ((), ()),
-    "['layers'][*]['mlp']['experts']['down']['q']": ((E, None, None), (E, None, None)),
-    "['layers'][*]['mlp']['experts']['down']['s']": ((E, None, None), (E, None, None)),
-    "['layers'][*]['mlp']['experts']['down']['s2']": ((E,), (E,)),
-    "['layers'][*]['mlp']['experts']['gate']['q']": ((E, None, None), (E, None, None)),
-    "['layers'][*]['mlp']['experts']['gate']['s']": ((E, None, None), (E, None, None)),
-    "['layers'][*]['mlp']['experts']['gate']['s2']": ((E,), (E,)),
-    "['layers'][*]['mlp']['experts']['in_s']": ((E, None), (E, None)),
-    "['layers'][*]['mlp']['experts']['up']['q']": ((E, None, None), (E, None, None)),
-    "['layers'][*]['mlp']['experts']['up']['s']": ((E, None, None), (E, None, None)),
-    "['layers'][*]['mlp']['experts']['up']['s2']": ((E,), (E,)),
-    "['layers'][*]['mlp']['router']['w']": ((), ()),
-    "['layers'][*]['mlp']['shared']['down']['w']": ((), (None, E)),
-    "['layers'][*]['mlp']['shared']['gate']['w']": ((), (E, None)),
-    "['layers'][*]['mlp']['shared']['up']['w']": ((), (E, None)),
-    "['layers'][*]['mlp']['shared_gate']['w']": ((), ()),
-    "['layers'][*]['post_norm']": ((), ()),
-    "['lm_head']['w']": ((), (E, None)),
-    "['norm']": ((), ()),
-    "['mtp']['fc']['w']": ((), ()),
-    "['mtp']['layer']['attn']['k']['w']": ((), (E, None)),
-    "['mtp']['layer']['attn']['k_norm']": ((), ()),
-    "['mtp']['layer']['attn']['o']['w']": ((), (None, E)),
-    "['mtp']['layer']['attn']['q']['w']": ((), (E, None)),
-    "['mtp']['layer']['attn']['q_norm']": ((), ()),
-    "['mtp']['layer']['attn']['v']['w']": ((), (E, None)),
-    "['mtp']['layer']['input_norm']": ((), ()),
-    "['mtp']['layer']['mlp']['experts']['down']['w']": ((E, None, None), (E, None, None)),
-    "['mtp']['layer']['mlp']['experts']['gate']['w']": ((E, None, None), (E, None, None)),
-    "['mtp']['layer']['mlp']['experts']['up']['w']": ((E, None, None), (E, None, None)),
-    "['mtp']['layer']['mlp']['router']['w']": ((), ()),
-    "['mtp']['layer']['mlp']['shared']['down']['w']": ((), (None, E)),
-    "['mtp']['layer']['mlp']['shared']['gate']['w']": ((), (E, None)),
-    "['mtp']['layer']['mlp']['shared']['up']['w']": ((), (E, None)),
-    "['mtp']['layer']['mlp']['shared_gate']['w']": ((), ()),
-    "['mtp']['layer']['post_norm']": ((), ()),
-    "['mtp']['norm']": ((), ()),
-    "['mtp']['norm_embedding']": ((), ()),
-    "['mtp']['norm_hidden']": ((), ()),
+    ".embed_tokens": ((), (E, None)),
+    ".layers[*].input_layernorm": ((), ()),
+    ".layers[*].linear_attn.A_log": ((), ()),
+    ".layers[*].linear_attn.conv1d": ((), (E, None)),
+    ".layers[*].linear_attn.dt_bias": ((), ()),
+    ".layers[*].linear_attn.in_proj_a.weight": ((), (E, None)),
+    ".layers[*].linear_attn.in_proj_b.weight": ((), (E, None)),
+    ".layers[*].linear_attn.in_proj_qkv.weight": ((), (E, None)),
+    ".layers[*].linear_attn.in_proj_z.weight": ((), (E, None)),
+    ".layers[*].linear_attn.norm": ((), ()),
+    ".layers[*].linear_attn.out_proj.weight": ((), (None, E)),
+    ".layers[*].mlp.experts.down_proj.weight": ((E, None, None), (E, None, None)),
+    ".layers[*].mlp.experts.down_proj.weight_scale": ((E, None, None), (E, None, None)),
+    ".layers[*].mlp.experts.down_proj.weight_scale_2": ((E,), (E,)),
+    ".layers[*].mlp.experts.gate_proj.weight": ((E, None, None), (E, None, None)),
+    ".layers[*].mlp.experts.gate_proj.weight_scale": ((E, None, None), (E, None, None)),
+    ".layers[*].mlp.experts.gate_proj.weight_scale_2": ((E,), (E,)),
+    ".layers[*].mlp.experts.input_scale": ((E, None), (E, None)),
+    ".layers[*].mlp.experts.up_proj.weight": ((E, None, None), (E, None, None)),
+    ".layers[*].mlp.experts.up_proj.weight_scale": ((E, None, None), (E, None, None)),
+    ".layers[*].mlp.experts.up_proj.weight_scale_2": ((E,), (E,)),
+    ".layers[*].mlp.gate.weight": ((), ()),
+    ".layers[*].mlp.shared_expert.down_proj.weight": ((), (None, E)),
+    ".layers[*].mlp.shared_expert.gate_proj.weight": ((), (E, None)),
+    ".layers[*].mlp.shared_expert.up_proj.weight": ((), (E, None)),
+    ".layers[*].mlp.shared_expert_gate.weight": ((), ()),
+    ".layers[*].post_attention_layernorm": ((), ()),
+    ".layers[*].self_attn.k_norm": ((), ()),
+    ".layers[*].self_attn.k_proj.weight": ((), (E, None)),
+    ".layers[*].self_attn.o_proj.weight": ((), (None, E)),
+    ".layers[*].self_attn.q_norm": ((), ()),
+    ".layers[*].self_attn.q_proj.weight": ((), (E, None)),
+    ".layers[*].self_attn.v_proj.weight": ((), (E, None)),
+    ".lm_head.weight": ((), (E, None)),
+    ".mtp.fc.weight": ((), ()),
+    ".mtp.layers[*].input_layernorm": ((), ()),
+    ".mtp.layers[*].mlp.experts.down_proj.weight": ((E, None, None), (E, None, None)),
+    ".mtp.layers[*].mlp.experts.gate_proj.weight": ((E, None, None), (E, None, None)),
+    ".mtp.layers[*].mlp.experts.up_proj.weight": ((E, None, None), (E, None, None)),
+    ".mtp.layers[*].mlp.gate.weight": ((), ()),
+    ".mtp.layers[*].mlp.shared_expert.down_proj.weight": ((), (None, E)),
+    ".mtp.layers[*].mlp.shared_expert.gate_proj.weight": ((), (E, None)),
+    ".mtp.layers[*].mlp.shared_expert.up_proj.weight": ((), (E, None)),
+    ".mtp.layers[*].mlp.shared_expert_gate.weight": ((), ()),
+    ".mtp.layers[*].post_attention_layernorm": ((), ()),
+    ".mtp.layers[*].self_attn.k_norm": ((), ()),
+    ".mtp.layers[*].self_attn.k_proj.weight": ((), (E, None)),
+    ".mtp.layers[*].self_attn.o_proj.weight": ((), (None, E)),
+    ".mtp.layers[*].self_attn.q_norm": ((), ()),
+    ".mtp.layers[*].self_attn.q_proj.weight": ((), (E, None)),
+    ".mtp.layers[*].self_attn.v_proj.weight": ((), (E, None)),
+    ".mtp.norm": ((), ()),
+    ".mtp.pre_fc_norm_embedding": ((), ()),
+    ".mtp.pre_fc_norm_hidden": ((), ()),
+    ".norm": ((), ()),
 }
 
 
@@ -89,7 +88,7 @@ def _pattern(path: str) -> str:
 
 @pytest.mark.parametrize("mode", [0, 1], ids=["replicated", "sharded"])
 def test_partition_spec_snapshot(tiny_checkpoint, mode):
-    tree = describe(open_checkpoint(tiny_checkpoint), jnp.float32)
+    tree = describe(open_checkpoint(tiny_checkpoint))
     specs = param_specs(tree, 4, ("replicated", "sharded")[mode])
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
     got = {jax.tree_util.keystr(p): tuple(s) for p, s in flat}
@@ -146,5 +145,5 @@ def test_placed_arrays_follow_the_rules(tiny_checkpoint, multidevice):
         n, mode = run["devices"], ("replicated", "sharded").index(run["dense"])
         for path, (spec, shard_shape) in run["placed"].items():
             assert tuple(spec) == SNAPSHOT[_pattern(path)][mode], path
-            if "['experts']" in path:
+            if ".experts." in path:
                 assert shard_shape[0] == cfg.num_experts // n, path             # E/N experts per device

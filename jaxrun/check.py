@@ -1,0 +1,65 @@
+"""jaxrun's sequences recomputed with the reference, and the bounds they must meet (`generate --check`).
+
+Each generated token's logits are compared with ref.model's teacher-forced logits of the same
+sequence (float64, the same activations mode and act-scale rule); with the MTP head, its drafts too:
+  f32:  max |Δ logit| <= F32_BOUND * max(1, max |ref logit|), and top-1 equal unless the ref's top-2
+        gap is below 2 max |Δ| (a near tie);
+  bf16: KL(ref || jaxrun) <= BF16_MEAN_KL on average over a sequence's tokens and <= BF16_MAX_KL for
+        every token (bf16 rounding can flip a near-tied expert choice, a discrete jump at one token),
+        and the same top-1 rule.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from ref.divergence import kl_full, log_softmax
+
+F32_BOUND = 1e-3                             # max |Δ logit| / max(1, max |ref logit|)
+BF16_MEAN_KL, BF16_MAX_KL = 0.02, 0.25       # KL(ref || jaxrun) per sequence (mean) and per token
+
+
+def compare(a, b, precision: str) -> tuple[float, float, bool]:
+    """ref logits a [V] (float64) vs jaxrun's b [V] -> (max |Δ|, KL(ref || jaxrun), within the
+    precision's per-token bound)."""
+    d = float(np.abs(a - b).max())
+    kl = kl_full(log_softmax(a), log_softmax(b))
+    bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
+    return d, kl, bound
+
+
+def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert", out=None) -> bool:
+    """Recompute each Result's sequence with ref.model (float64, the same activation mode; the MTP head's
+    drafts too when kept); a line per token on `out`; True if within the bounds."""
+    from ref.model import Model
+    out = out or sys.stderr
+    ref = Model(ckpt, "f64", activations=activations, act_scale=act_scale)
+    ok = True
+    for n, r in enumerate(results):
+        kls = []
+        full = ref.logits(r.prompt_token_ids + r.token_ids[:-1])
+        rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
+        for i, jl in enumerate(r.logits):
+            a, b = rl[i], np.asarray(jl, np.float64)
+            d, kl, bound = compare(a, b, precision)
+            top = np.sort(a)[-2:]
+            agree = int(np.argmax(a)) == int(np.argmax(b))
+            near_tie = top[1] - top[0] < 2 * d
+            kls.append(kl)
+            good = bound and (agree or near_tie)
+            ok &= good
+            print(f"check [{n}] step {i}: max|dlogit| {d:.3e}  KL {kl:.3e}  top1 {'agree' if agree else 'DIFFER'}"
+                  f"{'' if good else '  <-- beyond bound'}", file=out)
+        if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
+            ok = False
+            print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=out)
+        if r.mtp_logits:                                                 # ref row t drafts token t + 2
+            want = ref.mtp_logits(r.prompt_token_ids + r.token_ids)[len(r.prompt_token_ids) - 1:]
+            for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
+                d, kl, good = compare(a, np.asarray(b, np.float64), precision)
+                ok &= good
+                print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}"
+                      f"{'' if good else '  <-- beyond bound'}", file=out)
+    print(f"check: {'PASS' if ok else 'FAIL'} ({precision} {activations} vs ref f64)", file=out)
+    return ok

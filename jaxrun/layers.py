@@ -1,0 +1,224 @@
+"""The layers of the Qwen3.5-MoE text decoder in JAX (spec/model.md): norms, RoPE, the gated DeltaNet
+and gated softmax attention, each continuing from its cache.
+
+Written apart from ref.layers on purpose: tests compare the two. Shapes: B sequences, T new tokens,
+S cache positions, H hidden; `opts` (jaxrun.options) carries the compute dtype and platform choices.
+"""
+from __future__ import annotations
+
+from functools import partial
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrun.matmul import HIGHEST, dot, linear
+from jaxrun.options import Options
+from jaxrun.params import DeltaNetCache, GatedAttention, GatedDeltaNet, KVCache
+from ref.config import TextConfig
+
+CHUNK = 64  # DeltaNet chunk length in prefill
+
+
+# ------------------------------------------------------------------------------------------------
+# Norms, RoPE
+
+def rms_norm(x, w, eps):
+    """Zero-centred RMSNorm (weight used as 1 + w), float32 inside, result in x.dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def gated_rms_norm(x, z, w, eps):
+    """DeltaNet output norm: plain weight, norm before the SiLU(z) gate."""
+    xf = x.astype(jnp.float32)
+    y = (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    y = (w.astype(x.dtype) * y).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+def rope_table(cfg: TextConfig, max_len: int, dt) -> np.ndarray:
+    """cos ‖ sin for positions 0..max_len-1: [max_len, 2, rotary_dim]. Text-only positions make the
+    interleaved MRoPE an ordinary NeoX RoPE. f32: angles in float64, rounded once; bf16: HF's float32
+    angles, cos/sin rounded to bf16."""
+    rd = cfg.rotary_dim
+    if dt == jnp.float32:
+        inv = 1.0 / cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)
+        ang = np.arange(max_len, dtype=np.float64)[:, None] * inv[None]
+    else:
+        inv = (1.0 / cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float32) / np.float32(rd))).astype(np.float32)
+        ang = (np.arange(max_len, dtype=np.float32)[:, None] * inv[None]).astype(np.float32)
+    emb = np.concatenate([ang, ang], axis=-1)                              # [S, rd]
+    return np.stack([np.cos(emb), np.sin(emb)], axis=1).astype(np.float32)  # [S, 2, rd]
+
+
+def apply_rope(x, cs):
+    """x [..., T, heads, D], cs [..., T, 2, rd] -> rotate pairs (j, j + rd/2) of the first rd dims."""
+    rd = cs.shape[-1]
+    cos, sin = cs[..., 0, None, :].astype(x.dtype), cs[..., 1, None, :].astype(x.dtype)
+    xr, xp = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    return jnp.concatenate([(xr * cos + rot * sin).astype(x.dtype), xp], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated DeltaNet
+
+def _l2norm(x):
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def _softplus(x):  # torch's softplus: beta 1, threshold 20
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _projections(x, p: GatedDeltaNet, cfg: TextConfig, opts: Options):
+    """x [B, T, H] (normed) -> mixed qkv [B, T, C], z [B, T, Hv, dv], b, a [B, T, Hv]."""
+    B, T, _ = x.shape
+    z = linear(x, p.in_proj_z, opts).reshape(B, T, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+    return linear(x, p.in_proj_qkv, opts), z, linear(x, p.in_proj_b, opts), linear(x, p.in_proj_a, opts)
+
+
+def _gdn_inputs(conv_out, b, a, p: GatedDeltaNet, cfg: TextConfig):
+    """Post-conv channels [..., C] and gates -> float32 q, k (repeated to Hv heads, l2-normed, q
+    scaled), v [..., Hv, d], beta, g [..., Hv]."""
+    kd, hk, hv = cfg.linear_key_dim, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    x = conv_out.astype(jnp.float32)
+    lead = x.shape[:-1]
+    q = x[..., :kd].reshape(*lead, hk, cfg.linear_key_head_dim)
+    k = x[..., kd:2 * kd].reshape(*lead, hk, cfg.linear_key_head_dim)
+    v = x[..., 2 * kd:].reshape(*lead, hv, cfg.linear_value_head_dim)
+    q = _l2norm(q) * cfg.linear_key_head_dim ** -0.5
+    k = _l2norm(k)
+    r = hv // hk
+    q, k = jnp.repeat(q, r, axis=-2), jnp.repeat(k, r, axis=-2)
+    beta = jax.nn.sigmoid(b.astype(jnp.float32))
+    g = -jnp.exp(p.A_log) * _softplus(a.astype(jnp.float32) + p.dt_bias)
+    return q, k, v, beta, g
+
+
+def _output(o, z, p: GatedDeltaNet, cfg: TextConfig, opts: Options):
+    """Delta-rule outputs o [B, T, Hv, dv] f32 -> gated norm -> out_proj -> [B, T, H]."""
+    B, T = o.shape[:2]
+    y = gated_rms_norm(o.astype(opts.dtype), z, p.norm, cfg.rms_norm_eps).reshape(B, T, -1)
+    return linear(y, p.out_proj, opts)
+
+
+def chunked_delta_rule(q, k, v, beta, g, s0, chunk):
+    """Chunked gated delta rule from state s0 [B, H, dk, dv] f32. q, k [B, T, H, dk], v [B, T, H, dv],
+    beta, g [B, T, H] (T a multiple of chunk; padded steps have beta = g = 0 and are no-ops) -> o
+    [B, T, H, dv] f32, final state. Intra-chunk terms for all chunks at once, `lax.scan` over chunks."""
+    B, T, H, dk = q.shape
+    n = T // chunk
+
+    def split(x):  # [B, T, H, ...] -> [n, B, H, chunk, ...]
+        x = x.reshape(B, n, chunk, H, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
+
+    q, k, v, beta, g = (split(t) for t in (q, k, v, beta, g))
+    mm = partial(jnp.einsum, precision=HIGHEST)
+    gam = jnp.cumsum(g, axis=-1)                                         # [n, B, H, c]
+    i = jnp.arange(chunk)
+    lower = i[:, None] >= i[None, :]
+    decay = jnp.exp(jnp.where(lower, gam[..., :, None] - gam[..., None, :], -jnp.inf))  # Γ [.., c, c]
+    a = jnp.where(i[:, None] > i[None, :], beta[..., :, None] * mm("...cd,...sd->...cs", k, k) * decay, 0.0)
+    m = a + jnp.eye(chunk, dtype=a.dtype)
+    solve = partial(jax.scipy.linalg.solve_triangular, lower=True, unit_diagonal=True)
+    u = solve(m, beta[..., None] * v)                                    # [n, B, H, c, dv]
+    w = solve(m, (beta * jnp.exp(gam))[..., None] * k)                   # [n, B, H, c, dk]
+    qk = mm("...cd,...sd->...cs", q, k) * decay
+    qg = q * jnp.exp(gam)[..., None]
+    last = gam[..., -1:]
+    kd = k * jnp.exp(last - gam)[..., None]
+
+    def step(s, xs):  # s [B, H, dk, dv]
+        u_c, w_c, qk_c, qg_c, kd_c, last_c = xs
+        vn = u_c - mm("...cd,...dv->...cv", w_c, s)
+        o = mm("...cd,...dv->...cv", qg_c, s) + mm("...cs,...sv->...cv", qk_c, vn)
+        s = jnp.exp(last_c)[..., None] * s + mm("...cd,...cv->...dv", kd_c, vn)
+        return s, o
+
+    s, o = lax.scan(step, s0, (u, w, qk, qg, kd, last))                  # o [n, B, H, c, dv]
+    o = jnp.moveaxis(o, 0, 1)                                            # [B, n, H, c, dv]
+    return jnp.swapaxes(o, 2, 3).reshape(B, T, H, -1), s
+
+
+def recurrent_delta_rule(q, k, v, beta, g, s):
+    """One step: q, k [B, H, dk], v [B, H, dv], beta, g [B, H], state s [B, H, dk, dv] -> (o, s)."""
+    mm = partial(jnp.einsum, precision=HIGHEST)
+    s = s * jnp.exp(g)[..., None, None]
+    delta = (v - mm("bhkv,bhk->bhv", s, k)) * beta[..., None]
+    s = s + k[..., :, None] * delta[..., None, :]
+    return mm("bhkv,bhk->bhv", s, q), s
+
+
+def gdn_prefill(x, lengths, p: GatedDeltaNet, cache: DeltaNetCache, cfg: TextConfig, opts: Options):
+    """T tokens per sequence after the cached ones, the chunked rule: x [B, T, H] (normed; row b's
+    first lengths[b] are real, the rest padding) -> (out [B, T, H], the cache after lengths[b] tokens).
+    T % min(T, CHUNK) == 0."""
+    B, T, _ = x.shape
+    K = cfg.linear_conv_kernel_dim
+    qkv, z, b, a = _projections(x, p, cfg, opts)
+    window = jnp.concatenate([cache.conv.astype(opts.dtype), qkv], axis=1)   # [B, K-1+T, C]
+    w = p.conv1d.astype(jnp.float32)                                     # [C, K]
+    conv = sum(window[:, j:j + T].astype(jnp.float32) * w[:, j] for j in range(K))
+    conv = jax.nn.silu(conv.astype(opts.dtype))
+    conv_state = jax.vmap(lambda r, n: lax.dynamic_slice_in_dim(r, n, K - 1, axis=0))(window, lengths)
+    q, k, v, beta, g = _gdn_inputs(conv, b, a, p, cfg)
+    live = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]       # [B, T, 1]
+    beta, g = jnp.where(live, beta, 0.0), jnp.where(live, g, 0.0)
+    o, state = chunked_delta_rule(q, k, v, beta, g, cache.state, min(T, CHUNK))
+    return _output(o, z, p, cfg, opts), DeltaNetCache(conv_state, state)
+
+
+def gdn_step(x, p: GatedDeltaNet, cache: DeltaNetCache, cfg: TextConfig, opts: Options):
+    """T new tokens after the cached ones, one at a time (the recurrent rule): x [B, T, H] (normed)
+    -> (out [B, T, H], the cache after each of the T tokens)."""
+    B, T, _ = x.shape
+    K = cfg.linear_conv_kernel_dim
+    qkv, z, b, a = _projections(x, p, cfg, opts)
+    window = jnp.concatenate([cache.conv, qkv], axis=1)                 # [B, K-1+T, C]
+    w = p.conv1d.astype(jnp.float32)
+    conv = jnp.stack([jnp.einsum("bkc,ck->bc", window[:, t:t + K].astype(jnp.float32), w, precision=HIGHEST)
+                      for t in range(T)], axis=1)                        # [B, T, C]
+    q, k, v, beta, g = _gdn_inputs(jax.nn.silu(conv.astype(opts.dtype)), b, a, p, cfg)
+    state, outs, caches = cache.state, [], []
+    for t in range(T):
+        o, state = recurrent_delta_rule(q[:, t], k[:, t], v[:, t], beta[:, t], g[:, t], state)
+        outs.append(o)
+        caches.append(DeltaNetCache(window[:, t + 1:t + K], state))
+    return _output(jnp.stack(outs, axis=1), z, p, cfg, opts), caches
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated softmax attention
+
+def _attend(q, k, v, mask, opts: Options):
+    """q [B, Tq, nKV, G, D], k, v [B, nKV, S, D], mask [B, Tq, S] -> [B, Tq, nKV*G*D]."""
+    sc = dot("btngd,bnsd->bngts", q, k, opts) * q.shape[-1] ** -0.5
+    sc = jnp.where(mask[:, None, None], sc, -jnp.inf)
+    pr = jax.nn.softmax(sc, axis=-1).astype(opts.dtype)
+    o = dot("bngts,bnsd->btngd", pr, v, opts).astype(opts.dtype)
+    return o.reshape(*o.shape[:2], -1)
+
+
+def attention(x, pos, cs, p: GatedAttention, cache: KVCache, cfg: TextConfig, opts: Options):
+    """T new tokens at positions pos .. pos+T-1 after the cached ones: x [B, T, H] (normed), pos [B],
+    cs [B, T, 2, rd] their RoPE -> (out [B, T, H], the cache with their keys and values written).
+    Each token attends to the cache up to its own position (causal; the cache beyond is masked)."""
+    B, T, _ = x.shape
+    D, eps = cfg.head_dim, cfg.rms_norm_eps
+    qg = linear(x, p.q_proj, opts).reshape(B, T, cfg.num_attention_heads, 2 * D)
+    q, gate = rms_norm(qg[..., :D], p.q_norm, eps), qg[..., D:].reshape(B, T, -1)
+    k = rms_norm(linear(x, p.k_proj, opts).reshape(B, T, cfg.num_key_value_heads, D), p.k_norm, eps)
+    v = linear(x, p.v_proj, opts).reshape(B, T, cfg.num_key_value_heads, D)
+    q, k = apply_rope(q, cs), apply_rope(k, cs)
+    put = jax.vmap(lambda c, new, i: lax.dynamic_update_slice_in_dim(c, new, i, axis=1))
+    cache = KVCache(put(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), pos),
+                    put(cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), pos))   # [B, nKV, S, D]
+    at = pos[:, None] + jnp.arange(T)                                    # [B, T]
+    mask = jnp.arange(cache.k.shape[2])[None, None, :] <= at[:, :, None]  # [B, T, S]
+    o = _attend(q.reshape(B, T, cfg.num_key_value_heads, -1, D), cache.k, cache.v, mask, opts)
+    return linear(o * jax.nn.sigmoid(gate), p.o_proj, opts), cache

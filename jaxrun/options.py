@@ -1,0 +1,94 @@
+"""Every backend-dependent choice of the compiled maths, made once, in one static object.
+
+The runner builds `Options` from the mesh, the numerical modes and the parameters (`Options.build`),
+and every jitted function takes it in place of loose flags. Each field can be set by hand, so the
+code path chosen for one platform can be selected and tested on another (e.g. the GPU form of the
+decode slots on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxrun.nvfp4 import tiny_global
+from jaxrun.params import NVFP4, Experts
+from ref.modes import ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, Modes, check_choice
+
+SPARE_SLOTS = ("skip", "repeat")
+EXPERT_KERNELS = ("loop",)
+
+
+@dataclass(frozen=True)
+class Options:
+    mesh: Mesh
+    precision: str = "f32"              # compute dtype: "f32" | "bf16"
+    activations: str = "w4a16"          # "w4a4": routed-expert GEMM inputs quantized as the engines do
+    act_scale: str = "per-expert"       # W4A4 input scale: each expert's, or the layer's largest ("max")
+    exact_experts: bool = False         # routed experts' NVFP4 products formed in integers (some global is tiny)
+    flushes_subnormals: bool = True     # the platform reads subnormal floats as zero (XLA:CPU): a dense
+                                        # NVFP4 linear then checks its global at run time (nvfp4.tiny_global)
+    widen_bf16_dots: bool = True        # no bf16 x bf16 -> f32 dot on the platform: widen the inputs first
+    spare_slots: str = "skip"           # decode slots without an expert: skipped under a cond ("skip", CPU)
+                                        # or recomputing a held expert with weight 0 ("repeat", GPU: a cond
+                                        # waits for its predicate on the host)
+    decode_apart: bool = True           # the expert loop decodes each expert in a computation apart
+                                        # (a cond; XLA:CPU then copies the expert's slice out first)
+    expert_kernel: str = "loop"         # how many tokens run through the routed experts
+
+    def __post_init__(self):
+        check_choice("precision", self.precision, JAX_PRECISIONS)
+        check_choice("activations", self.activations, ACTIVATIONS)
+        check_choice("act_scale", self.act_scale, ACT_SCALES)
+        check_choice("spare_slots", self.spare_slots, SPARE_SLOTS)
+        check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+
+    @property
+    def dtype(self):
+        return compute_dtype(self.precision)
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.size
+
+    def replace(self, **changes) -> "Options":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def for_platform(mesh: Mesh, modes: Modes, platform: str | None = None) -> "Options":
+        """The choices for the mesh's platform (default: the mesh's devices'), exactness off."""
+        platform = platform or mesh.devices.flat[0].platform
+        cpu = platform == "cpu"
+        return Options(mesh, modes.precision, modes.activations, modes.act_scale, flushes_subnormals=cpu,
+                       widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu)
+
+    @staticmethod
+    def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":
+        """for_platform, with exact expert decoding where the concrete parameters need it."""
+        o = Options.for_platform(mesh, modes, platform)
+        return o.replace(exact_experts=o.flushes_subnormals and exact_decode_needed(params))
+
+
+def exact_decode_needed(params) -> bool:
+    """Whether some routed expert's NVFP4 global scale is tiny enough for a decoded value to be
+    subnormal (nvfp4.tiny_global), so that where subnormals are flushed its products must be formed in
+    integers. Read from the concrete parameters (any tree holding Experts), so the compiled functions
+    specialise on it: no runtime cond."""
+    experts = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Experts))
+    globals_ = [proj.weight_scale_2 for ex in experts if isinstance(ex, Experts)
+                for proj in (ex.gate_proj, ex.up_proj, ex.down_proj) if isinstance(proj, NVFP4)]
+    return bool(globals_) and bool(tiny_global(jnp.concatenate([jnp.ravel(g) for g in globals_])))
+
+
+def compute_dtype(precision: str):
+    """The JAX dtype of a jaxrun precision mode."""
+    check_choice("precision", precision, JAX_PRECISIONS)
+    return {"f32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+
+
+def default_precision() -> str:
+    """f32 on CPU, bf16 on accelerators."""
+    return "f32" if jax.default_backend() == "cpu" else "bf16"

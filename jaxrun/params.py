@@ -1,0 +1,335 @@
+"""jaxrun's parameters, declared once.
+
+Typed containers (NamedTuples, hence pytrees) named after the checkpoint's modules and tensors
+(`in_proj_qkv`, `A_log`, `q_proj`, `shared_expert`...). `declare` builds the model's tree with a
+`Param` at every leaf: shape, dtype, logical axes and the checkpoint tensor it comes from (names from
+ref.checkpoint_layout, the project's one table of names). Everything else is derived from that tree:
+loading (jaxrun.load), random parameters (`init`), abstract shapes (`abstract`) and shardings
+(jaxrun.sharding maps the logical axes to mesh axes through one rules table).
+
+A new weight is one line in `declare` (and its use in the maths): e.g. a bias on o_proj would be a
+field of `GatedAttention` declared with `_vector(t["o_proj_bias"], "embed")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ref import checkpoint_layout as layout
+from ref.config import FULL, Config, TextConfig
+
+COMPUTE = "compute"  # dtype of a leaf stored in the run's compute dtype (float32 or bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a leaf comes from in the checkpoint (jaxrun.load reads each kind)
+
+class Tensor(NamedTuple):
+    """A stored tensor by full name, read in the Param's shape (conv1d [C, 1, K] as [C, K])."""
+    name: str
+
+
+class LinearPart(NamedTuple):
+    """A part of a (non-expert) linear through ref.checkpoint's normalised view: "weight" (dense, or NVFP4
+    packed codes), "weight_scale" or "weight_scale_2"."""
+    module: str
+    part: str
+
+
+class ExpertPart(NamedTuple):
+    """A part of every routed expert's projection `proj` of one layer, stacked over experts (either layout)."""
+    layer: int | str
+    proj: str
+    part: str
+
+
+class ExpertInputScales(NamedTuple):
+    """The routed experts' input scales of one layer, [E, 2]: max(gate, up) and down (W4A4)."""
+    layer: int | str
+
+
+@dataclass(frozen=True)
+class Param:
+    shape: tuple[int, ...]
+    dtype: Any              # a numpy dtype, or COMPUTE
+    axes: tuple[str, ...]   # one logical axis per dimension (jaxrun.sharding.RULES)
+    source: Any             # Tensor | LinearPart | ExpertPart | ExpertInputScales (None: state)
+    init: str               # random initialisation rule (_init_leaf)
+    scale: float = 0.0      # its scale: standard deviation, or the constant
+
+
+# ------------------------------------------------------------------------------------------------
+# The containers
+
+class Dense(NamedTuple):
+    weight: Any             # [(E,) out, in] compute dtype
+
+
+class NVFP4(NamedTuple):
+    weight: Any             # uint8 [(E,) out, in/2], element 2j in the low nibble
+    weight_scale: Any       # float8_e4m3fn [(E,) out, in/16]
+    weight_scale_2: Any     # float32 [] (or [E])
+
+
+class Experts(NamedTuple):
+    """The routed experts of one layer, stacked on a leading expert axis."""
+    gate_proj: Any          # Dense | NVFP4, [E, I, H]
+    up_proj: Any            # [E, I, H]
+    down_proj: Any          # [E, H, I]
+    input_scale: Any = None  # float32 [E, 2]: gate/up, down (NVFP4 experts with calibrated inputs)
+
+
+class SharedExpert(NamedTuple):
+    gate_proj: Any          # [Is, H]
+    up_proj: Any            # [Is, H]
+    down_proj: Any          # [H, Is]
+
+
+class SparseMoe(NamedTuple):
+    gate: Any               # router [E, H]
+    experts: Experts
+    shared_expert: SharedExpert
+    shared_expert_gate: Any  # [1, H]
+
+
+class GatedDeltaNet(NamedTuple):
+    in_proj_qkv: Any        # [C, H], C = 2 Hk dk + Hv dv
+    in_proj_z: Any          # [Hv dv, H]
+    in_proj_b: Any          # [Hv, H]
+    in_proj_a: Any          # [Hv, H]
+    conv1d: Any             # [C, K] compute dtype
+    dt_bias: Any            # float32 [Hv]
+    A_log: Any              # float32 [Hv]
+    norm: Any               # float32 [dv] (plain weight)
+    out_proj: Any           # [H, Hv dv]
+
+
+class GatedAttention(NamedTuple):
+    q_proj: Any             # [nH 2D, H]: per head [query | gate]
+    k_proj: Any             # [nKV D, H]
+    v_proj: Any             # [nKV D, H]
+    o_proj: Any             # [H, nH D]
+    q_norm: Any             # float32 [D] (1 + w)
+    k_norm: Any             # float32 [D]
+
+
+class DecoderLayer(NamedTuple):
+    input_layernorm: Any    # float32 [H]
+    linear_attn: GatedDeltaNet | None
+    self_attn: GatedAttention | None
+    post_attention_layernorm: Any
+    mlp: SparseMoe
+
+
+class MTP(NamedTuple):
+    fc: Any                 # [H, 2H]
+    pre_fc_norm_embedding: Any
+    pre_fc_norm_hidden: Any
+    norm: Any
+    layers: tuple           # (DecoderLayer,): one full-attention layer
+
+
+class Params(NamedTuple):
+    embed_tokens: Any       # [V, H] compute dtype
+    layers: tuple           # DecoderLayer per layer
+    norm: Any               # float32 [H]
+    lm_head: Any            # [V, H]
+    mtp: MTP | None = None
+
+
+class DeltaNetCache(NamedTuple):
+    conv: Any               # [B, K-1, C] the last K-1 pre-conv inputs (compute dtype)
+    state: Any              # float32 [B, Hv, dk, dv]
+
+
+class KVCache(NamedTuple):
+    k: Any                  # [B, nKV, S, D] after norm and RoPE
+    v: Any                  # [B, nKV, S, D]
+
+
+# ------------------------------------------------------------------------------------------------
+# The declaration
+
+@dataclass(frozen=True)
+class Formats:
+    """How the checkpoint stores what `declare` cannot know from the config: the non-expert linears
+    stored NVFP4, the layers whose routed experts are NVFP4, those of them with input scales, and
+    whether there is an MTP head. `from_checkpoint` reads them; random parameters use `random`."""
+    nvfp4_linears: frozenset = frozenset()
+    nvfp4_experts: frozenset = frozenset()
+    expert_input_scales: frozenset = frozenset()
+    mtp: bool = False
+
+    @staticmethod
+    def random(cfg: Config, mtp: bool = False) -> "Formats":
+        """NVFP4 routed experts (without input scales), everything else dense; an MTP head if asked."""
+        layers = list(range(cfg.text.num_hidden_layers)) + (["mtp"] if mtp else [])
+        return Formats(frozenset(), frozenset(layers), frozenset(), mtp)
+
+    @staticmethod
+    def from_checkpoint(ckpt) -> "Formats":
+        from ref.checkpoint import NVFP4Weight
+        cfg = ckpt.config
+        mtp = ckpt.has("mtp.fc.weight")
+        linears = [t.name[:-len(".weight")] for t in _tensors(layout.model_tensors(cfg)) if t.linear]
+        layers = [x for x in layout.expert_layers(cfg) if x != "mtp" or mtp]
+        nvfp4 = [x for x in layers if isinstance(ckpt.expert(x, 0, prefetch=False).gate, NVFP4Weight)]
+        return Formats(frozenset(m for m in linears if ckpt.has(m + ".weight_scale")), frozenset(nvfp4),
+                       frozenset(x for x in nvfp4 if ckpt.expert_input_scales(x) is not None), mtp)
+
+
+def _tensors(module):
+    if isinstance(module, layout.Tensor):
+        yield module
+    else:
+        for part in (module.values() if isinstance(module, dict) else module):
+            yield from _tensors(part)
+
+
+def declare(cfg: Config, formats: Formats) -> Params:
+    """The parameter tree of `cfg` with a Param at every leaf."""
+    t = cfg.text
+    names = layout.model_tensors(cfg)
+
+    def linear(tensor: layout.Tensor, out_axis: str, in_axis: str):
+        module, (out, inp) = tensor.name[:-len(".weight")], tensor.shape
+        if module not in formats.nvfp4_linears:
+            return Dense(Param((out, inp), COMPUTE, (out_axis, in_axis), LinearPart(module, "weight"), "normal",
+                               inp ** -0.5))
+        return NVFP4(Param((out, inp // 2), np.uint8, (out_axis, in_axis), LinearPart(module, "weight"), "codes"),
+                     Param((out, inp // 16), jnp.float8_e4m3fn, (out_axis, in_axis),
+                           LinearPart(module, "weight_scale"), "block_scales"),
+                     Param((), np.float32, (), LinearPart(module, "weight_scale_2"), "constant", _global(inp)))
+
+    def vector(tensor: layout.Tensor, axis: str, init: str = "normal"):
+        return Param(tensor.shape, np.float32, (axis,), Tensor(tensor.name), init, 0.1)
+
+    def experts(layer) -> Experts:
+        E, shapes = t.num_experts, layout.expert_shapes(t)
+        axes = {"gate_proj": ("expert_mlp", "embed"), "up_proj": ("expert_mlp", "embed"),
+                "down_proj": ("embed", "expert_mlp")}
+
+        def proj(name):
+            (out, inp), ax = shapes[name], ("experts",) + axes[name]
+            part = lambda p: ExpertPart(layer, name, p)
+            if layer not in formats.nvfp4_experts:
+                return Dense(Param((E, out, inp), COMPUTE, ax, part("weight"), "normal", inp ** -0.5))
+            return NVFP4(Param((E, out, inp // 2), np.uint8, ax, part("weight"), "codes"),
+                         Param((E, out, inp // 16), jnp.float8_e4m3fn, ax, part("weight_scale"), "block_scales"),
+                         Param((E,), np.float32, ("experts",), part("weight_scale_2"), "constant", _global(inp)))
+
+        scales = None
+        if layer in formats.expert_input_scales:
+            scales = Param((E, 2), np.float32, ("experts", "scale_pair"), ExpertInputScales(layer), "constant",
+                           1 / 448)
+        return Experts(*(proj(n) for n in layout.PROJS), input_scale=scales)
+
+    def moe(m: dict, layer) -> SparseMoe:
+        s = m["shared_expert"]
+        return SparseMoe(linear(m["gate"], "router", "embed"), experts(layer),
+                         SharedExpert(linear(s["gate_proj"], "shared_mlp", "embed"),
+                                      linear(s["up_proj"], "shared_mlp", "embed"),
+                                      linear(s["down_proj"], "embed", "shared_mlp")),
+                         linear(m["shared_expert_gate"], "gate_out", "embed"))
+
+    def deltanet(a: dict) -> GatedDeltaNet:
+        C, _, K = a["conv1d"].shape
+        return GatedDeltaNet(
+            *(linear(a[n], "deltanet_out", "embed") for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
+            conv1d=Param((C, K), COMPUTE, ("deltanet_out", "conv_kernel"), Tensor(a["conv1d"].name), "normal", 0.5),
+            dt_bias=vector(a["dt_bias"], "deltanet_heads", "one_plus"),
+            A_log=vector(a["A_log"], "deltanet_heads", "log_uniform"),
+            norm=vector(a["norm"], "head_dim", "one_plus"), out_proj=linear(a["out_proj"], "embed", "deltanet_in"))
+
+    def attention(a: dict) -> GatedAttention:
+        return GatedAttention(*(linear(a[n], "attn_out", "embed") for n in ("q_proj", "k_proj", "v_proj")),
+                              o_proj=linear(a["o_proj"], "embed", "attn_in"),
+                              q_norm=vector(a["q_norm"], "head_dim"), k_norm=vector(a["k_norm"], "head_dim"))
+
+    def decoder_layer(d: dict, layer) -> DecoderLayer:
+        return DecoderLayer(vector(d["input_layernorm"], "embed"),
+                            deltanet(d["linear_attn"]) if "linear_attn" in d else None,
+                            attention(d["self_attn"]) if "self_attn" in d else None,
+                            vector(d["post_attention_layernorm"], "embed"), moe(d["mlp"], layer))
+
+    mtp = None
+    if formats.mtp:
+        m = names["mtp"]
+        mtp = MTP(linear(m["fc"], "embed", "mtp_in"), vector(m["pre_fc_norm_embedding"], "embed"),
+                  vector(m["pre_fc_norm_hidden"], "embed"), vector(m["norm"], "embed"),
+                  (decoder_layer(m["layers"][0], "mtp"),))
+    e = names["embed_tokens"]
+    return Params(Param(e.shape, COMPUTE, ("vocab", "embed"), Tensor(e.name), "normal", 0.5),
+                  tuple(decoder_layer(d, i) for i, d in enumerate(names["layers"])),
+                  vector(names["norm"], "embed"), linear(names["lm_head"], "vocab", "embed"), mtp)
+
+
+def declare_cache(cfg: TextConfig, B: int, max_len: int, kinds=None) -> tuple:
+    """The per-layer caches of B sequences and max_len positions (kinds: the layers' types, default the
+    main model's; the MTP head's is kinds=(FULL,)), zeros at the start of a sequence."""
+    out = []
+    for kind in kinds or cfg.layer_types:
+        if kind == FULL:
+            kv = Param((B, cfg.num_key_value_heads, max_len, cfg.head_dim), COMPUTE,
+                       ("batch", "kv_heads", "cache_seq", "cache_head_dim"), None, "constant")
+            out.append(KVCache(kv, kv))
+        else:
+            out.append(DeltaNetCache(
+                Param((B, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), COMPUTE,
+                      ("batch", "conv_window", "cache_channels"), None, "constant"),
+                Param((B, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim), np.float32,
+                      ("batch", "cache_heads", "cache_key_dim", "cache_value_dim"), None, "constant")))
+    return tuple(out)
+
+
+def leaves(tree) -> list[Param]:
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Param))
+
+
+def resolve_dtype(param: Param, dtype):
+    """The leaf's dtype in a run whose compute dtype is `dtype`."""
+    return dtype if param.dtype == COMPUTE else param.dtype
+
+
+def abstract(declared: Params, dtype) -> Params:
+    """ShapeDtypeStructs of every leaf (compute dtype `dtype`)."""
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, resolve_dtype(p, dtype)), declared,
+                        is_leaf=lambda x: isinstance(x, Param))
+
+
+# ------------------------------------------------------------------------------------------------
+# Random parameters (tests before a checkpoint exists, the 397B-shape GPU check)
+
+def _global(fan_in: int) -> float:
+    """A random NVFP4 weight's global scale: random codes (rms ~3.2) and block scales (~1.2) then give
+    weights of about 0.6 / sqrt(fan_in)."""
+    return 0.25 * fan_in ** -0.5 / 6
+
+
+def _init_leaf(key, p: Param, dtype):
+    """One random leaf by its rule: "normal" N(0, scale^2), "one_plus" 1 + N(0, scale^2) (plain weights
+    near 1), "log_uniform" log U(1, 16) (A_log), "constant", "codes" (random bytes), "block_scales"
+    (E4M3 of U(0.5, 2))."""
+    dt = resolve_dtype(p, dtype)
+    if p.init in ("normal", "one_plus"):
+        x = jax.random.normal(key, p.shape, jnp.float32) * p.scale
+        return (x + (p.init == "one_plus")).astype(dt)
+    if p.init == "log_uniform":
+        return jnp.log(jax.random.uniform(key, p.shape, minval=1, maxval=16)).astype(dt)
+    if p.init == "constant":
+        return jnp.full(p.shape, p.scale, dt)
+    if p.init == "codes":
+        return jax.random.randint(key, p.shape, 0, 256, jnp.int32).astype(jnp.uint8)
+    if p.init == "block_scales":
+        return jax.random.uniform(key, p.shape, jnp.float32, 0.5, 2.0).astype(jnp.float8_e4m3fn)
+    raise ValueError(f"random init: no rule {p.init!r} for a leaf of shape {p.shape}")
+
+
+def init(key, declared: Params, dtype) -> Params:
+    """Random parameters of the declared shapes, compute dtype `dtype`; leaf i from fold_in(key, i)."""
+    flat, treedef = jax.tree.flatten(declared, is_leaf=lambda x: isinstance(x, Param))
+    return jax.tree.unflatten(treedef, [_init_leaf(jax.random.fold_in(key, i), p, dtype) for i, p in enumerate(flat)])
