@@ -80,78 +80,68 @@ timeout 360 python - "$tmp" <<'EOF'
 import dataclasses, os, sys, time
 import numpy as np, jax, jax.numpy as jnp
 from ref.config import FULL, LINEAR, QWEN35_397B
-from jaxrun import model
+from jaxrun.load import place
+from jaxrun.params import Formats, declare, init
 from jaxrun.runner import Runner
 from jaxrun.sampling import Sampling
-from jaxrun.sharding import make_mesh, param_specs, shardings
+from jaxrun.sharding import make_mesh
 
 dry = os.environ.get("GPU_CHECK_DRY") == "1"
 if dry:
     from ref.synth import preset_config
-    base = preset_config("tiny").text
+    base = preset_config("tiny")
 else:
-    base = QWEN35_397B.text
-cfg = dataclasses.replace(base, num_hidden_layers=4, layer_types=(LINEAR, LINEAR, LINEAR, FULL))
+    base = QWEN35_397B
+text = dataclasses.replace(base.text, num_hidden_layers=4, layer_types=(LINEAR, LINEAR, LINEAR, FULL))
+full = dataclasses.replace(base, text=text)
+cfg = full.text
 bw = float(open(sys.argv[1] + "/bw").read())
 mesh = make_mesh()
 dt = jnp.bfloat16
 t0 = time.perf_counter()
-params = model.init_params(jax.random.PRNGKey(0), cfg, dt, mtp=True)  # op by op: no giant compile
-shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-params = jax.block_until_ready(jax.device_put(params, shardings(param_specs(shapes, mesh.size, "replicated"), mesh)))
+declared = declare(full, Formats.random(full, mtp=True))
+params = jax.block_until_ready(place(init(jax.random.PRNGKey(0), declared, dt), declared, mesh))  # op by op
 print(f"random parameters on {mesh.size} device(s): {time.perf_counter() - t0:.1f} s")
 runner = Runner(params, cfg, mesh, "bf16")
 
-leaves = [(p, a) for p, a in jax.tree_util.tree_flatten_with_path(shapes)[0]
-          if not jax.tree_util.keystr(p).startswith("['mtp']")]               # a decode step does not read the MTP head
+leaves = [(p, a) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]
+          if not jax.tree_util.keystr(p).startswith(".mtp")]                  # a decode step does not read the MTP head
 nbytes = lambda a: a.size * a.dtype.itemsize
-expert_bytes = sum(nbytes(a) for p, a in leaves if "experts" in jax.tree_util.keystr(p)) // (cfg.num_experts * 4)
-embed_bytes = nbytes(shapes["embed"])
-dense_bytes = sum(nbytes(a) for p, a in leaves if "experts" not in jax.tree_util.keystr(p)) - embed_bytes
+expert_bytes = sum(nbytes(a) for p, a in leaves if ".experts." in jax.tree_util.keystr(p)) // (cfg.num_experts * 4)
+embed_bytes = nbytes(params.embed_tokens)
+dense_bytes = sum(nbytes(a) for p, a in leaves if ".experts." not in jax.tree_util.keystr(p)) - embed_bytes
 row = embed_bytes // cfg.vocab_size
 print(f"per layer and expert {expert_bytes / 1e6:.2f} MB (packed codes + scales); dense weights read per step "
       f"{dense_bytes / 1e9:.2f} GB (lm_head included, embedding rows apart)")
 
+
+def time_steps(state, steps):
+    """Median time of `steps` steps (each with its sampling, as generate runs it), after a warm-up."""
+    state, out = runner.step(state, ctx)                                 # compile + warm up
+    jax.block_until_ready(out.tokens)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, out = runner.step(state, ctx)
+        jax.block_until_ready(out.tokens)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 ctx, steps = 256, 16
 for B in (1, 8):
     prompts = [[int(t) for t in np.random.default_rng(b).integers(0, cfg.vocab_size, 32)] for b in range(B)]
-    lengths = np.full(B, 32, np.int32)
-    logits, cache = runner.prefill(np.array(prompts, np.int32), lengths, ctx)
-    state = {"cache": cache, "next": jnp.argmax(logits, -1).astype(jnp.int32), "pos": jnp.asarray(lengths)}
-    key = jax.random.PRNGKey(0)
-    state = runner.decode(state, ctx, key, 0, Sampling())                 # compile + warm up
-    jax.block_until_ready(state)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state = runner.decode(state, ctx, key, i + 1, Sampling())      # the step with its sampling, as generate runs it
-        jax.block_until_ready(state["next"])
-        times.append(time.perf_counter() - t0)
-    step = float(np.median(times))
+    state, _ = runner.start(prompts, ctx, Sampling())
+    step = time_steps(state, steps)
     experts = min(B * cfg.num_experts_per_tok, cfg.num_experts)     # distinct per layer: exact at B = 1, at most at B = 8
     read = dense_bytes + B * row + 4 * experts * expert_bytes
     print(f"batch {B}: decode step {step * 1e3:.2f} ms (median of {steps}), {B / step:.1f} tok/s; reads <= "
           f"{read / 1e9:.3f} GB/step -> <= {read / step / 1e9:.0f} GB/s = {100 * read / step / bw:.0f}% of copy "
           f"bandwidth ({bw / 1e9:.0f} GB/s)")
-# a speculative step (the token and an MTP draft through the model, then the MTP head) against a decode step
-B = 1
-logits, cache, hidden = runner.prefill(np.array([prompts[0]], np.int32), np.full(1, 32, np.int32), ctx, with_hidden=True)
-following = np.array([prompts[0][1:] + [0]], np.int32)
-draft, mtp_cache = runner.mtp_prefill(following, hidden, np.full(1, 32, np.int32), ctx)
-tok, pos = np.zeros(1, np.int32), np.full(1, 32, np.int32)
+# a speculative step (the token and K MTP drafts through the model, then the MTP head) against a decode step
 for K in (1, 3):
-    state = {"cache": cache, "mtp_cache": mtp_cache, "next": tok, "drafts": np.zeros((1, K), np.int32),
-             "pos": jnp.asarray(pos)}
-    out = runner.verify(state, ctx, key, 0, Sampling())                  # compile + warm up (caches donated)
-    jax.block_until_ready(out)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        out = runner.verify({**state, "cache": out["cache"], "mtp_cache": out["mtp_cache"]}, ctx, key, i + 1, Sampling())
-        jax.block_until_ready(out["next"])
-        times.append(time.perf_counter() - t0)
-    cache, mtp_cache = out["cache"], out["mtp_cache"]
-    print(f"speculative step with {K} draft(s) ({K + 1} tokens + MTP head), batch 1: {float(np.median(times)) * 1e3:.2f} "
+    state, _ = runner.start([prompts[0]], ctx, Sampling(), mtp=True, K=K)
+    print(f"speculative step with {K} draft(s) ({K + 1} tokens + MTP head), batch 1: {time_steps(state, steps) * 1e3:.2f} "
           f"ms (median of {steps}); it pays when 1 + accepted drafts exceeds its ratio to the batch-1 decode step")
 print(f"compile time: {runner.timings.compile_s:.1f} s; traces: {dict(runner.traces)}")
 EOF

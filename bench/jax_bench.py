@@ -16,9 +16,10 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
 
 def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> None:
-    import numpy as np
     from jaxrun.load import load
     from jaxrun.runner import Runner
     from jaxrun.sharding import make_mesh
@@ -81,19 +82,18 @@ def work_per_token(cfg, params) -> tuple[float, float]:
     matrices and of k experts (the lm_head only for the last token; attention scores and the DeltaNet
     recurrence left out): lower bounds on the work."""
     import jax
-    import numpy as np
     layer_weights, dense_bytes, expert_bytes = 0, 0, 0
     for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = [str(getattr(k, "key", "")) for k in path]
-        if names[0] == "mtp":                                            # not run by a plain decode step
+        name = jax.tree_util.keystr(path)
+        if name.startswith(".mtp"):                                      # not run by a plain decode step
             continue
         nbytes = int(np.prod(a.shape)) * a.dtype.itemsize
-        if "experts" in names:
+        if ".experts." in name:
             expert_bytes += nbytes
-        elif names[-1] in ("w", "q") and names[0] != "embed":
+        elif name.endswith(".weight") and a.ndim == 2:                   # dense or NVFP4-packed matrices
             dense_bytes += nbytes
-            if names[0] == "layers":
-                layer_weights += int(np.prod(a.shape)) * (2 if names[-1] == "q" else 1)
+            if name.startswith(".layers"):
+                layer_weights += int(np.prod(a.shape)) * (2 if a.dtype == np.uint8 else 1)
     routed = cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     return 2.0 * (layer_weights + routed), dense_bytes + expert_bytes * cfg.num_experts_per_tok / cfg.num_experts
 
@@ -117,19 +117,17 @@ def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> Non
 
 
 def bench_footprint(n: int = 4) -> None:
-    import jax
     import jax.numpy as jnp
-    from jaxrun.model import init_params
+    from jaxrun.params import Formats, declare, leaves, resolve_dtype
     from jaxrun.sharding import bytes_per_device, param_specs
     from ref.config import QWEN35_397B
 
-    cfg = QWEN35_397B.text
-    shapes = jax.eval_shape(lambda k: init_params(k, cfg, jnp.bfloat16), jax.random.PRNGKey(0))
-    total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+    declared = declare(QWEN35_397B, Formats.random(QWEN35_397B))
+    total = sum(int(np.prod(p.shape)) * np.dtype(resolve_dtype(p, jnp.bfloat16)).itemsize for p in leaves(declared))
     gb = 1e9
     print(f"397B parameters (bf16 dense, NVFP4 routed experts, no MTP/vision): {total / gb:.1f} GB in all")
     for mode in ("replicated", "sharded"):
-        per = bytes_per_device(shapes, param_specs(shapes, n, mode), n)
+        per = bytes_per_device(declared, param_specs(declared, n, mode), n, jnp.bfloat16)
         print(f"  N = {n}, dense {mode:10s}: {per / gb:6.1f} GB per device")
 
 
