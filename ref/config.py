@@ -305,6 +305,12 @@ def _vision_rope_theta(f: _Fields) -> float:
     return f.get("rope_theta", float, 10_000.0, positive=True)
 
 
+def parse_preprocessor_config(raw: dict, source: str = "preprocessor_config.json") -> PreprocessorConfig:
+    """The image processor's settings from a parsed preprocessor_config.json (not checked against a
+    vision_config: parse_config does that)."""
+    return _preprocessor_config(_Fields(raw, source))
+
+
 def _preprocessor_config(f: _Fields) -> PreprocessorConfig:
     """transformers' Qwen2-VL image processor settings; its class defaults fill missing fields."""
     d = PreprocessorConfig()

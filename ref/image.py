@@ -24,6 +24,7 @@ from ref.config import PreprocessorConfig
 from ref.errors import ImageError
 
 MAX_ASPECT_RATIO = 200  # the processor refuses images longer than this many times their width
+SAMPLE_IMAGE = Path(__file__).resolve().parent / "data" / "sample.png"  # 120x90 RGB: a house, a sun, grass
 
 
 @dataclass(frozen=True)
