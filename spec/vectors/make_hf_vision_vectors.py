@@ -84,8 +84,8 @@ def preprocess_cases(out: Path):
     cases = {
         "rgb_down": _png(u8(90, 120, 3), "RGB"),        # above the budget: scaled down
         "rgb_up": _png(u8(9, 13, 3), "RGB"),            # below it: scaled up
-        "rgb_half_even": _png(u8(24, 40, 3), "RGB"),    # 24/8 = 3, 40/8 = 5: exact; see 12 x 20 below
-        "rgb_ties": _png(u8(12, 20, 3), "RGB"),         # 12/8 = 1.5 -> 2, 20/8 = 2.5 -> 2 (halves to even)
+        "rgb_ties_up": _png(u8(28, 44, 3), "RGB"),      # 28/8 = 3.5 -> 4, 44/8 = 5.5 -> 6 (halves to even)
+        "rgb_ties": _png(u8(12, 20, 3), "RGB"),         # 12/8 = 1.5 -> 2, 20/8 = 2.5 -> 2
         "rgb_exact": _png(u8(32, 16, 3), "RGB"),        # already a multiple of 8 within budget: no resize
         "one_pixel": _png(u8(1, 1, 3), "RGB"),
         "rgba": _png(u8(21, 35, 4), "RGBA"),
