@@ -58,7 +58,8 @@ def cases() -> dict[str, tuple[str, dict, dict]]:
     for name, pixels in {"ties": r.integers(0, 256, (12, 20, 3), dtype=np.uint8),        # 1.5 -> 2, 2.5 -> 2
                          "downscale": r.integers(0, 256, (50, 90, 3), dtype=np.uint8),
                          "rgba": r.integers(0, 256, (7, 11, 4), dtype=np.uint8)}.items():
-        out[f"preprocess_{name}"] = ("preprocess", {"file": np.frombuffer(_png(pixels), np.uint8)}, {"preprocessor": pre})
+        out[f"preprocess_{name}"] = ("preprocess", {"file": np.frombuffer(_png(pixels), np.uint8)},
+                                     {"preprocessor": pre})
     D, nH, m = 16, 2, 2
     grids = [(1, 4, 6), (1, 2, 2)]
     out["pos_embed"] = ("pos_embed", {"table": r.normal(size=(25, D)), "grids": np.array(grids + [(1, 10, 8)])},

@@ -50,7 +50,8 @@ def indep_pos_embed(table, h, w):
 
 def block_order(h, w, m):
     """(row, col) of the patches in the processor's order, by explicit loops."""
-    return [(bi * m + i, bj * m + j) for bi in range(h // m) for bj in range(w // m) for i in range(m) for j in range(m)]
+    return [(bi * m + i, bj * m + j)
+            for bi in range(h // m) for bj in range(w // m) for i in range(m) for j in range(m)]
 
 
 def indep_layer_norm(x, w, b, eps=1e-6):
@@ -144,10 +145,9 @@ def test_encoder_equals_loop_recomputation(vm, images):
     for i, b in enumerate(blocks):
         np.testing.assert_allclose(dumps[f"vision.blocks.{i}"], b, rtol=1e-11, atol=1e-11)
     N = len(pixels)
-    assert {k: d.shape for k, d in dumps.items()} == {"vision.patch_embed": (N, v.hidden_size),
-                                                      "vision.pos_embed": (N, v.hidden_size),
-                                                      **{f"vision.blocks.{i}": (N, v.hidden_size) for i in range(v.depth)},
-                                                      "vision.merger": got.shape}
+    want_shapes = {"vision.patch_embed": (N, v.hidden_size), "vision.pos_embed": (N, v.hidden_size),
+                   **{f"vision.blocks.{i}": (N, v.hidden_size) for i in range(v.depth)}, "vision.merger": got.shape}
+    assert {k: d.shape for k, d in dumps.items()} == want_shapes
 
 
 def test_attention_stays_within_each_image(vm, images):

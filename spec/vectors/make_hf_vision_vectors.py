@@ -212,7 +212,8 @@ def rope_index_cases(out: Path):
             inputs["video_grid_thw"] = np.array(videos, np.int64)
         save_case(out / f"rope_index_{name}.safetensors", "rope_index", inputs,
                   {"image_token_id": IMAGE, "video_token_id": VIDEO, "spatial_merge_size": 2},
-                  {"positions": pos[:, 0].numpy().astype(np.int64), "rope_delta": delta.numpy().reshape(1).astype(np.int64)})
+                  {"positions": pos[:, 0].numpy().astype(np.int64),
+                   "rope_delta": delta.numpy().reshape(1).astype(np.int64)})
 
 
 def main(argv=None) -> int:
