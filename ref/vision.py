@@ -23,6 +23,7 @@ from ref import layers as L
 from ref.layers import F64, Precision, softmax
 
 LAYER_NORM_EPS = 1e-6  # every LayerNorm of the vision tower (fixed in the model, not in config.json)
+ATTENTION_BLOCK_BYTES = 1 << 26  # attention scores held at a time (float64 bytes): query rows in blocks
 Grid = tuple[int, int, int]
 
 
@@ -199,17 +200,21 @@ def cu_seqlens(grids: Sequence[Grid]) -> np.ndarray:
 def vision_attention(x: np.ndarray, qkv: Linear, proj: Linear, n_heads: int, cos: np.ndarray, sin: np.ndarray,
                      bounds: np.ndarray, p: Precision = F64) -> np.ndarray:
     """Bidirectional multi-head attention restricted to each segment [bounds[s], bounds[s+1]).
-    x [N, D] (after norm1) -> [N, D]. Scores scaled by hd^-1/2; softmax in the compute dtype."""
+    x [N, D] (after norm1) -> [N, D]. Scores scaled by hd^-1/2; softmax in the compute dtype. Query
+    rows go in blocks of ATTENTION_BLOCK_BYTES of scores (each row's softmax is its own)."""
     N, D = x.shape
     hd = D // n_heads
     q, k, v = linear(x, qkv, p).reshape(N, 3, n_heads, hd).transpose(1, 0, 2, 3)   # 3 x [N, nH, hd]
     q, k = apply_vision_rope(q, cos, sin, p), apply_vision_rope(k, cos, sin, p)
     o = np.empty((N, n_heads, hd), p.dtype)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (a[lo:hi].transpose(1, 0, 2) for a in (q, k, v))               # [nH, n, hd]
-        scores = p.act(p.act(qs @ ks.transpose(0, 2, 1)) * hd ** -0.5)              # [nH, n, n]
-        w = p.act(softmax(scores))
-        o[lo:hi] = p.act(w @ vs).transpose(1, 0, 2)
+        ks, vs = k[lo:hi].transpose(1, 2, 0), v[lo:hi].transpose(1, 0, 2)          # [nH, hd, n], [nH, n, hd]
+        rows = max(1, ATTENTION_BLOCK_BYTES // (8 * n_heads * (hi - lo)))         # query rows at a time
+        for r in range(lo, hi, rows):
+            qs = q[r:min(r + rows, hi)].transpose(1, 0, 2)                          # [nH, r, hd]
+            scores = p.act(p.act(qs @ ks) * hd ** -0.5)                             # [nH, r, n]
+            w = p.act(softmax(scores))
+            o[r:r + qs.shape[1]] = p.act(w @ vs).transpose(1, 0, 2)
     return linear(o.reshape(N, D), proj, p)
 
 

@@ -283,3 +283,9 @@ def test_pixel_rows_must_match_grids(vm, images):
         vm.encode_pixels(images[0].pixel_values, [(1, 4, 4)])
     with pytest.raises(ValueError, match="pixel_values must be \\[patches, 1536\\]"):
         vm.encode_pixels(images[0].pixel_values[:, :10], [images[0].grid])
+
+
+def test_query_blocks_change_nothing(vm, images, monkeypatch):
+    whole = vm.encode(images)
+    monkeypatch.setattr(V, "ATTENTION_BLOCK_BYTES", 8 * 2 * 48 * 5)  # 5 query rows of the sample at a time
+    np.testing.assert_allclose(vm.encode(images), whole, rtol=1e-13, atol=1e-13)
