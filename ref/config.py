@@ -1,9 +1,10 @@
-"""config.json (+ hf_quant_config.json) -> one typed, immutable Config.
+"""config.json (+ hf_quant_config.json, preprocessor_config.json) -> one typed, immutable Config.
 
 Accepts the vision-language wrapper (`text_config` / `vision_config` nested) and the flat text-only
-form, RoPE settings from `rope_parameters` or the older top-level fields, and quantization metadata
-from `config.json["quantization_config"]` and/or `hf_quant_config.json`. Any missing or contradictory
-field raises ConfigError naming the file and field.
+form, RoPE settings from `rope_parameters` or the older top-level fields, quantization metadata
+from `config.json["quantization_config"]` and/or `hf_quant_config.json`, and the image processor's
+settings from `preprocessor_config.json` (or the `image_processor` object of `processor_config.json`).
+Any missing or contradictory field raises ConfigError naming the file and field.
 """
 from __future__ import annotations
 
@@ -83,6 +84,40 @@ class VisionConfig:
     spatial_merge_size: int = 2
     num_position_embeddings: int = 2304
     deepstack_visual_indexes: tuple[int, ...] = ()
+    rope_theta: float = 10_000.0  # 2-D axial RoPE of the vision attention
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# The defaults of transformers' Qwen2-VL image processor, used for any field the file leaves out.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_BICUBIC = 3
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """The image processor's settings (preprocessor_config.json). min/max_pixels bound the resized
+    area; the file spells them `size.shortest_edge` / `size.longest_edge` (or, older, `min_pixels` /
+    `max_pixels`, which win when both are given, as in transformers)."""
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    rescale_factor: float = 1 / 255
+    resample: int = PIL_BICUBIC  # a Pillow resampling filter number
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this: one merged token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
 
 
 @dataclass(frozen=True)
@@ -101,6 +136,7 @@ class Config:
     quant: QuantConfig | None = None
     multimodal: bool = True  # VL wrapper: weights under model.language_model.*, else model.*
     special_tokens: dict[str, int] = field(default_factory=dict)  # image_token_id, ... (VL wrapper)
+    preprocessor: PreprocessorConfig | None = None  # None when the checkpoint has no preprocessor_config.json
 
     @property
     def text_prefix(self) -> str:
@@ -252,7 +288,87 @@ def _vision_config(f: _Fields) -> VisionConfig:
         spatial_merge_size=f.get("spatial_merge_size", int, 2),
         num_position_embeddings=f.get("num_position_embeddings", int, 2304),
         deepstack_visual_indexes=f.int_list("deepstack_visual_indexes", ()),
+        rope_theta=_vision_rope_theta(f),
     )
+
+
+def _vision_rope_theta(f: _Fields) -> float:
+    """The vision RoPE base from `rope_parameters` (transformers 5) or `rope_theta`; 10000 when absent.
+    The vision rotary embedding is 2-D axial ('axial' in `rope_parameters.rope_type`)."""
+    if isinstance(f.raw.get("rope_parameters"), dict):
+        rp = f.sub("rope_parameters")
+        rope_type = rp.get("rope_type", str, "axial")
+        if rope_type != "axial":
+            raise ConfigError(f"{rp.where('rope_type')} is {rope_type!r}; the vision encoder's RoPE is 'axial'")
+        if rp.raw.get("rope_theta") is not None:
+            return rp.get("rope_theta", float, positive=True)
+    return f.get("rope_theta", float, 10_000.0, positive=True)
+
+
+def parse_preprocessor_config(raw: dict, source: str = "preprocessor_config.json") -> PreprocessorConfig:
+    """The image processor's settings from a parsed preprocessor_config.json (not checked against a
+    vision_config: parse_config does that)."""
+    return _preprocessor_config(_Fields(raw, source))
+
+
+def _preprocessor_config(f: _Fields) -> PreprocessorConfig:
+    """transformers' Qwen2-VL image processor settings; its class defaults fill missing fields."""
+    d = PreprocessorConfig()
+    for flag in ("do_resize", "do_convert_rgb"):
+        if f.get(flag, bool, True) is not True:
+            raise ConfigError(f"{f.where(flag)} is false; only resized RGB images are supported")
+    size = f.sub("size") if "size" in f.raw and f.raw["size"] is not None else None
+    min_pixels = f.get("min_pixels", int, None, positive=True)
+    max_pixels = f.get("max_pixels", int, None, positive=True)
+    if min_pixels is None:
+        min_pixels = size.get("shortest_edge", int, positive=True) if size is not None else d.min_pixels
+    if max_pixels is None:
+        max_pixels = size.get("longest_edge", int, positive=True) if size is not None else d.max_pixels
+    cfg = PreprocessorConfig(
+        patch_size=f.get("patch_size", int, d.patch_size, positive=True),
+        temporal_patch_size=f.get("temporal_patch_size", int, d.temporal_patch_size, positive=True),
+        merge_size=f.get("merge_size", int, d.merge_size, positive=True),
+        image_mean=_per_channel(f, "image_mean", d.image_mean),
+        image_std=_per_channel(f, "image_std", d.image_std),
+        min_pixels=min_pixels, max_pixels=max_pixels,
+        rescale_factor=f.get("rescale_factor", float, d.rescale_factor, positive=True),
+        resample=f.get("resample", int, d.resample),
+        do_rescale=f.get("do_rescale", bool, d.do_rescale),
+        do_normalize=f.get("do_normalize", bool, d.do_normalize),
+    )
+    if cfg.min_pixels > cfg.max_pixels:
+        raise ConfigError(f"{f.where('size')}: shortest_edge (min pixels) {cfg.min_pixels} exceeds "
+                          f"longest_edge (max pixels) {cfg.max_pixels}")
+    if cfg.resample not in range(6):
+        raise ConfigError(f"{f.where('resample')} is {cfg.resample}; expected a Pillow filter number 0..5")
+    if 0 in cfg.image_std:
+        raise ConfigError(f"{f.where('image_std')} has a zero: {list(cfg.image_std)}")
+    return cfg
+
+
+def _per_channel(f: _Fields, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """A per-channel list of numbers, or one number for every channel (as transformers accepts)."""
+    value = f.get(name, (list, float), list(default))
+    values = value if isinstance(value, list) else [value] * 3
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{f.where(name)} must be a number or a list of numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _check_preprocessor(pp: PreprocessorConfig, v: VisionConfig, source: str, vision_source: str) -> None:
+    """The image processor must cut the patches the vision tower was built for."""
+    for name, mine, theirs, field_ in (("patch_size", pp.patch_size, v.patch_size, "patch_size"),
+                                       ("temporal_patch_size", pp.temporal_patch_size, v.temporal_patch_size,
+                                        "temporal_patch_size"),
+                                       ("merge_size", pp.merge_size, v.spatial_merge_size, "spatial_merge_size")):
+        if mine != theirs:
+            raise ConfigError(f"{source}: field '{name}' is {mine} but {vision_source} says "
+                              f"vision_config.{field_} = {theirs}")
+    for name in ("image_mean", "image_std"):
+        n = len(getattr(pp, name))
+        if n != v.in_channels:
+            raise ConfigError(f"{source}: field '{name}' has {n} values but {vision_source} says "
+                              f"vision_config.in_channels = {v.in_channels}")
 
 
 def _quant_from_config_json(f: _Fields) -> QuantConfig:
@@ -291,8 +407,10 @@ def _check_quant(q: QuantConfig, where: str) -> QuantConfig:
 
 
 def parse_config(raw: dict, quant_raw: dict | None = None, source: str = "config.json",
-                 quant_source: str = "hf_quant_config.json") -> Config:
-    """Build a Config from the parsed config.json (and hf_quant_config.json, if there is one)."""
+                 quant_source: str = "hf_quant_config.json", preprocessor_raw: dict | None = None,
+                 preprocessor_source: str = "preprocessor_config.json") -> Config:
+    """Build a Config from the parsed config.json (and hf_quant_config.json and
+    preprocessor_config.json, if there are any)."""
     top = _Fields(raw, source)
     multimodal = "text_config" in raw
     text_fields = top.sub("text_config") if multimodal else top
@@ -308,7 +426,13 @@ def parse_config(raw: dict, quant_raw: dict | None = None, source: str = "config
                               f"{source} says {quant.quant_algo!r}")
         quant = from_file
     specials = {k: top.get(k, int) for k in _VL_TOKEN_FIELDS if isinstance(raw.get(k), int)}
-    return Config(text=text, vision=vision, quant=quant, multimodal=multimodal, special_tokens=specials)
+    preprocessor = None
+    if preprocessor_raw is not None:
+        preprocessor = _preprocessor_config(_Fields(preprocessor_raw, preprocessor_source))
+        if vision is not None:
+            _check_preprocessor(preprocessor, vision, preprocessor_source, source)
+    return Config(text=text, vision=vision, quant=quant, multimodal=multimodal, special_tokens=specials,
+                  preprocessor=preprocessor)
 
 
 def _read_json(path: Path) -> dict:
@@ -321,12 +445,26 @@ def _read_json(path: Path) -> dict:
 
 
 def load_config(directory: str | Path) -> Config:
-    """Read config.json and, if present, hf_quant_config.json from a checkpoint directory."""
+    """Read config.json and, if present, hf_quant_config.json and the image processor's settings
+    (preprocessor_config.json, else the `image_processor` object of processor_config.json)."""
     directory = Path(directory)
     quant_path = directory / "hf_quant_config.json"
     quant_raw = _read_json(quant_path) if quant_path.exists() else None
+    pre_raw, pre_source = _read_preprocessor(directory)
     return parse_config(_read_json(directory / "config.json"), quant_raw,
-                        str(directory / "config.json"), str(quant_path))
+                        str(directory / "config.json"), str(quant_path), pre_raw, pre_source)
+
+
+def _read_preprocessor(directory: Path) -> tuple[dict | None, str]:
+    path = directory / "preprocessor_config.json"
+    if path.exists():
+        return _read_json(path), str(path)
+    combined = directory / "processor_config.json"
+    if combined.exists():
+        raw = _read_json(combined)
+        if isinstance(raw, dict) and "image_processor" in raw:
+            return raw["image_processor"], f"{combined} (image_processor)"
+    return None, str(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,6 +499,7 @@ def config_dict(cfg: Config) -> dict:
         if cfg.vision is not None:
             vision = asdict(cfg.vision)
             vision["deepstack_visual_indexes"] = list(cfg.vision.deepstack_visual_indexes)
+            vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
             out["vision_config"] = dict(vision, model_type="qwen3_5_moe")
     if cfg.quant is not None:
         q = cfg.quant
@@ -373,6 +512,18 @@ def config_dict(cfg: Config) -> dict:
         if q.kv_cache_quant_algo:
             out["quantization_config"]["kv_cache_scheme"] = q.kv_cache_quant_algo
     return out
+
+
+def preprocessor_config_dict(pp: PreprocessorConfig) -> dict:
+    """preprocessor_config.json in the form Qwen3.5 checkpoints ship it (fields at their defaults
+    omitted, as there)."""
+    d = PreprocessorConfig()
+    out = {"size": {"longest_edge": pp.max_pixels, "shortest_edge": pp.min_pixels},
+           "patch_size": pp.patch_size, "temporal_patch_size": pp.temporal_patch_size, "merge_size": pp.merge_size,
+           "image_mean": list(pp.image_mean), "image_std": list(pp.image_std)}
+    out |= {k: getattr(pp, k) for k in ("rescale_factor", "resample", "do_rescale", "do_normalize")
+            if getattr(pp, k) != getattr(d, k)}
+    return out | {"processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
 
 
 def hf_quant_config_dict(q: QuantConfig) -> dict:
@@ -405,10 +556,16 @@ SEED_EXCLUDE_MODULES = ("lm_head", "model.language_model.layers.*.linear_attn*",
                         "model.language_model.layers.*.mlp.gate", "model.language_model.layers.*.mlp.shared_expert*",
                         "model.language_model.layers.*.self_attn*", "model.visual*", "mtp*")
 
+# Qwen3.5's preprocessor_config.json: 16-pixel patches, merged 2x2, 256x256 to 4096x4096 pixels.
+QWEN35_PREPROCESSOR = PreprocessorConfig(patch_size=16, temporal_patch_size=2, merge_size=2,
+                                         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                                         min_pixels=65536, max_pixels=16777216)
+
 QWEN35_397B = Config(
     text=QWEN35_397B_TEXT, vision=QWEN35_397B_VISION,
     quant=QuantConfig("NVFP4", 16, SEED_EXCLUDE_MODULES, None, "modelopt 0.37.0"),
     multimodal=True,
     special_tokens={"image_token_id": 248056, "video_token_id": 248057,
                     "vision_start_token_id": 248053, "vision_end_token_id": 248054},
+    preprocessor=QWEN35_PREPROCESSOR,
 )

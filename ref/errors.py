@@ -11,3 +11,7 @@ class CheckpointError(ValueError):
 
 class FormatError(ValueError):
     """Input to an NVFP4 / FP8 codec has the wrong shape, dtype or block structure."""
+
+
+class ImageError(ValueError):
+    """An image file cannot be read, decoded or converted to RGB, or its size cannot be preprocessed."""

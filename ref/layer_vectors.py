@@ -139,16 +139,19 @@ def _rope(d: dict) -> L.Rope:
     return L.Rope(d["rotary_dim"], d["theta"], tuple(d["mrope_section"]), d["interleaved"])
 
 
+def save_case(path: Path, function: str, inputs: dict, scalars: dict, outputs: dict) -> Path:
+    """One vector file: inputs as in.<name>, expected outputs as out.<name>, function and scalars in
+    the header metadata (the schema of spec/vectors/layers/README.md)."""
+    tensors = {f"in.{k}": np.ascontiguousarray(v) for k, v in inputs.items()}
+    tensors.update({f"out.{k}": np.ascontiguousarray(v) for k, v in outputs.items()})
+    save_file(tensors, str(path), metadata={"function": function, "scalars": json.dumps(scalars, sort_keys=True)})
+    return path
+
+
 def write(directory: Path = DEFAULT_DIR) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, (function, inputs, scalars) in cases().items():
-        tensors = {f"in.{k}": np.ascontiguousarray(v) for k, v in inputs.items()}
-        tensors.update({f"out.{k}": np.ascontiguousarray(v) for k, v in evaluate(function, inputs, scalars).items()})
-        path = directory / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata={"function": function, "scalars": json.dumps(scalars, sort_keys=True)})
-        paths.append(path)
-    return paths
+    return [save_case(directory / f"{name}.safetensors", function, inputs, scalars, evaluate(function, inputs, scalars))
+            for name, (function, inputs, scalars) in cases().items()]
 
 
 def read(path: Path) -> tuple[str, dict, dict, dict]:

@@ -36,8 +36,8 @@ import ml_dtypes
 import numpy as np
 
 from ref import checkpoint_layout as layout
-from ref.config import FULL, LINEAR, QWEN35_397B, SEED_EXCLUDE_MODULES, Config, QuantConfig, TextConfig, \
-    VisionConfig, config_dict, hf_quant_config_dict
+from ref.config import FULL, LINEAR, QWEN35_397B, SEED_EXCLUDE_MODULES, Config, PreprocessorConfig, QuantConfig, \
+    TextConfig, VisionConfig, config_dict, hf_quant_config_dict, preprocessor_config_dict
 from ref.errors import CheckpointError, ConfigError, FormatError
 from ref.nvfp4 import E2M1_VALUES, E4M3_MAX, GLOBAL_DIVISOR, dequantize, quantize_weight
 from ref.safetensors_io import LazyTensor, overwrite_tensors, write_safetensors
@@ -96,13 +96,18 @@ def _small_config(preset: str) -> Config:
         mrope_section=(2, 1, 1) if tiny else (3, 3, 2), mrope_interleaved=True, mtp_num_hidden_layers=1,
         eos_token_ids=(base + SPECIAL_ID["<|im_end|>"],))
     vision = VisionConfig(depth=2, hidden_size=32 if tiny else 64, num_heads=2, intermediate_size=64 if tiny else 128,
-                          out_hidden_size=text.hidden_size, num_position_embeddings=64)
+                          out_hidden_size=text.hidden_size, num_position_embeddings=16 if tiny else 64)
+    # Qwen3.5's processor settings with a smaller pixel budget: tiny images stay a few merged tokens.
+    preprocessor = PreprocessorConfig(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=(0.5,) * 3,
+                                      image_std=(0.5,) * 3, min_pixels=64 * 64 if tiny else 128 * 128,
+                                      max_pixels=256 * 256 if tiny else 512 * 512)
     specials = {"image_token_id": base + SPECIAL_ID["<|image_pad|>"],
                 "video_token_id": base + SPECIAL_ID["<|video_pad|>"],
                 "vision_start_token_id": base + SPECIAL_ID["<|vision_start|>"],
                 "vision_end_token_id": base + SPECIAL_ID["<|vision_end|>"]}
     quant = QuantConfig("NVFP4", 16, SEED_EXCLUDE_MODULES, None, RECIPES["modelopt-0.37"])
-    return Config(text=text, vision=vision, quant=quant, multimodal=True, special_tokens=specials)
+    return Config(text=text, vision=vision, quant=quant, multimodal=True, special_tokens=specials,
+                  preprocessor=preprocessor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +140,9 @@ def dense_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if name.startswith("model.visual."):
         if ".norm" in name:
             return _normal(rng, shape, 0.05, 1.0 if name.endswith("weight") else 0.0)
-        if name.endswith("bias") or name.endswith("pos_embed.weight"):
+        if name.endswith("pos_embed.weight"):  # comparable to the patch embeddings, so positions matter
+            return _normal(rng, shape, 0.5)
+        if name.endswith("bias"):
             return _normal(rng, shape, 0.02)
         return _normal(rng, shape, 1 / math.sqrt(math.prod(shape[1:])))
     if name.endswith("linear_attn.norm.weight"):  # plain weight (not 1 + w)
@@ -305,12 +312,8 @@ def _write_files(d: Path, cfg: Config, preset: str, plan: dict[str, LazyTensor],
     _write_json(d / "generation_config.json", {"bos_token_id": endoftext, "eos_token_id": [im_end, endoftext],
                                                "pad_token_id": endoftext, "do_sample": True, "temperature": 0.6,
                                                "top_k": 20, "top_p": 0.95})
-    if cfg.vision is not None:
-        v = cfg.vision
-        _write_json(d / "preprocessor_config.json", {
-            "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
-            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-            "merge_size": v.spatial_merge_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    if cfg.preprocessor is not None:
+        _write_json(d / "preprocessor_config.json", preprocessor_config_dict(cfg.preprocessor))
     (d / "tokenizer.json").write_text(build_tokenizer(base, min(base, 1000)), encoding="utf-8")
     _write_json(d / "tokenizer_config.json", tokenizer_config(base))
     shards = _shards(plan, shard_size)

@@ -1,11 +1,13 @@
 """ref.config: both config forms, both RoPE spellings, layer_types fallback, quantization metadata,
 and a ConfigError naming the file and field for each missing or contradictory value."""
 import copy
+import dataclasses
 import json
 
 import pytest
 
-from ref.config import FULL, LINEAR, QWEN35_397B, config_dict, hf_quant_config_dict, load_config, parse_config
+from ref.config import FULL, LINEAR, QWEN35_397B, config_dict, hf_quant_config_dict, load_config, parse_config, \
+    preprocessor_config_dict
 from ref.errors import ConfigError
 from ref.synth import PRESETS, preset_config
 
@@ -13,8 +15,10 @@ from ref.synth import PRESETS, preset_config
 @pytest.mark.parametrize("preset", PRESETS)
 def test_written_config_parses_back_identical(preset):
     cfg = preset_config(preset)
-    assert parse_config(config_dict(cfg), hf_quant_config_dict(cfg.quant)) == cfg
-    assert parse_config(config_dict(cfg)) == cfg  # quantization_config alone carries the same facts
+    pre = preprocessor_config_dict(cfg.preprocessor)
+    assert parse_config(config_dict(cfg), hf_quant_config_dict(cfg.quant), preprocessor_raw=pre) == cfg
+    # quantization_config alone carries the same facts; no preprocessor file, no preprocessor
+    assert parse_config(config_dict(cfg)) == dataclasses.replace(cfg, preprocessor=None)
 
 
 def test_397b_dimensions():
@@ -66,6 +70,7 @@ def test_load_config_reads_both_files(tmp_path):
     cfg = preset_config("tiny")
     (tmp_path / "config.json").write_text(json.dumps(config_dict(cfg)))
     (tmp_path / "hf_quant_config.json").write_text(json.dumps(hf_quant_config_dict(cfg.quant)))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_dict(cfg.preprocessor)))
     assert load_config(tmp_path) == cfg
 
 
