@@ -144,3 +144,31 @@ def engine_activation(x32: np.ndarray, input_scale: float, sign: str = "cuda"):
                 for j, x in enumerate(blk):
                     codes[r, 16 * b + j] = e2m1_code(float(F32(x * osc)), sign)
     return codes, sbytes
+
+
+def e4m3_byte_torch(v: float) -> int:
+    """torch's classic float -> float8_e4m3fn cast (c10 fp8e4m3fn_from_fp32_value, before it
+    saturated): nearest, ties to even; |v| > 464, +-inf and NaN give NaN (0x7F | sign)."""
+    sign = 0x80 if math.copysign(1.0, v) < 0 else 0
+    if math.isnan(v) or math.isinf(v) or abs(v) > 464:
+        return 0x7F | sign
+    return e4m3_byte(v, saturate=True)
+
+
+def fp8_per_tensor_byte(x: float, scale: float, rule: str) -> int:
+    """Exact-rational model of one element of ref.fp8.quantize_fp8 (x a float32 value, finite)."""
+    def f32(f):
+        return round_binary(f, 24)
+
+    s = Fraction(scale)
+    if rule == "divide":
+        y = f32(Fraction(x) / s)
+    elif rule == "reciprocal":
+        y = f32(Fraction(x) * Fraction(f32(1 / s)))
+    else:  # sglang: bf16(fp32(x / bf16(scale))), then torch's cast
+        s16 = Fraction(round_binary(s, 8))
+        y = round_binary(Fraction(f32(Fraction(x) / s16)), 8)
+        y = math.copysign(abs(y), x) if y == 0 else y
+        return e4m3_byte_torch(y)
+    y = math.copysign(abs(y), x) if y == 0 else y
+    return e4m3_byte(y, saturate=True)
