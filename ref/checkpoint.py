@@ -17,7 +17,7 @@ Every linear comes out as one of three normalised forms (Checkpoint.linear):
     NVFP4Weight   ModelOpt .weight / .weight_scale / .weight_scale_2 / .input_scale, or
                   compressed-tensors .weight_packed / .weight_scale / .weight_global_scale /
                   .input_global_scale with the globals inverted as vLLM does (nvfp4.invert_global_scale)
-    FP8Weight     .weight (F8_E4M3) / .weight_scale (F32 []) / .input_scale (F32 [])
+    FP8Weight     .weight (F8_E4M3, as weight_e4m3) / .weight_scale (F32 []) / .input_scale (F32 [])
 
 `python -m ref.checkpoint check DIR|REPO` validates and lints a checkpoint (ref.checkpoint_check).
 """
@@ -68,13 +68,15 @@ class NVFP4Weight:
 
 @dataclass(frozen=True)
 class FP8Weight:
-    weight: np.ndarray  # float8_e4m3fn [out, in]
+    """A per-tensor FP8 linear. The codes are not called `weight` on purpose: code written for
+    DenseWeight must fail on it, not read e4m3 codes as values without their scale."""
+    weight_e4m3: np.ndarray  # float8_e4m3fn [out, in], the stored `.weight`
     weight_scale: np.ndarray  # float32 0-d: w = e4m3 * weight_scale
     input_scale: np.ndarray | None  # float32 0-d static activation scale, None when weight-only
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.weight.shape
+        return self.weight_e4m3.shape
 
 
 Weight = DenseWeight | NVFP4Weight | FP8Weight

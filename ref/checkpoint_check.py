@@ -466,6 +466,13 @@ def _linear_kind(ckpt: Checkpoint, name: str, shape: tuple) -> tuple[str | None,
     return None, 0
 
 
+def _quant_text(q) -> str:
+    if q is None:
+        return "none"
+    method = "" if q.method == "modelopt" else f", quant_method {q.method}"
+    return f"{q.quant_algo} group {q.group_size} ({q.producer or '?'}{method})"
+
+
 def summary(ckpt: Checkpoint) -> str:
     t, q = ckpt.config.text, ckpt.config.quant
     kinds = Counter(t.layer_types)
@@ -488,7 +495,7 @@ def summary(ckpt: Checkpoint) -> str:
         f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}), hidden {t.hidden_size}, vocab {t.vocab_size}",
         f"  experts: {t.num_experts} per layer, top-{t.num_experts_per_tok}, intermediate {t.moe_intermediate_size}, "
         f"{'/'.join(layouts)} layout, {mtp}",
-        f"  quantization: {q.quant_algo + ' group ' + str(q.group_size) + ' (' + (q.producer or '?') + ')' if q else 'none'}"
+        f"  quantization: {_quant_text(q)}"
         f", kv cache: {q.kv_cache_quant_algo if q and q.kv_cache_quant_algo else 'unquantized'}",
         f"  {len(ckpt.names())} tensors in {len(files)} file(s), {sum(sizes.values()) / 1e9:.3f} GB",
     ]
