@@ -390,9 +390,10 @@ class _Checker:
                         continue
                     v = np.array([float(self.ckpt.tensor(n).astype(np.float64).reshape(-1)[0]) for n in names])
                     if np.all(v > 0) and v.max() != v.min():
-                        self.warn(names[int(np.argmin(v))],
-                                  f"{'/'.join(pieces)} {what}s differ (ratio {v.max() / v.min():.3g}); engines that "
-                                  f"fuse them {'requantize every piece to the largest (a second rounding)' if what == 'weight_scale' else 'use one input scale'}")
+                        effect = ("requantize every piece to the largest (a second rounding)"
+                                  if what == "weight_scale" else "use one input scale")
+                        self.warn(names[int(np.argmin(v))], f"{'/'.join(pieces)} {what}s differ (ratio "
+                                                            f"{v.max() / v.min():.3g}); engines that fuse them {effect}")
 
     def unexpected(self) -> None:
         extra = [n for n in self.ckpt.names() if n not in self.seen]

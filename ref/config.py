@@ -485,7 +485,8 @@ def quantization_config_dict(q: QuantConfig) -> dict:
 
 
 def _layers_dict(q: QuantConfig) -> dict:
-    return {n: {"quant_algo": a, "group_size": 16} if a == "NVFP4" else {"quant_algo": a} for n, a in q.quantized_layers}
+    return {n: {"quant_algo": a, "group_size": 16} if a == "NVFP4" else {"quant_algo": a}
+            for n, a in q.quantized_layers}
 
 
 def hf_quant_config_dict(q: QuantConfig) -> dict:

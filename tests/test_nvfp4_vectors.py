@@ -174,9 +174,11 @@ def test_kv_nvfp4(vec):
     k = _bits(e["input_bf16"], BF16, np.uint16).reshape(e["shape"])
     s = f32([e["scale_f32"]])[0]
     packed, blocks = kvcache.quantize_kv_nvfp4(k, s)
-    assert packed.reshape(-1).tolist() == e["packed"] and blocks.view(np.uint8).reshape(-1).tolist() == e["block_scales"]
+    assert packed.reshape(-1).tolist() == e["packed"]
+    assert blocks.view(np.uint8).reshape(-1).tolist() == e["block_scales"]
     codes, sbytes = engine_activation(k.astype(F32).reshape(-1, e["shape"][-1]), float(s), "cuda")
-    assert nvfp4.pack_e2m1(codes).reshape(-1).tolist() == e["packed"] and sbytes.reshape(-1).tolist() == e["block_scales"]
+    assert nvfp4.pack_e2m1(codes).reshape(-1).tolist() == e["packed"]
+    assert sbytes.reshape(-1).tolist() == e["block_scales"]
     read = kvcache.dequantize_kv_nvfp4(packed, blocks, s)
     assert read.reshape(-1).tolist() == _bits(e["read_f64"], np.float64, np.uint64).tolist()
 
@@ -190,7 +192,8 @@ def test_ct_weight(vec):
     assert f32_hex(g[0]) == e["weight_global_scale_f32"]
     assert f32_hex(nvfp4.invert_global_scale(g)) == e["weight_scale_2_f32"]
     codes, sbytes, g_want = ct_weight(w.astype(F32))
-    assert nvfp4.pack_e2m1(codes).reshape(-1).tolist() == e["packed"] and f32_hex(g_want) == e["weight_global_scale_f32"]
+    assert nvfp4.pack_e2m1(codes).reshape(-1).tolist() == e["packed"]
+    assert f32_hex(g_want) == e["weight_global_scale_f32"]
     dq = nvfp4.dequantize(packed, scale, f32([e["weight_scale_2_f32"]])[0])
     assert np.array_equal(dq.reshape(-1).view(np.uint32), f32(e["dequantized_f32"]).view(np.uint32))
 

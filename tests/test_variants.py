@@ -182,7 +182,7 @@ def test_kv_scale_rules(mixed, tmp_path):
 E3 = f"{L0}.mlp.experts.3"
 MIXED_ERRORS = {
     "FP8 weight_scale missing": ({f"{L0}.linear_attn.in_proj_z.weight_scale": lambda old: None},
-                                 f"in_proj_z.weight': FP8 weight without its '.*in_proj_z.weight_scale' \\(missing\\)"),
+                                 "in_proj_z.weight': FP8 weight without its '.*in_proj_z.weight_scale' \\(missing\\)"),
     "FP8 input_scale missing": ({f"{L3}.self_attn.o_proj.input_scale": lambda old: None},
                                 "o_proj.input_scale': missing"),
     "FP8 scale inverted": ({f"{L3}.self_attn.v_proj.weight_scale": lambda old: np.asarray(1 / old)},
@@ -300,3 +300,19 @@ def test_ct_ignore_list_mismatch_lint(ct, tmp_path, capsys):
     found = lint(open_checkpoint(d))
     assert [f.message for f in found] == [
         "1 module(s) like 'model.language_model.layers.*.self_attn.o_proj' stored NVFP4 but the ignore list says BF16"]
+
+
+def test_reader_errors_name_the_module(mixed, ct, tmp_path):
+    fp8 = f"{L0}.linear_attn.in_proj_qkv"
+    d = _copy(mixed, tmp_path / "m", {fp8 + ".weight_scale": lambda old: None})
+    with pytest.raises(CheckpointError, match=f"FP8 weight without '{re.escape(fp8)}.weight_scale'"):
+        open_checkpoint(d).linear(fp8)
+    per_channel = _copy(mixed, tmp_path / "p", {fp8 + ".weight_scale": lambda old: np.ones(3, F32)})
+    with pytest.raises(CheckpointError, match="per-tensor"):
+        open_checkpoint(per_channel).linear(fp8)
+    e = _copy(ct, tmp_path / "c", {f"{E3}.up_proj.weight_global_scale": lambda old: None})
+    with pytest.raises(CheckpointError, match=f"no '{re.escape(E3)}.up_proj.weight_global_scale'"):
+        open_checkpoint(e).expert(0, 3)
+    z = _copy(ct, tmp_path / "z", {f"{E3}.up_proj.input_global_scale": lambda old: old * 0})
+    with pytest.raises(CheckpointError, match="global_scale: expected a positive finite"):
+        open_checkpoint(z).expert(0, 3)
