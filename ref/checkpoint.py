@@ -1,4 +1,5 @@
-"""One lazy, memory-mapped reader for Qwen3.5-MoE checkpoints (BF16 or ModelOpt NVFP4).
+"""One lazy, memory-mapped reader for Qwen3.5-MoE checkpoints (BF16, ModelOpt NVFP4, ModelOpt
+mixed precision with per-tensor FP8 linears, compressed-tensors NVFP4).
 
 Opening a checkpoint parses config.json and the safetensors headers, nothing else. Tensors are
 zero-copy views of the mapped files, so a computation touches only the bytes it reads. Routed experts
@@ -10,6 +11,13 @@ come out in one normalised form from either on-disk layout:
 
 with P = "<prefix>layers.{i}.mlp.experts" (or "mtp.layers.0.mlp.experts"), scalar scales stored as
 [], [1], [E] or [E, 2] (gate, up) in F32 or BF16 and always returned as float32 0-d arrays.
+
+Every linear comes out as one of three normalised forms (Checkpoint.linear):
+    DenseWeight   .weight (BF16/F16/F32)
+    NVFP4Weight   ModelOpt .weight / .weight_scale / .weight_scale_2 / .input_scale, or
+                  compressed-tensors .weight_packed / .weight_scale / .weight_global_scale /
+                  .input_global_scale with the globals inverted as vLLM does (nvfp4.invert_global_scale)
+    FP8Weight     .weight (F8_E4M3, as weight_e4m3) / .weight_scale (F32 []) / .input_scale (F32 [])
 
 `python -m ref.checkpoint check DIR|REPO` validates and lints a checkpoint (ref.checkpoint_check).
 """
@@ -26,7 +34,8 @@ import numpy as np
 
 from ref import checkpoint_layout as layout
 from ref.config import Config, load_config
-from ref.errors import CheckpointError
+from ref.errors import CheckpointError, FormatError
+from ref.nvfp4 import invert_global_scale
 from ref.safetensors_io import SafetensorsFile
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -46,15 +55,31 @@ class DenseWeight:
 class NVFP4Weight:
     packed: np.ndarray  # uint8 [out, in/2], element 2j in the low nibble
     weight_scale: np.ndarray  # float8_e4m3fn [out, in/16]
-    weight_scale_2: np.ndarray  # float32 0-d
-    input_scale: np.ndarray | None  # float32 0-d, None when the input quantizer is off
+    weight_scale_2: np.ndarray  # float32 0-d, dequant direction
+    input_scale: np.ndarray | None  # float32 0-d dequant direction, None when the input quantizer is off
+    input_global_scale: np.ndarray | None = None  # float32 0-d: compressed-tensors' stored multiplier G
+    # (vLLM's dense compressed-tensors linears quantize inputs with it unchanged: nvfp4.quantize_activation
+    # global_scale=); None for ModelOpt, whose G is fp32(1 / input_scale)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], 2 * self.packed.shape[1]
 
 
-Weight = DenseWeight | NVFP4Weight
+@dataclass(frozen=True)
+class FP8Weight:
+    """A per-tensor FP8 linear. The codes are not called `weight` on purpose: code written for
+    DenseWeight must fail on it, not read e4m3 codes as values without their scale."""
+    weight_e4m3: np.ndarray  # float8_e4m3fn [out, in], the stored `.weight`
+    weight_scale: np.ndarray  # float32 0-d: w = e4m3 * weight_scale
+    input_scale: np.ndarray | None  # float32 0-d static activation scale, None when weight-only
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight_e4m3.shape
+
+
+Weight = DenseWeight | NVFP4Weight | FP8Weight
 
 
 @dataclass(frozen=True)
@@ -145,15 +170,59 @@ class Checkpoint:
     # ---- linears and experts ------------------------------------------------------------------
 
     def linear(self, module: str, prefetch: bool = True) -> Weight:
-        """Any linear by full module name (no '.weight'): NVFP4 when '.weight_scale' is present.
-        prefetch: start reading the weight now (False when only the scalars will be looked at)."""
+        """Any linear by full module name (no '.weight'), in one of the normalised forms (module
+        docstring). prefetch: start reading the weight now (False when only the scalars will be
+        looked at)."""
+        if self.has(module + ".weight_packed"):
+            return self._ct_nvfp4(module, prefetch)
         if not self.has(module + ".weight_scale"):
-            return DenseWeight(self._matrix(module + ".weight", None, prefetch))
+            w = self._matrix(module + ".weight", None, prefetch)
+            if w.dtype.name == "float8_e4m3fn":
+                raise CheckpointError(f"{self._at(module + '.weight')}: FP8 weight without '{module}.weight_scale'")
+            return DenseWeight(w)
+        if self.file_of(module + ".weight").info(module + ".weight").dtype == "F8_E4M3":
+            return self._fp8(module, prefetch)
         opt = module + ".input_scale"
         return self._nvfp4(module + ".weight", self.tensor(module + ".weight", prefetch=prefetch),
                            self.tensor(module + ".weight_scale", prefetch=prefetch),
                            _scalar(self.tensor(module + ".weight_scale_2"), self._at(module + ".weight_scale_2")),
                            _scalar(self.tensor(opt), self._at(opt)) if self.has(opt) else None)
+
+    def kv_scales(self, layer: int | str) -> tuple[np.ndarray, np.ndarray, str]:
+        """(k_scale, v_scale, source) of a full-attention layer (int) or "mtp", float32 0-d, as the
+        engines settle them (vLLM / SGLang BaseKVCacheMethod.process_weights_after_loading):
+        both stored -> each ("checkpoint"); only k_scale -> k_scale for both ("k_scale for both");
+        neither -> 1.0 ("default 1.0"); only v_scale -> CheckpointError (the engines assert).
+        Names: ModelOpt '<attn>.k_proj.k_scale' / '<attn>.v_proj.v_scale', or compressed-tensors
+        '<attn>.k_scale' / '<attn>.v_scale' (attn = the layer's self_attn)."""
+        t = self.config.text
+        if layer == "mtp":
+            if t.mtp_num_hidden_layers < 1:
+                raise CheckpointError(f"{self.directory}: config has no MTP layer (mtp_num_hidden_layers = 0)")
+            attn = "mtp.layers.0.self_attn"
+        elif isinstance(layer, (int, np.integer)) and int(layer) in t.full_attention_layers:
+            attn = f"{self.config.text_prefix}layers.{int(layer)}.self_attn"
+        else:
+            raise CheckpointError(f"{self.directory}: layer {layer!r} is not a full-attention layer "
+                                  f"{list(t.full_attention_layers)} or 'mtp'")
+        found = {}
+        for kind in ("k", "v"):
+            for name in (f"{attn}.{kind}_proj.{kind}_scale", f"{attn}.{kind}_scale"):
+                if self.has(name):
+                    v = _scalar(self.tensor(name), self._at(name))
+                    if not (np.isfinite(v) and v > 0):
+                        raise CheckpointError(f"{self._at(name)}: KV scale must be finite and positive, got {float(v)}")
+                    found[kind] = v
+                    break
+        if "k" in found and "v" in found:
+            return found["k"], found["v"], "checkpoint"
+        if "k" in found:
+            return found["k"], found["k"], "k_scale for both"
+        if "v" in found:
+            raise CheckpointError(f"{self.directory}: '{attn}' has a v_scale but no k_scale (engines require "
+                                  f"k_scale when any KV scale is present)")
+        one = np.asarray(np.float32(1), dtype=np.float32)
+        return one, one, "default 1.0"
 
     def experts_prefix(self, layer: int | str) -> str:
         t = self.config.text
@@ -168,7 +237,7 @@ class Checkpoint:
     def expert_layout(self, layer: int | str) -> str:
         """'per-expert' or 'fused' for this layer's routed experts."""
         p = self.experts_prefix(layer)
-        if self.has(f"{p}.0.gate_proj.weight"):
+        if self.has(f"{p}.0.gate_proj.weight") or self.has(f"{p}.0.gate_proj.weight_packed"):
             return "per-expert"
         if self.has(f"{p}.gate_up_proj"):
             return "fused"
@@ -199,11 +268,10 @@ class Checkpoint:
         """float32 [E]: per expert max(gate, up) input_scale; None when the experts are not NVFP4."""
         p, n = self.experts_prefix(layer), self.config.text.num_experts
         if self.expert_layout(layer) == "per-expert":
-            names = [f"{p}.{e}.{proj}.input_scale" for e in range(n) for proj in ("gate_proj", "up_proj")]
-            if not self.has(f"{p}.0.gate_proj.weight_scale") or not all(map(self.has, names)):
+            ws = [self.linear(f"{p}.{e}.{proj}", prefetch=False) for e in range(n) for proj in ("gate_proj", "up_proj")]
+            if not all(isinstance(w, NVFP4Weight) and w.input_scale is not None for w in ws):
                 return None
-            vals = np.array([_scalar(self.tensor(x), self._at(x)) for x in names], np.float32)
-            return vals.reshape(n, 2).max(axis=1)
+            return np.array([w.input_scale for w in ws], np.float32).reshape(n, 2).max(axis=1)
         name = f"{p}.gate_up_proj_input_scale"
         if not self.has(name):
             return None
@@ -219,6 +287,32 @@ class Checkpoint:
         if w.ndim != 2:
             raise CheckpointError(f"{self._at(name)}: expected a 2-D weight, got shape {list(w.shape)}")
         return w
+
+    def _ct_nvfp4(self, module: str, prefetch: bool) -> NVFP4Weight:
+        """A compressed-tensors NVFP4 linear, its quantization-direction globals inverted."""
+        g_name, in_name = module + ".weight_global_scale", module + ".input_global_scale"
+        if not self.has(g_name):
+            raise CheckpointError(f"{self._at(module + '.weight_packed')}: no '{g_name}'")
+        try:
+            g2 = invert_global_scale(self.tensor(g_name))
+            g_in = self.tensor(in_name) if self.has(in_name) else None
+            s_in = invert_global_scale(g_in) if g_in is not None else None
+        except FormatError as e:
+            raise CheckpointError(f"{self.directory}: module '{module}': {e}") from None
+        w = self._nvfp4(module + ".weight_packed", self.tensor(module + ".weight_packed", prefetch=prefetch),
+                        self.tensor(module + ".weight_scale", prefetch=prefetch), g2, s_in)
+        return NVFP4Weight(w.packed, w.weight_scale, w.weight_scale_2, w.input_scale,
+                           None if g_in is None else _scalar(g_in, self._at(in_name)))
+
+    def _fp8(self, module: str, prefetch: bool) -> FP8Weight:
+        w = self._matrix(module + ".weight", None, prefetch)
+        ws = self.tensor(module + ".weight_scale")
+        if ws.size != 1:
+            raise CheckpointError(f"{self._at(module + '.weight_scale')}: FP8 weight_scale must be per-tensor "
+                                  f"([] or [1]), got shape {list(ws.shape)}")
+        opt = module + ".input_scale"
+        return FP8Weight(w, _scalar(ws, self._at(module + ".weight_scale")),
+                         _scalar(self.tensor(opt), self._at(opt)) if self.has(opt) else None)
 
     def _nvfp4(self, name: str, packed, scale, scale_2, input_scale) -> NVFP4Weight:
         self._check_nvfp4(name, packed, scale)

@@ -1,11 +1,17 @@
 """Validate and lint a checkpoint: `python -m ref.checkpoint check DIR|REPO`.
 
 Validation (errors, exit 2): every tensor the config implies is present with the right dtype and
-shape, NVFP4 linears have consistent packed / block-scale widths, a scalar global scale and an input
-scale, scalars are finite and positive, block scales hold no NaN bytes. Lint (warnings, exit 0): what
-silently breaks engines — gate/up global or input scales that are not tied, block scales that
-underflowed to 0, input scales that look uncalibrated, modules whose quantization disagrees with the
-exclude list, tensors the config does not explain.
+shape, NVFP4 linears (ModelOpt or compressed-tensors names) have consistent packed / block-scale
+widths, scalar global and input scales, FP8 linears a per-tensor weight_scale and input_scale,
+scalars are finite and positive, block scales hold no NaN bytes; and what makes engines compute
+garbage without an error: tensor names of the other convention than the config's (ModelOpt vs
+compressed-tensors), a global scale in the wrong direction (weights that decode beyond +-1e4 or
+below 1e-6), quantized modules that a MIXED_PRECISION config's quantized_layers does not list
+with their algorithm, a v_scale without a k_scale. Lint (warnings, exit 0): what silently breaks
+engines — gate/up global or input scales that are not tied, FP8 pieces that engines fuse with
+different scales, block scales that underflowed to 0, input scales that look uncalibrated or
+inverted, modules whose quantization disagrees with the exclude / ignore list, tensors the config
+does not explain.
 """
 from __future__ import annotations
 
@@ -21,9 +27,17 @@ import numpy as np
 from ref import checkpoint_layout as layout
 from ref.checkpoint import INDEX, SINGLE, Checkpoint, NVFP4Weight, open_checkpoint
 from ref.errors import CheckpointError, ConfigError
+from ref.nvfp4 import E4M3
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 SCALAR_DTYPES = ("F32", "BF16")
+DECODE_RANGE = (1e-6, 1e4)  # the largest |w| a quantized weight can decode to must lie in this range
+INPUT_RANGE_MAX = 1e4  # the largest input a static input scale can represent (lint above this)
+CT_NAMES = (".weight_packed", ".weight_global_scale", ".input_global_scale")
+MODELOPT_NAMES = (".weight_scale_2", ".input_scale")
+# pieces engines fuse into one GEMM (one weight_scale after requantize_with_max_scale)
+FUSED_PIECES = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("linear_attn", ("in_proj_qkv", "in_proj_z")),
+                ("mlp.shared_expert", ("gate_proj", "up_proj")))
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,8 @@ class _Checker:
         self.ckpt, self.cfg, self.scan = ckpt, ckpt.config, block_scales
         self.out: list[Finding] = []
         self.seen: set[str] = set()
-        self.quantized: dict[str, bool] = {}  # module -> stored NVFP4?
+        self.kinds: dict[str, str] = {}  # module -> "bf16" | "nvfp4" | "fp8" as stored
+        self.conventions: dict[str, str] = {}  # quantized module -> "modelopt" | "compressed-tensors"
         idx = ckpt.directory / INDEX
         self.weights_file = str(idx if idx.exists() else ckpt.directory / SINGLE)
 
@@ -109,10 +124,11 @@ class _Checker:
             return None
         return v
 
-    def block_scales(self, name: str, shape: tuple) -> None:
+    def block_scales(self, name: str, shape: tuple) -> float:
+        """Check an E4M3 block-scale tensor; -> its largest scale (448 when not scanned or unreadable)."""
         t = self.get(name, ("F8_E4M3",), shape, prefetch=self.scan)
         if t is None or not self.scan:
-            return
+            return 448.0
         b = t.view(np.uint8)
         nan = int(np.count_nonzero((b & 0x7F) == 0x7F))
         if nan:
@@ -120,31 +136,103 @@ class _Checker:
         zero = int(np.count_nonzero((b & 0x7F) == 0))
         if zero:
             self.warn(name, f"{zero} of {b.size} block scales underflowed to 0 (those blocks decode to 0)")
+        finite = (b & 0x7F)[(b & 0x7F) != 0x7F]
+        return float(np.max(finite.view(E4M3).astype(np.float64))) if finite.size else 448.0
+
+    def decode_range(self, name: str, largest: float, what: str) -> None:
+        """Error when the largest value a quantized weight decodes to is out of DECODE_RANGE."""
+        lo, hi = DECODE_RANGE
+        if largest > hi or 0 < largest < lo:
+            self.error(name, f"weights decode up to {largest:.4g} ({what}), outside [{lo:g}, {hi:g}]: the global "
+                             f"scale looks inverted (ModelOpt stores amax/2688 in weight_scale_2 and amax/448 in an "
+                             f"FP8 weight_scale; compressed-tensors stores 2688/amax in weight_global_scale)")
+
+    def input_range(self, name: str, largest: float) -> None:
+        if largest > INPUT_RANGE_MAX:
+            self.warn(name, f"the static input scale represents inputs up to {largest:.4g} (more than "
+                            f"{INPUT_RANGE_MAX:g}): inverted, or an uncalibrated placeholder?")
+
+    def conflicting(self, module: str, present: str, names: tuple[str, ...], kind: str) -> bool:
+        """Error when a module stored in one convention also has tensors of the other."""
+        other = [module + n for n in names if self.ckpt.has(module + n)]
+        for name in other:
+            self.seen.add(name)
+            self.error(name, f"mixes conventions: {kind} '{module}{present}' next to '{name}'")
+        return bool(other)
 
     # ---- modules ----------------------------------------------------------------------------
 
     def linear(self, module: str, out: int, k: int, lead: tuple = ()) -> None:
-        """A (possibly stacked [E, ...]) linear [out, in]: NVFP4 if `.weight_scale` is present, else float."""
+        """A (possibly stacked [E, ...]) linear [out, in] in whichever form is stored: BF16, ModelOpt
+        NVFP4, ModelOpt FP8 per-tensor, or compressed-tensors NVFP4 (`.weight_packed`)."""
         fused = bool(lead)
         w, ws = (f"{module}", f"{module}_weight_scale") if fused else (f"{module}.weight", f"{module}.weight_scale")
-        quant = self.ckpt.has(ws)
-        self.quantized[module] = quant
-        if not quant:
+        if not fused and self.ckpt.has(f"{module}.weight_packed"):
+            return self.ct_linear(module, out, k)
+        stored = self.ckpt.file_of(w).info(w).dtype if self.ckpt.has(w) else None
+        if not self.ckpt.has(ws):
+            self.kinds[module] = "bf16"
+            if stored == "F8_E4M3":
+                self.seen.add(w)
+                self.kinds[module] = "fp8"
+                self.error(w, f"FP8 weight without its '{ws}' (missing)")
+                return
             self.get(w, FLOAT_DTYPES, lead + (out, k))
             return
+        if stored == "F8_E4M3" and not fused:
+            return self.fp8_linear(module, out, k)
+        self.kinds[module], self.conventions[module] = "nvfp4", "modelopt"
+        if not fused:
+            self.conflicting(module, ".weight_scale_2", CT_NAMES[1:], "ModelOpt")
         if k % 16:
             self.error(w, f"input width {k} is not a multiple of the NVFP4 block size 16")
             return
         self.get(w, ("U8",), lead + (out, k // 2))
-        self.block_scales(ws, lead + (out, k // 16))
+        top = self.block_scales(ws, lead + (out, k // 16))
         if fused:
             n = lead[0]
             shapes = ((), (1,), (n,), (n, 2)) if module.endswith("gate_up_proj") else ((), (1,), (n,))
-            self.scales(f"{module}_weight_scale_2", shapes)
+            g = self.scales(f"{module}_weight_scale_2", shapes)
             self.scales(f"{module}_input_scale", shapes)
+            name = f"{module}_weight_scale_2"
         else:
-            self.scales(f"{module}.weight_scale_2", ((), (1,)))
-            self.scales(f"{module}.input_scale", ((), (1,)))
+            g = self.scales(f"{module}.weight_scale_2", ((), (1,)))
+            s_in = self.scales(f"{module}.input_scale", ((), (1,)))
+            name = f"{module}.weight_scale_2"
+            if s_in is not None:
+                self.input_range(f"{module}.input_scale", 2688.0 * float(np.max(s_in)))
+        if g is not None:
+            self.decode_range(name, 6.0 * top * float(np.max(g)), "6 x largest block scale x weight_scale_2")
+
+    def fp8_linear(self, module: str, out: int, k: int) -> None:
+        """ModelOpt per-tensor FP8: weight F8_E4M3 [out, in], weight_scale and input_scale F32 []."""
+        self.kinds[module], self.conventions[module] = "fp8", "modelopt"
+        self.conflicting(module, ".weight_scale", CT_NAMES, "FP8")
+        self.get(f"{module}.weight", ("F8_E4M3",), (out, k))
+        ws = self.scales(f"{module}.weight_scale", ((), (1,)))
+        s_in = self.scales(f"{module}.input_scale", ((), (1,)))
+        if ws is not None:
+            self.decode_range(f"{module}.weight_scale", 448.0 * float(ws.max()), "448 x weight_scale")
+        if s_in is not None:
+            self.input_range(f"{module}.input_scale", 448.0 * float(s_in.max()))
+
+    def ct_linear(self, module: str, out: int, k: int) -> None:
+        """compressed-tensors NVFP4: weight_packed U8, weight_scale F8_E4M3, weight_global_scale and
+        input_global_scale F32 [1] (quantization direction: 2688 / amax)."""
+        self.kinds[module], self.conventions[module] = "nvfp4", "compressed-tensors"
+        self.conflicting(module, ".weight_packed", MODELOPT_NAMES + (".weight",), "compressed-tensors")
+        if k % 16:
+            self.error(f"{module}.weight_packed", f"input width {k} is not a multiple of the NVFP4 block size 16")
+            return
+        self.get(f"{module}.weight_packed", ("U8",), (out, k // 2))
+        top = self.block_scales(f"{module}.weight_scale", (out, k // 16))
+        g = self.scales(f"{module}.weight_global_scale", ((), (1,)))
+        g_in = self.scales(f"{module}.input_global_scale", ((), (1,)))
+        if g is not None:
+            self.decode_range(f"{module}.weight_global_scale", 6.0 * top / float(g.max()),
+                              "6 x largest block scale / weight_global_scale")
+        if g_in is not None:
+            self.input_range(f"{module}.input_global_scale", 2688.0 / float(g_in.max()))
 
     def dense(self) -> None:
         for name, shape in layout.dense_tensors(self.cfg).items():
@@ -183,8 +271,10 @@ class _Checker:
             return
         p = self.ckpt.experts_prefix(layer)
         fused = self.ckpt.expert_layout(layer) == "fused"
+        ct = self.ckpt.has(f"{p}.0.gate_proj.weight_packed")
+        stored = {"weight_scale_2": "weight_global_scale", "input_scale": "input_global_scale"} if ct else {}
         where = (lambda e, proj, what: f"{p}.gate_up_proj_{what}") if fused else \
-            (lambda e, proj, what: f"{p}.{e}.{proj}.{what}")
+            (lambda e, proj, what: f"{p}.{e}.{proj}.{stored.get(what, what)}")
         for what, attr in (("weight_scale_2", "weight_scale_2"), ("input_scale", "input_scale")):
             g = np.array([float(getattr(x.gate, attr)) for x in ex])
             u = np.array([float(getattr(x.up, attr)) for x in ex])
@@ -213,25 +303,97 @@ class _Checker:
             self.warn(name, f"layer {layer}: {int(np.sum(s == s.max()))}/{n} experts carry the layer's max "
                             f"{proj} input scale (calibration reached few experts)")
 
+    def _grouped(self, items, message, severity) -> None:
+        """One finding per module pattern (digits -> *): items are (module, key) pairs."""
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for module, key in items:
+            groups[(re.sub(r"\.\d+\.", ".*.", module), key)].append(module)
+        for (pattern, key), mods in sorted(groups.items(), key=str):
+            severity(mods[0], f"{len(mods)} module(s) like '{pattern}' {message(key)}")
+
+    def conventions_match(self) -> None:
+        """Errors for modules stored in the other naming convention than the config declares."""
+        q = self.cfg.quant
+        want = q.convention if q is not None else None
+        if want is None:
+            return
+        wrong = [(m, c) for m, c in self.conventions.items() if c != want]
+        self._grouped(wrong, lambda c: f"use {c} tensor names but the config is {want} (quant_method "
+                                       f"{q.method!r}): the checkpoint mixes conventions", self.error)
+
+    def quantized_layers(self) -> None:
+        """MIXED_PRECISION: every quantized module listed with its algorithm, nothing else listed."""
+        q = self.cfg.quant
+        listed = q.quantized_layers
+
+        def algo_of(module: str) -> str | None:
+            exact = dict(listed).get(module)
+            if exact is not None:
+                return exact
+            return next((a for pat, a in listed if any(c in pat for c in "*?[") and fnmatch.fnmatchcase(module, pat)),
+                        None)
+
+        bad = []
+        for module, kind in self.kinds.items():
+            algo, stored = algo_of(module), {"bf16": None, "nvfp4": "NVFP4", "fp8": "FP8"}[kind]
+            if algo != stored:
+                bad.append((module, (stored, algo)))
+
+        def message(key):
+            stored, algo = key
+            if algo is None:
+                return (f"stored {stored} but quantization_config.quantized_layers does not list them (engines then "
+                        f"build unquantized layers and read the {stored} bytes as BF16)")
+            if stored is None:
+                return f"stored BF16 but quantized_layers lists them as {algo}"
+            return f"stored {stored} but quantized_layers says {algo}"
+        self._grouped(bad, message, self.error)
+
     def exclude_list(self) -> None:
-        """Quantized modules the exclude list names, and BF16 linears it does not name (grouped)."""
+        """Quantized modules the exclude / ignore list names, and BF16 linears it does not name
+        (grouped); MIXED_PRECISION: the quantized_layers check."""
         q = self.cfg.quant
         if q is None:
-            if any(self.quantized.values()):
-                mod = next(m for m, v in self.quantized.items() if v)
-                self.warn(mod, "NVFP4 tensors present but the config declares no quantization")
+            quantized = [m for m, k in self.kinds.items() if k != "bf16"]
+            if quantized:
+                self.warn(quantized[0], "quantized tensors present but the config declares no quantization")
             return
-        if q.quant_algo != "NVFP4":  # MIXED_PRECISION lists quantized_layers instead
-            return
-        groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
-        for module, quant in self.quantized.items():
-            excluded = any(fnmatch.fnmatchcase(module, pat) for pat in q.exclude_modules)
-            if quant == excluded:
-                groups[(re.sub(r"\.\d+\.", ".*.", module), quant)].append(module)
-        for (pattern, quant), mods in sorted(groups.items()):
-            what = ("stored NVFP4 but the exclude list says BF16" if quant else
-                    "stored BF16 but not in the exclude list (expected NVFP4)")
-            self.warn(mods[0], f"{len(mods)} module(s) like '{pattern}' {what}")
+        if q.quant_algo == "MIXED_PRECISION":
+            return self.quantized_layers()
+        fp8 = [(m, "fp8") for m, k in self.kinds.items() if k == "fp8"]
+        self._grouped(fp8, lambda _: f"stored FP8 but the config's quant_algo is {q.quant_algo} (no FP8 layers)",
+                      self.error)
+        ct = q.convention == "compressed-tensors"
+        mismatched = []
+        for module, kind in self.kinds.items():
+            quant = kind == "nvfp4"
+            excluded = _ct_ignored(module, q.exclude_modules) if ct else \
+                any(fnmatch.fnmatchcase(module, pat) for pat in q.exclude_modules)
+            if kind != "fp8" and quant == excluded:
+                mismatched.append((module, quant))
+        listing = "ignore list" if ct else "exclude list"
+        self._grouped(mismatched, lambda quant: f"stored NVFP4 but the {listing} says BF16" if quant else
+                      f"stored BF16 but not in the {listing} (expected NVFP4)", self.warn)
+
+    def fused_fp8_scales(self) -> None:
+        """Warn when FP8 pieces that engines fuse into one GEMM have different scales."""
+        prefixes = [f"{self.cfg.text_prefix}layers.{i}" for i in range(self.cfg.text.num_hidden_layers)]
+        prefixes += ["mtp.layers.0"] if self.cfg.text.mtp_num_hidden_layers else []
+        for p in prefixes:
+            for block, pieces in FUSED_PIECES:
+                mods = [f"{p}.{block}.{x}" for x in pieces]
+                if not all(self.kinds.get(m) == "fp8" for m in mods):
+                    continue
+                for what in ("weight_scale", "input_scale"):
+                    names = [f"{m}.{what}" for m in mods]
+                    if not all(map(self.ckpt.has, names)):
+                        continue
+                    v = np.array([float(self.ckpt.tensor(n).astype(np.float64).reshape(-1)[0]) for n in names])
+                    if np.all(v > 0) and v.max() != v.min():
+                        effect = ("requantize every piece to the largest (a second rounding)"
+                                  if what == "weight_scale" else "use one input scale")
+                        self.warn(names[int(np.argmin(v))], f"{'/'.join(pieces)} {what}s differ (ratio "
+                                                            f"{v.max() / v.min():.3g}); engines that fuse them {effect}")
 
     def unexpected(self) -> None:
         extra = [n for n in self.ckpt.names() if n not in self.seen]
@@ -241,23 +403,40 @@ class _Checker:
                       f"{count} tensor(s) like '{kind}' not implied by the config")
 
     def kv_scales(self) -> None:
-        """FP8 / NVFP4 KV cache: k_proj.k_scale and v_proj.v_scale scalars on every full-attention layer."""
+        """When the config declares a KV-cache format: k/v scales, ModelOpt (<attn>.k_proj.k_scale)
+        or compressed-tensors (<attn>.k_scale) names, on every full-attention layer; MTP's layer
+        only needs them if it has either (ModelOpt leaves the MTP block unquantized)."""
         q = self.cfg.quant
         if q is None or not q.kv_cache_quant_algo:
             return
         prefixes = [f"{self.cfg.text_prefix}layers.{i}" for i in self.cfg.text.full_attention_layers]
         prefixes += ["mtp.layers.0"] if self.cfg.text.mtp_num_hidden_layers else []
         for p in prefixes:
-            self.scales(f"{p}.self_attn.k_proj.k_scale", ((), (1,)))
-            self.scales(f"{p}.self_attn.v_proj.v_scale", ((), (1,)))
+            a = f"{p}.self_attn"
+            found = {kind: next((n for n in (f"{a}.{kind}_proj.{kind}_scale", f"{a}.{kind}_scale") if self.ckpt.has(n)),
+                                None) for kind in ("k", "v")}
+            for kind, name in found.items():
+                if name is not None:
+                    self.scales(name, ((), (1,)))
+                elif not p.startswith("mtp.") or any(found.values()):
+                    self.error(f"{a}.{kind}_proj.{kind}_scale", f"missing (the config declares a "
+                                                                f"{q.kv_cache_quant_algo} KV cache)")
 
     def run(self) -> None:
         self.dense()
         self.kv_scales()
         for layer in layout.expert_layers(self.cfg):
             self.experts(layer)
+        self.conventions_match()
         self.exclude_list()
+        self.fused_fp8_scales()
         self.unexpected()
+
+
+def _ct_ignored(module: str, ignore: tuple[str, ...]) -> bool:
+    """compressed-tensors' ignore matching: 're:' entries are regexes matched at the start of the
+    module name (re.match), others must equal it."""
+    return any(re.match(e[3:], module) if e.startswith("re:") else e == module for e in ignore)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,12 +454,24 @@ def _group(name: str) -> str:
 
 
 def _linear_kind(ckpt: Checkpoint, name: str, shape: tuple) -> tuple[str | None, int]:
-    """('NVFP4' | 'float', number of [out, in] linears) for a tensor holding linear weights, else (None, 0)."""
+    """('NVFP4' | 'FP8' | 'float', number of [out, in] linears) for a tensor holding linear weights,
+    else (None, 0)."""
     if name.endswith(("gate_up_proj", "down_proj")) and len(shape) == 3:  # fused experts: E (x2 for gate_up)
         return ("NVFP4" if ckpt.has(name + "_weight_scale") else "float"), shape[0] * (2 if "gate_up" in name else 1)
+    if name.endswith(".weight_packed") and len(shape) == 2:
+        return "NVFP4", 1
     if layout.is_linear(name, shape):
+        if ckpt.file_of(name).info(name).dtype == "F8_E4M3":
+            return "FP8", 1
         return ("NVFP4" if ckpt.has(name[: -len("weight")] + "weight_scale") else "float"), 1
     return None, 0
+
+
+def _quant_text(q) -> str:
+    if q is None:
+        return "none"
+    method = "" if q.method == "modelopt" else f", quant_method {q.method}"
+    return f"{q.quant_algo} group {q.group_size} ({q.producer or '?'}{method})"
 
 
 def summary(ckpt: Checkpoint) -> str:
@@ -305,7 +496,7 @@ def summary(ckpt: Checkpoint) -> str:
         f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}), hidden {t.hidden_size}, vocab {t.vocab_size}",
         f"  experts: {t.num_experts} per layer, top-{t.num_experts_per_tok}, intermediate {t.moe_intermediate_size}, "
         f"{'/'.join(layouts)} layout, {mtp}",
-        f"  quantization: {q.quant_algo + ' group ' + str(q.group_size) + ' (' + (q.producer or '?') + ')' if q else 'none'}"
+        f"  quantization: {_quant_text(q)}"
         f", kv cache: {q.kv_cache_quant_algo if q and q.kv_cache_quant_algo else 'unquantized'}",
         f"  {len(ckpt.names())} tensors in {len(files)} file(s), {sum(sizes.values()) / 1e9:.3f} GB",
     ]

@@ -9,7 +9,7 @@ Any missing or contradictory field raises ConfigError naming the file and field.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,11 @@ from ref.errors import ConfigError
 
 LINEAR, FULL = "linear_attention", "full_attention"
 KNOWN_QUANT_ALGOS = ("NVFP4", "MIXED_PRECISION")
+# config.json quantization_config.quant_method: ModelOpt writes "modelopt" (also for MIXED_PRECISION);
+# NVIDIA's published "-V2" checkpoint says "modelopt_mixed"; llm-compressor writes "compressed-tensors".
+QUANT_METHODS = ("modelopt", "modelopt_mixed", "compressed-tensors")
+MIXED_ALGOS = ("FP8", "NVFP4")  # per-module algorithms of a MIXED_PRECISION checkpoint this project reads
+CT_FORMAT = "nvfp4-pack-quantized"
 
 
 @dataclass(frozen=True)
@@ -124,9 +129,16 @@ class PreprocessorConfig:
 class QuantConfig:
     quant_algo: str
     group_size: int = 16
-    exclude_modules: tuple[str, ...] = ()
+    exclude_modules: tuple[str, ...] = ()  # ModelOpt wildcards, or compressed-tensors names / "re:" patterns
     kv_cache_quant_algo: str | None = None
-    producer: str = ""  # e.g. "modelopt 0.37.0"
+    producer: str = ""  # e.g. "modelopt 0.37.0", "compressed-tensors 0.12.2"
+    method: str = "modelopt"  # one of QUANT_METHODS
+    quantized_layers: tuple[tuple[str, str], ...] = ()  # MIXED_PRECISION: (module name or pattern, algo)
+
+    @property
+    def convention(self) -> str:
+        """'compressed-tensors' or 'modelopt': the tensor names the checkpoint must use."""
+        return "compressed-tensors" if self.method == "compressed-tensors" else "modelopt"
 
 
 @dataclass(frozen=True)
@@ -371,31 +383,88 @@ def _check_preprocessor(pp: PreprocessorConfig, v: VisionConfig, source: str, vi
                               f"vision_config.in_channels = {v.in_channels}")
 
 
+def _kv_algo(kv) -> str | None:
+    """kv_cache_scheme (a string, or {num_bits, type}) -> 'FP8' / 'NVFP4' / the string / None."""
+    if isinstance(kv, str):
+        return kv
+    if isinstance(kv, dict) and kv.get("type", "float") == "float":
+        return {8: "FP8", 4: "NVFP4"}.get(kv.get("num_bits"))
+    return None
+
+
+def _producer(raw: dict) -> str:
+    producer = raw.get("producer") or {}
+    return f"{producer.get('name', '')} {producer.get('version', '')}".strip()
+
+
+def _quantized_layers(f: _Fields) -> tuple[tuple[str, str], ...]:
+    """MIXED_PRECISION `quantized_layers` {module: {quant_algo, group_size}} -> sorted (module, algo)."""
+    layers = f.get("quantized_layers", dict, {})
+    if not layers:
+        raise ConfigError(f"{f.where('quantized_layers')} is missing or empty; MIXED_PRECISION lists every "
+                          f"quantized module there")
+    sub = f.sub("quantized_layers")
+    out = []
+    for name in sorted(layers):
+        entry = sub.sub(name) if isinstance(layers[name], dict) else None
+        if entry is None:
+            raise ConfigError(f"{sub.where(name)} must be a JSON object, got {layers[name]!r}")
+        algo = entry.get("quant_algo", str)
+        if algo not in MIXED_ALGOS:
+            raise ConfigError(f"{entry.where('quant_algo')} is {algo!r}; this reader supports {list(MIXED_ALGOS)} "
+                              f"in a MIXED_PRECISION checkpoint")
+        if algo == "NVFP4" and entry.get("group_size", int, 16) != 16:
+            raise ConfigError(f"{entry.where('group_size')} is {entry.raw['group_size']}; NVFP4 uses 16")
+        out.append((name, algo))
+    return tuple(out)
+
+
+def _quant_from_compressed_tensors(f: _Fields) -> QuantConfig:
+    """An llm-compressor config: every group must be NVFP4 (4-bit float weights, group 16)."""
+    groups = f.get("config_groups", dict)
+    for name in sorted(groups):
+        g = f.sub("config_groups").sub(name)
+        w = g.sub("weights")
+        spec = (w.get("num_bits", int), w.get("type", str), w.get("group_size", int, None))
+        if spec != (4, "float", 16):
+            raise ConfigError(f"{w.where('num_bits')}: (num_bits, type, group_size) is {spec}; only NVFP4 "
+                              f"(4, 'float', 16) compressed-tensors checkpoints are supported")
+    fmt = f.get("format", str, CT_FORMAT)
+    if fmt != CT_FORMAT:
+        raise ConfigError(f"{f.where('format')} is {fmt!r}; expected {CT_FORMAT!r}")
+    version = f.get("version", str, "")
+    return QuantConfig("NVFP4", 16, tuple(f.get("ignore", list, [])), _kv_algo(f.raw.get("kv_cache_scheme")),
+                       f"compressed-tensors {version}".strip(), "compressed-tensors")
+
+
 def _quant_from_config_json(f: _Fields) -> QuantConfig:
     method = f.get("quant_method", str, "modelopt")
-    if method != "modelopt":
-        raise ConfigError(f"{f.where('quant_method')} is {method!r}; only 'modelopt' checkpoints are supported")
+    if method not in QUANT_METHODS:
+        raise ConfigError(f"{f.where('quant_method')} is {method!r}; only 'modelopt', 'modelopt_mixed' or "
+                          f"'compressed-tensors' checkpoints are supported")
+    if method == "compressed-tensors":
+        return _quant_from_compressed_tensors(f)
     algo = f.get("quant_algo", str)
     group = 16
     groups = f.raw.get("config_groups") or {}
     for g in groups.values():
-        if isinstance(g, dict) and isinstance(g.get("weights"), dict):
+        if isinstance(g, dict) and isinstance(g.get("weights"), dict) and algo == "NVFP4":
             group = g["weights"].get("group_size", group)
-    kv = f.raw.get("kv_cache_scheme")
-    kv_algo = kv if isinstance(kv, str) else ("FP8" if isinstance(kv, dict) and kv.get("num_bits") == 8 else None)
-    producer = f.raw.get("producer") or {}
-    return QuantConfig(algo, group, tuple(f.get("ignore", list, [])), kv_algo,
-                       f"{producer.get('name', '')} {producer.get('version', '')}".strip())
+    if method == "modelopt_mixed" and algo != "MIXED_PRECISION":
+        raise ConfigError(f"{f.where('quant_algo')} is {algo!r} but quant_method is 'modelopt_mixed'")
+    layers = _quantized_layers(f) if algo == "MIXED_PRECISION" else ()
+    return QuantConfig(algo, group, tuple(f.get("ignore", list, [])), _kv_algo(f.raw.get("kv_cache_scheme")),
+                       _producer(f.raw), method, layers)
 
 
 def _quant_from_hf_quant(f: _Fields) -> QuantConfig:
     q = f.sub("quantization") if "quantization" in f.raw else None
     if q is None:
         raise ConfigError(f"{f.where('quantization')} is missing")
-    producer = f.raw.get("producer") or {}
-    return QuantConfig(q.get("quant_algo", str), q.get("group_size", int, 16),
-                       tuple(q.get("exclude_modules", list, [])), q.get("kv_cache_quant_algo", str, None),
-                       f"{producer.get('name', '')} {producer.get('version', '')}".strip())
+    algo = q.get("quant_algo", str)
+    layers = _quantized_layers(q) if algo == "MIXED_PRECISION" else ()
+    return QuantConfig(algo, q.get("group_size", int, 16), tuple(q.get("exclude_modules", list, [])),
+                       q.get("kv_cache_quant_algo", str, None), _producer(f.raw), "modelopt", layers)
 
 
 def _check_quant(q: QuantConfig, where: str) -> QuantConfig:
@@ -421,10 +490,16 @@ def parse_config(raw: dict, quant_raw: dict | None = None, source: str = "config
         quant = _check_quant(_quant_from_config_json(top.sub("quantization_config")), source)
     if quant_raw is not None:
         from_file = _check_quant(_quant_from_hf_quant(_Fields(quant_raw, quant_source)), quant_source)
+        if quant is not None and quant.method == "compressed-tensors":
+            raise ConfigError(f"{quant_source}: a ModelOpt file next to a compressed-tensors {source} "
+                              f"(quant_method 'compressed-tensors'): the checkpoint mixes conventions")
         if quant is not None and quant.quant_algo != from_file.quant_algo:
             raise ConfigError(f"{quant_source}: field 'quantization.quant_algo' is {from_file.quant_algo!r} but "
                               f"{source} says {quant.quant_algo!r}")
-        quant = from_file
+        if quant is not None and quant.quantized_layers and quant.quantized_layers != from_file.quantized_layers:
+            raise ConfigError(f"{quant_source}: field 'quantization.quantized_layers' differs from {source}'s "
+                              f"quantization_config.quantized_layers")
+        quant = replace(from_file, method=quant.method) if quant is not None else from_file
     specials = {k: top.get(k, int) for k in _VL_TOKEN_FIELDS if isinstance(raw.get(k), int)}
     preprocessor = None
     if preprocessor_raw is not None:
@@ -502,15 +577,7 @@ def config_dict(cfg: Config) -> dict:
             vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
             out["vision_config"] = dict(vision, model_type="qwen3_5_moe")
     if cfg.quant is not None:
-        q = cfg.quant
-        name, _, version = q.producer.partition(" ")
-        block = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": q.group_size}
-        out["quantization_config"] = {
-            "config_groups": {"group_0": {"input_activations": block, "weights": block, "targets": ["Linear"]}},
-            "ignore": list(q.exclude_modules), "quant_algo": q.quant_algo,
-            "producer": {"name": name, "version": version}, "quant_method": "modelopt"}
-        if q.kv_cache_quant_algo:
-            out["quantization_config"]["kv_cache_scheme"] = q.kv_cache_quant_algo
+        out["quantization_config"] = quantization_config_dict(cfg.quant)
     return out
 
 
@@ -526,11 +593,60 @@ def preprocessor_config_dict(pp: PreprocessorConfig) -> dict:
     return out | {"processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
 
 
+def _kv_scheme(algo: str | None):
+    bits = {"FP8": 8, "NVFP4": 4}.get(algo)
+    return {"dynamic": False, "num_bits": bits, "type": "float"} if bits else algo
+
+
+def _algo_group(algo: str) -> dict:
+    """A compressed-tensors style group for one ModelOpt algorithm (convert_hf_config.py)."""
+    if algo == "FP8":
+        block = {"dynamic": False, "num_bits": 8, "type": "float"}
+    else:
+        block = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+    return {"input_activations": block, "weights": block}
+
+
+def quantization_config_dict(q: QuantConfig) -> dict:
+    """config.json's quantization_config for q, in the form its producer writes."""
+    name, _, version = q.producer.partition(" ")
+    if q.method == "compressed-tensors":
+        act = {"dynamic": "local", "group_size": 16, "num_bits": 4, "observer": "minmax", "strategy": "tensor_group",
+               "symmetric": True, "type": "float"}
+        weights = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": 16, "num_bits": 4,
+                   "observer": "minmax", "strategy": "tensor_group", "symmetric": True, "type": "float"}
+        group = {"format": CT_FORMAT, "input_activations": act, "output_activations": None, "targets": ["Linear"],
+                 "weights": weights}
+        return {"config_groups": {"group_0": group}, "format": CT_FORMAT, "global_compression_ratio": None,
+                "ignore": list(q.exclude_modules), "kv_cache_scheme": _kv_scheme(q.kv_cache_quant_algo),
+                "quant_method": "compressed-tensors", "quantization_status": "compressed", "version": version}
+    if q.quant_algo == "MIXED_PRECISION":
+        algos = list(dict.fromkeys(algo for _, algo in q.quantized_layers))
+        groups = {f"group_{i}": dict(_algo_group(a), targets=sorted(n for n, b in q.quantized_layers if b == a))
+                  for i, a in enumerate(algos)}
+        out = {"config_groups": groups, "quantized_layers": _layers_dict(q), "ignore": list(q.exclude_modules),
+               "quant_algo": q.quant_algo}
+    else:
+        block = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": q.group_size}
+        out = {"config_groups": {"group_0": {"input_activations": block, "weights": block, "targets": ["Linear"]}},
+               "ignore": list(q.exclude_modules), "quant_algo": q.quant_algo}
+    if q.kv_cache_quant_algo:
+        out["kv_cache_scheme"] = _kv_scheme(q.kv_cache_quant_algo)
+    return out | {"producer": {"name": name, "version": version}, "quant_method": q.method}
+
+
+def _layers_dict(q: QuantConfig) -> dict:
+    return {n: {"quant_algo": a, "group_size": 16} if a == "NVFP4" else {"quant_algo": a}
+            for n, a in q.quantized_layers}
+
+
 def hf_quant_config_dict(q: QuantConfig) -> dict:
     name, _, version = q.producer.partition(" ")
-    return {"producer": {"name": name, "version": version},
-            "quantization": {"quant_algo": q.quant_algo, "kv_cache_quant_algo": q.kv_cache_quant_algo,
-                             "group_size": q.group_size, "exclude_modules": list(q.exclude_modules)}}
+    body = {"quant_algo": q.quant_algo, "kv_cache_quant_algo": q.kv_cache_quant_algo,
+            "group_size": q.group_size, "exclude_modules": list(q.exclude_modules)}
+    if q.quantized_layers:
+        body["quantized_layers"] = _layers_dict(q)
+    return {"producer": {"name": name, "version": version}, "quantization": body}
 
 
 # ------------------------------------------------------------------------------------------------

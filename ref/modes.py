@@ -7,6 +7,13 @@
 - act_scale (W4A4): "per-expert" (each expert's own input_scale) or "max" (the largest of the layer's
   experts, as backends with one scale per layer do).
 - dense (jaxrun): dense weights "replicated" on every device or "sharded" tensor-parallel.
+- kv_cache_dtype: what the full-attention layers keep in their KV cache: "auto" (the compute
+  dtype), "fp8_e4m3" or "nvfp4" (ref.kvcache); kv_engine: whose store rule ("vllm" or "sglang");
+  kv_prefill: what a prefill attends to for its own tokens, "cache" (the stored, quantized K/V: vLLM,
+  SGLang's paged paths) or "fresh" (the unquantized K/V: SGLang's FlashInfer ragged prefill).
+- state_dtype: the DeltaNet recurrent state as stored between forward calls (SGLang
+  --mamba-ssm-dtype): "float32" or "bfloat16".
+FP8 linears follow `activations`: W8A16 under "w4a16", W8A8 (static input_scale) under "w4a4".
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ JAX_PRECISIONS = ("f32", "bf16")
 ACTIVATIONS = ("w4a16", "w4a4")
 ACT_SCALES = ("per-expert", "max")
 DENSE_LAYOUTS = ("replicated", "sharded")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "nvfp4")
+KV_ENGINES = ("vllm", "sglang")
+KV_PREFILL = ("cache", "fresh")
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 def check_choice(field: str, value, choices) -> None:
@@ -32,15 +43,31 @@ class Modes:
     precision: str = "f64"
     activations: str = "w4a16"
     act_scale: str = "per-expert"
+    kv_cache_dtype: str = "auto"
+    kv_engine: str = "vllm"
+    kv_prefill: str = "cache"
+    state_dtype: str = "float32"
 
     def __post_init__(self):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("activations", self.activations, ACTIVATIONS)
         check_choice("act_scale", self.act_scale, ACT_SCALES)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_choice("kv_engine", self.kv_engine, KV_ENGINES)
+        check_choice("kv_prefill", self.kv_prefill, KV_PREFILL)
+        check_choice("state_dtype", self.state_dtype, STATE_DTYPES)
+        if self.kv_cache_dtype == "nvfp4" and self.kv_engine != "vllm":
+            raise ValueError(f"kv_cache_dtype 'nvfp4': only vLLM's NVFP4 KV cache is specified, "
+                             f"got kv_engine {self.kv_engine!r}")
 
     def describe(self) -> str:
-        """e.g. 'f32 w4a4 (max)'."""
-        return f"{self.precision} {self.activations}" + (f" ({self.act_scale})" if self.activations == "w4a4" else "")
+        """e.g. 'f32 w4a4 (max)', 'bf16 w4a16 kv fp8_e4m3 (sglang, fresh) state bfloat16'."""
+        text = f"{self.precision} {self.activations}" + (f" ({self.act_scale})" if self.activations == "w4a4" else "")
+        if self.kv_cache_dtype != "auto":
+            text += f" kv {self.kv_cache_dtype} ({self.kv_engine}, {self.kv_prefill})"
+        if self.state_dtype != "float32":
+            text += f" state {self.state_dtype}"
+        return text
 
 
 def add_mode_arguments(parser: argparse.ArgumentParser, precisions=PRECISIONS, default_precision: str | None = "f64"):

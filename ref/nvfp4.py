@@ -16,7 +16,8 @@ import ml_dtypes
 from ref.errors import FormatError
 
 __all__ = ["encode_e2m1", "decode_e2m1", "pack_e2m1", "unpack_e2m1", "encode_e4m3", "decode_e4m3",
-           "round_to_bf16", "quantize_weight", "dequantize", "quantize_activation", "nvfp4_matmul",
+           "round_to_bf16", "quantize_weight", "quantize_weight_ct", "invert_global_scale", "dequantize",
+           "quantize_activation", "nvfp4_matmul", "round_scaled",
            "swizzle_scales", "unswizzle_scales", "FormatError", "BLOCK_SIZE", "E2M1_MAX", "E4M3_MAX",
            "E4M3_MIN_SUBNORMAL", "GLOBAL_DIVISOR", "NAN_CODE", "SIGN_RULES", "RECIPES",
            "SWIZZLE_ROWS", "SWIZZLE_COLS", "TIES_DOWN", "TIES_UP", "E2M1_VALUES", "E4M3"]
@@ -274,6 +275,53 @@ def quantize_weight(w, recipe="modelopt-0.37", global_scale=None):
             np.asarray(scale_2, dtype=np.float32))
 
 
+def quantize_weight_ct(w, global_amax=None):
+    """A compressed-tensors (llm-compressor) NVFP4 weight: w [..., K] -> (packed uint8 [..., K/2],
+    weight_scale float8_e4m3fn [..., K/16], weight_global_scale float32 [1]).
+
+    The global is stored in the quantization direction (a multiplier, 2688/amax), the inverse of
+    ModelOpt's weight_scale_2. The recipe this project's synthetic checkpoints use, modelled on
+    compressed-tensors' generate_gparam / calculate_qparams / _quantize; all float32:
+      amax = global_amax if given (fused layers share one) else max|w|; amax must be positive
+      g = fp32(2688 / amax)
+      weight_scale = e4m3 saturating(fp32(g * fp32(block_amax / 6)))
+      f = fp32(fp32(weight_scale) / g); codes = encode_e2m1(fp32(w / f), sign="modelopt")
+    A block whose scale underflows to 0 gets f = 0 and codes 0x7 / NaN -> 0x7: it decodes to 0.
+    """
+    a = _float_array(w, "w")
+    _check_blocked(a, "w")
+    k = a.shape[-1]
+    w2 = _to_float32_odd(a).reshape(-1, k).astype(np.float32)                  # [R, K]
+    bmax = _block_amax(w2)                                                     # [R, K/16]
+    amax = np.float32(bmax.max()) if global_amax is None else \
+        _scalar_f32(global_amax, "global_amax", positive=True)[()]
+    if not (np.isfinite(amax) and amax > 0):
+        raise FormatError(f"w: expected a positive finite amax for the compressed-tensors global "
+                          f"scale 2688/amax, got {float(amax)!r}")
+    g = np.float32(np.float32(GLOBAL_DIVISOR) / amax)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        sf = (g * (bmax / np.float32(E2M1_MAX)).astype(np.float32)).astype(np.float32)
+        weight_scale = np.asarray(np.minimum(sf, np.float32(E4M3_MAX)).astype(E4M3))
+        f = (weight_scale.astype(np.float32) / g).astype(np.float32)           # [R, K/16]
+        y = w2.reshape(w2.shape[0], -1, BLOCK_SIZE) / f[..., None]
+    packed = _pack(_encode_f32(y.astype(np.float32).reshape(-1), "modelopt").reshape(w2.shape))
+    return (packed.reshape(a.shape[:-1] + (k // 2,)),
+            weight_scale.reshape(a.shape[:-1] + (k // BLOCK_SIZE,)),
+            np.full((1,), g, np.float32))
+
+
+def invert_global_scale(global_scale):
+    """A quantization-direction global (compressed-tensors' weight_global_scale or
+    input_global_scale, [] or [1]) -> the dequantization-direction float32 0-d scale
+    fp32(1 / global_scale), correctly rounded, as vLLM converts it once at load time
+    (CompressedTensorsW4A4Fp4 / CompressedTensorsW4A4Nvfp4MoEMethod.process_weights_after_loading)."""
+    g = np.asarray(global_scale)
+    if g.size != 1:
+        raise FormatError(f"global_scale: expected one value ([] or [1]), got shape {g.shape}")
+    v = _scalar_f32(g.reshape(()), "global_scale", positive=True)
+    return np.asarray(np.float32(1) / v, dtype=np.float32)
+
+
 def _check_triplet(packed, scales, name_scales="weight_scale"):
     """Validate packed bytes against block scales; return (packed, scale bytes uint8)."""
     p = np.asarray(packed)
@@ -350,23 +398,29 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32, out=None)
 # activations (the engines' CUDA quantizer)
 
 
-def quantize_activation(x, input_scale, sign="cuda"):
+def quantize_activation(x, input_scale, sign="cuda", global_scale=None):
     """Engine activation quantizer: x [..., K] -> (packed uint8 [..., K/2], scales e4m3 [..., K/16]).
 
     x is used as given (engines quantize bf16 activations; float64 is rounded to float32 first).
     float32 operations in this order,
     with exact reciprocals; the GPUs' rcp.approx.ftz can differ by one ulp and so flip a code next
     to an E2M1 midpoint (spec/nvfp4.md section 5):
-      G = fp32(1 / input_scale); vmax = max|x| over the block (NaN ignored)
+      G = global_scale if given, else fp32(1 / input_scale); vmax = max|x| over the block (NaN ignored)
       SF = fp32(G * fp32(vmax * fp32(1/6))); scale = e4m3 saturating(SF)
       out_scale = fp32(1 / fp32(fp32(scale) * fp32(1 / G))), or 0 when scale == 0
       codes = encode_e2m1(fp32(x) * out_scale, sign)
+    global_scale: the quantization-direction global G as the engine holds it, used unchanged
+    (vLLM's compressed-tensors dense linears and KV caches pass the stored multiplier); then
+    input_scale may be None.
     """
     if sign not in SIGN_RULES:
         raise FormatError(f"sign: expected one of {SIGN_RULES}, got {sign!r}")
     a = _float_array(x, "x")
     _check_blocked(a, "x")
-    g = np.float32(1) / _scalar_f32(input_scale, "input_scale", positive=True)[()]
+    if global_scale is not None:
+        g = _scalar_f32(global_scale, "global_scale", positive=True)[()]
+    else:
+        g = np.float32(1) / _scalar_f32(input_scale, "input_scale", positive=True)[()]
     rg, r6 = np.float32(1) / g, np.float32(1) / np.float32(E2M1_MAX)
     k = a.shape[-1]
     x2 = a.reshape(-1, k)                                              # [R, K]
@@ -396,8 +450,10 @@ def quantize_activation(x, input_scale, sign="cuda"):
 _OUT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
 
 
-def _round_product(acc, alpha, dtype):
-    """dtype(alpha * acc) with one rounding: acc float64 [...], alpha a float32 scalar."""
+def round_scaled(acc, alpha, dtype):
+    """dtype(alpha * acc) with one rounding: acc float64 [...], alpha a float32 scalar (the GEMM
+    epilogue of NVFP4 and FP8 kernels, emulated exactly: Dekker product, round to odd, then once
+    to dtype)."""
     a = np.float64(alpha)
     p = acc * a
     if dtype == np.float64:
@@ -422,10 +478,11 @@ def _block_values(packed, scales):
 
 
 def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtype=np.float64,
-                 sign="cuda"):
+                 sign="cuda", global_scale=None):
     """x [..., K] @ W.T for an NVFP4 weight W [N, K] -> [..., N] in dtype (float64, float32, bf16).
 
-    W4A4 (input_scale given): x is quantized by quantize_activation(x, input_scale, sign);
+    W4A4 (input_scale given): x is quantized by quantize_activation(x, input_scale, sign,
+      global_scale);
       acc = sum_b sa[m, b] * sw[n, b] * sum_{k in b} a * w  (every product and block sum exact,
       accumulated in float64); out = dtype(alpha * acc), rounded once,
       alpha = fp32(input_scale * weight_scale_2).
@@ -445,12 +502,12 @@ def nvfp4_matmul(x, packed, weight_scale, weight_scale_2, input_scale=None, dtyp
                           f"got shape {a.shape}")
     if input_scale is None:
         w = dequantize(p, sw, g, dtype=np.float64)                           # [N, K]
-        return _round_product(a.astype(np.float64) @ w.T, np.float32(1), dtype)
+        return round_scaled(a.astype(np.float64) @ w.T, np.float32(1), dtype)
     s_in = _scalar_f32(input_scale, "input_scale", positive=True)
-    pa, sa = quantize_activation(a, s_in, sign=sign)
+    pa, sa = quantize_activation(a, s_in, sign=sign, global_scale=global_scale)
     xa = _block_values(pa, sa)                                               # [..., K]
     wb = _block_values(p, sw)                                                # [N, K]
-    return _round_product(xa @ wb.T, np.float32(s_in * g), dtype)           # [..., N]
+    return round_scaled(xa @ wb.T, np.float32(s_in * g), dtype)           # [..., N]
 
 
 # ---------------------------------------------------------------------------------------------

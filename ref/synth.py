@@ -2,6 +2,7 @@
 
     python -m ref.synth OUT_DIR [--preset tiny|small|397b] [--layers N] [--seed S]
                                 [--expert-layout per-expert|fused] [--recipe modelopt-0.37|modelopt-0.45]
+                                [--variant modelopt|modelopt-mixed|compressed-tensors]
                                 [--fast] [--shard-size 5GB] [--force]
 
 Writes config.json (VL wrapper with quantization_config), hf_quant_config.json, generation_config.json,
@@ -14,6 +15,19 @@ layer's max for experts never hit. `--fast` skips quantization and calibration: 
 block scales and input scales (for the big shapes). Weights are drawn per tensor (per expert) from
 seeded generators, so both expert layouts hold identical values. Written to a temporary directory and
 renamed into place.
+
+Variants (the same underlying BF16 values, other storage; spec/nvfp4.md sections 11 and 13):
+  modelopt            the default above (the seed checkpoint's layout)
+  modelopt-mixed      as NVIDIA's "-V2": per-tensor FP8 (W8A8 static) linear attention in_proj_qkv /
+                      in_proj_z / out_proj, full attention q/k/v/o and shared experts; NVFP4 routed
+                      experts; FP8 KV-cache scales; config quant_algo MIXED_PRECISION with quantized_layers
+  compressed-tensors  as llm-compressor: NVFP4 (inverted globals, weight_packed) on routed and shared
+                      experts, full attention and the DeltaNet in_proj_qkv / in_proj_z / out_proj;
+                      per-expert layout only; no hf_quant_config.json
+Their static input scales come from a calibration pass over the default variant written first
+(the same weights): expert inputs as above; the inputs of q/k/v, in_proj_qkv/z and the shared
+experts measured; o_proj and out_proj, whose inputs the pass does not record, get upper bounds
+(max|v| and sqrt(head_dim) * max|norm weight| * max|silu(z)|). Fused pieces share their amaxes.
 """
 from __future__ import annotations
 
@@ -39,9 +53,11 @@ from ref import checkpoint_layout as layout
 from ref.config import FULL, LINEAR, QWEN35_397B, SEED_EXCLUDE_MODULES, Config, PreprocessorConfig, QuantConfig, \
     TextConfig, VisionConfig, config_dict, hf_quant_config_dict, preprocessor_config_dict
 from ref.errors import CheckpointError, ConfigError, FormatError
-from ref.nvfp4 import E2M1_VALUES, E4M3_MAX, GLOBAL_DIVISOR, dequantize, quantize_weight
+from ref.nvfp4 import E2M1_VALUES, E4M3_MAX, GLOBAL_DIVISOR, dequantize, quantize_weight, quantize_weight_ct
 from ref.safetensors_io import LazyTensor, overwrite_tensors, write_safetensors
 from ref.synth_tokenizer import SPECIAL_ID, build_tokenizer, tokenizer_config
+from ref.synth_variants import VARIANTS, Calibration, DenseQuantizer, check_variant, kv_scale_tensors, measure_dense, \
+    variant_quant
 
 PRESETS = ("tiny", "small", "397b")
 LAYOUTS = ("per-expert", "fused")
@@ -163,32 +179,44 @@ class ExpertWeights:
 
     Each array is generated once however the layout orders the tensors: BF16 (MTP) weights and
     --fast codes / block scales / scalars come from their own generators; quantized experts are
-    cached a layer at a time (quantization yields codes and scales together)."""
+    cached a layer at a time (quantization yields codes and scales together). ct: compressed-tensors
+    names and recipe (weight_packed, inverted globals); calib: input scales from a Calibration
+    instead of placeholders (which ref.synth.calibrate overwrites in place)."""
 
-    def __init__(self, cfg: Config, seed: int, recipe: str, fast: bool):
-        self.cfg, self.seed, self.recipe, self.fast = cfg, seed, recipe, fast
+    def __init__(self, cfg: Config, seed: int, recipe: str, fast: bool, ct: bool = False,
+                 calib: Calibration | None = None):
+        self.cfg, self.seed, self.recipe, self.fast, self.ct, self.calib = cfg, seed, recipe, fast, ct, calib
         self.shapes = layout.expert_shapes(cfg.text)
         self._quantized = lru_cache(maxsize=cfg.text.num_experts)(self._quantize)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The stored tensors of one quantized projection, in file order."""
+        return ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale") if self.ct else \
+            ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
     def get(self, layer, e: int, key: str) -> np.ndarray:
         """One array, e.g. get(0, 5, "up_proj.weight_scale")."""
         proj, kind = key.split(".", 1)
         if layer == "mtp":
             return self._float(layer, e, proj)
-        if kind in ("weight_scale_2", "input_scale") and (self.fast or kind == "input_scale"):
-            return self._scalars(layer, e)[key]
+        if kind in ("input_scale", "input_global_scale"):
+            return self._input_scale(layer, e, proj)
+        if kind in ("weight_scale_2", "weight_global_scale") and self.fast:
+            g = self._scalars(layer, e)[f"{proj}.weight_scale_2"]
+            return np.full((1,), np.float32(1) / g, np.float32) if self.ct else g
         if not self.fast:
             return self._quantized(layer, e)[key]
         rows, k = self.shapes[proj]
-        rng = _rng(self.seed, kind, layer, e, proj)
-        if kind == "weight":
+        rng = _rng(self.seed, "weight" if kind == "weight_packed" else kind, layer, e, proj)
+        if kind in ("weight", "weight_packed"):
             return rng.integers(0, 256, (rows, k // 2), dtype=np.uint8)
         return rng.uniform(E4M3_MAX / 4, E4M3_MAX, (rows, k // 16)).astype(ml_dtypes.float8_e4m3fn)
 
     def arrays(self, layer, e: int) -> dict[str, np.ndarray]:
-        """All of expert e's arrays: {proj.weight, proj.weight_scale, proj.weight_scale_2,
-        proj.input_scale} (NVFP4), or {proj.weight} (BF16, the MTP experts)."""
-        kinds = ("weight",) if layer == "mtp" else ("weight", "weight_scale", "weight_scale_2", "input_scale")
+        """All of expert e's arrays: {proj.<kind>} for the kinds above, or {proj.weight} (BF16, the
+        MTP experts)."""
+        kinds = ("weight",) if layer == "mtp" else self.kinds
         return {f"{p}.{k}": self.get(layer, e, f"{p}.{k}") for p in layout.PROJS for k in kinds}
 
     def _float(self, layer, e: int, proj: str) -> np.ndarray:
@@ -196,15 +224,30 @@ class ExpertWeights:
         return _normal(_rng(self.seed, "expert", layer, e, proj), (out, k), 1 / math.sqrt(k))
 
     def _quantize(self, layer, e: int) -> dict[str, np.ndarray]:
-        """ModelOpt export of expert e: gate and up share one global amax (tied weight_scale_2)."""
+        """ModelOpt (or compressed-tensors) export of expert e: gate and up share one global amax."""
         w = {p: self._float(layer, e, p).astype(np.float32) for p in layout.PROJS}
         tied = np.float32(max(np.abs(w["gate_proj"]).max(), np.abs(w["up_proj"]).max()))
         out = {}
         for proj in layout.PROJS:
-            packed, scale, scale_2 = quantize_weight(w[proj], self.recipe,
-                                                     global_scale=None if proj == "down_proj" else tied)
+            amax = None if proj == "down_proj" else tied
+            if self.ct:
+                packed, scale, g = quantize_weight_ct(w[proj], amax)
+                out |= {f"{proj}.weight_packed": packed, f"{proj}.weight_scale": scale,
+                        f"{proj}.weight_global_scale": g}
+                continue
+            packed, scale, scale_2 = quantize_weight(w[proj], self.recipe, global_scale=amax)
             out |= {f"{proj}.weight": packed, f"{proj}.weight_scale": scale, f"{proj}.weight_scale_2": scale_2}
         return out
+
+    def _input_scale(self, layer, e: int, proj: str) -> np.ndarray:
+        """input_scale = amax / 2688 (ModelOpt, F32 []) or input_global_scale = 2688 / amax (F32 [1])."""
+        if self.calib is None:
+            s = self._scalars(layer, e)[f"{proj}.input_scale"]
+            return np.full((1,), np.float32(1) / s, np.float32) if self.ct else s
+        amax = float(self.calib.experts[layer][e, 1 if proj == "down_proj" else 0])
+        if self.ct:
+            return np.full((1,), np.float32(GLOBAL_DIVISOR / amax), np.float32)
+        return np.asarray(np.float32(amax / GLOBAL_DIVISOR), np.float32)
 
     def _scalars(self, layer, e: int) -> dict[str, np.ndarray]:
         """Random valid global and input scales (the input scales are placeholders unless --fast)."""
@@ -217,14 +260,22 @@ class ExpertWeights:
                 for k, v in (("weight_scale_2", a), ("input_scale", b))}
 
 
-def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool) -> dict[str, LazyTensor]:
+def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool, variant: str = "modelopt",
+          calib: Calibration | None = None) -> dict[str, LazyTensor]:
     """Every tensor of the checkpoint in file order, as LazyTensors."""
-    t, experts = cfg.text, ExpertWeights(cfg, seed, recipe, fast)
+    t = cfg.text
+    experts = ExpertWeights(cfg, seed, recipe, fast, variant == "compressed-tensors", calib)
     dense = layout.dense_tensors(cfg)
+    quantizer = DenseQuantizer(cfg, variant, lambda name, shape: dense_value(name, shape, seed), calib,
+                               lambda *key: _rng(seed, *key))
     plan: dict[str, LazyTensor] = {}
 
     def add_dense(names):
         for name in names:
+            module = name[:-len(".weight")]
+            if module in quantizer.kinds:
+                plan.update(quantizer.tensors(module))
+                continue
             shape = dense[name]
             plan[name] = LazyTensor(F32 if name.endswith("A_log") else BF16, shape,
                                     lambda name=name, shape=shape: dense_value(name, shape, seed))
@@ -233,6 +284,8 @@ def _plan(cfg: Config, seed: int, expert_layout: str, recipe: str, fast: bool) -
     add_dense([f"{cfg.text_prefix}embed_tokens.weight"])
     for i in range(t.num_hidden_layers):
         add_dense(layer_keys[i])
+        if variant == "modelopt-mixed" and t.layer_types[i] == FULL:
+            plan |= kv_scale_tensors(cfg, f"{cfg.text_prefix}layers.{i}", calib, lambda *key: _rng(seed, *key))
         plan |= _expert_plan(cfg, i, experts, expert_layout)
     add_dense([f"{cfg.text_prefix}norm.weight", "lm_head.weight"])
     if t.mtp_num_hidden_layers:
@@ -251,15 +304,13 @@ def _expert_plan(cfg: Config, layer, experts: ExpertWeights, expert_layout: str)
         for e in range(n):
             for proj, (rows, k) in experts.shapes.items():
                 def get(key, e=e, proj=proj):
-                    return experts.get(layer, e, f"{proj}.{key}")
+                    return lambda: experts.get(layer, e, f"{proj}.{key}")
                 if bf16:
-                    plan[f"{p}.{e}.{proj}.weight"] = LazyTensor(BF16, (rows, k), lambda get=get: get("weight"))
+                    plan[f"{p}.{e}.{proj}.weight"] = LazyTensor(BF16, (rows, k), get("weight"))
                     continue
-                plan |= {f"{p}.{e}.{proj}.weight": LazyTensor("U8", (rows, k // 2), lambda get=get: get("weight")),
-                         f"{p}.{e}.{proj}.weight_scale": LazyTensor("F8_E4M3", (rows, k // 16),
-                                                                    lambda get=get: get("weight_scale")),
-                         f"{p}.{e}.{proj}.weight_scale_2": LazyTensor(F32, (), lambda get=get: get("weight_scale_2")),
-                         f"{p}.{e}.{proj}.input_scale": LazyTensor(F32, (), lambda get=get: get("input_scale"))}
+                shapes = {"U8": (rows, k // 2), "F8_E4M3": (rows, k // 16), F32: (1,) if experts.ct else ()}
+                for kind, dtype in zip(experts.kinds, ("U8", "F8_E4M3", F32, F32)):
+                    plan[f"{p}.{e}.{proj}.{kind}"] = LazyTensor(dtype, shapes[dtype], get(kind))
         return plan
 
     def rows_of(projs, key) -> Callable[[], Iterator[np.ndarray]]:  # expert by expert, gate rows first
@@ -308,7 +359,8 @@ def _write_files(d: Path, cfg: Config, preset: str, plan: dict[str, LazyTensor],
     base = special_base(preset, cfg.text.vocab_size)
     endoftext, im_end = base + SPECIAL_ID["<|endoftext|>"], base + SPECIAL_ID["<|im_end|>"]
     _write_json(d / "config.json", config_dict(cfg))
-    _write_json(d / "hf_quant_config.json", hf_quant_config_dict(cfg.quant))
+    if cfg.quant.convention == "modelopt":  # llm-compressor writes no hf_quant_config.json
+        _write_json(d / "hf_quant_config.json", hf_quant_config_dict(cfg.quant))
     _write_json(d / "generation_config.json", {"bos_token_id": endoftext, "eos_token_id": [im_end, endoftext],
                                                "pad_token_id": endoftext, "do_sample": True, "temperature": 0.6,
                                                "top_k": 20, "top_p": 0.95})
@@ -338,10 +390,12 @@ CALIBRATION_PROMPT = [{"role": "system", "content": "You are a helpful assistant
                       {"role": "user", "content": "Explain in one paragraph why the sky is blue, then add 17 and 25."}]
 
 
-def calibrate(directory: Path, seed: int, n_random: int = 48, log: Callable[[str], None] = print) -> None:
+def calibrate(directory: Path, seed: int, n_random: int = 48, log: Callable[[str], None] = print,
+              dense: bool = False) -> Calibration:
     """Set every routed expert's input scales from one float32 forward pass (ref.model, w4a16):
     input_scale = amax(inputs routed to the expert) / 2688, gate/up tied; the layer's max for experts
-    never hit. Prints router entropy and hidden-state RMS per layer."""
+    never hit. Prints router entropy and hidden-state RMS per layer. Returns the amaxes; dense=True
+    also measures the dense linears' inputs and the KV amaxes (ref.synth_variants.measure_dense)."""
     from ref import layers as L
     from ref.checkpoint import open_checkpoint
     from ref.model import Model
@@ -355,6 +409,7 @@ def calibrate(directory: Path, seed: int, n_random: int = 48, log: Callable[[str
     dumps: dict = {}
     Model(ckpt, precision="f32").prefill(ids, dumps=dumps)
     p32, n = L.Precision("f32"), t.num_experts
+    cal = Calibration()
     for i in range(t.num_hidden_layers):
         w = ckpt.lm(f"layers.{i}.post_attention_layernorm.weight").astype(np.float32)
         x = L.rms_norm(dumps[f"layers.{i}.after_mixer"], w, t.rms_norm_eps, p32)  # [T, H] expert inputs
@@ -366,8 +421,11 @@ def calibrate(directory: Path, seed: int, n_random: int = 48, log: Callable[[str
             amax[e] = np.abs(xe).max(), np.abs(L.silu(g) * u).max()
         hit = ~np.isnan(amax[:, 0])
         amax[~hit] = amax[hit].max(axis=0)
-        scales = (amax / GLOBAL_DIVISOR).astype(np.float32)                          # [E, 2]
-        _store_input_scales(ckpt, i, scales)
+        cal.experts[i] = amax
+        _store_input_scales(ckpt, i, (amax / GLOBAL_DIVISOR).astype(np.float32))    # [E, 2]
+        if dense:
+            h_in = dumps["embeddings"] if i == 0 else dumps[f"layers.{i - 1}.after_moe"]
+            measure_dense(ckpt, i, h_in, x, cal, lambda a, wt: L.rms_norm(a, wt, t.rms_norm_eps, p32), L.silu)
         probs = L.softmax(dumps[f"layers.{i}.router_logits"].astype(np.float64))
         entropy = float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-300)), axis=-1)))
         rms = float(np.sqrt(np.mean(dumps[f"layers.{i}.after_moe"].astype(np.float64) ** 2)))
@@ -375,6 +433,7 @@ def calibrate(directory: Path, seed: int, n_random: int = 48, log: Callable[[str
             f"{int(hit.sum())}/{n} experts hit, hidden RMS {rms:.2f}")
     logits = dumps["logits"].astype(np.float64)
     log(f"{len(ids)} calibration tokens; logits std {logits.std():.2f}")
+    return cal
 
 
 def _store_input_scales(ckpt, layer: int, scales: np.ndarray) -> None:
@@ -397,26 +456,45 @@ def _store_input_scales(ckpt, layer: int, scales: np.ndarray) -> None:
 
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, expert_layout: str = "per-expert",
                      recipe: str = "modelopt-0.37", fast: bool = False, force: bool = False, layers: int | None = None,
-                     shard_size: int | None = None, log: Callable[[str], None] | None = None) -> Path:
+                     shard_size: int | None = None, log: Callable[[str], None] | None = None,
+                     variant: str = "modelopt") -> Path:
     """Write a random-weight checkpoint; returns out_dir. Never leaves a half-written directory."""
     log = log or (lambda msg: None)
     if expert_layout not in LAYOUTS:
         raise CheckpointError(f"expert_layout {expert_layout!r}: expected one of {list(LAYOUTS)}")
+    check_variant(variant, expert_layout)
     cfg = preset_config(preset, layers, recipe)
     out = Path(out_dir)
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        plan = _plan(cfg, seed, expert_layout, recipe, fast)
-        _write_files(tmp, cfg, preset, plan, shard_size or SHARD_SIZE[preset], log)
-        if not fast:
+        calib = None
+        if variant != "modelopt" and not fast:
+            calib = _calibrate_default(out, cfg, preset, seed, expert_layout, recipe, shard_size, log)
+        vcfg = dataclasses.replace(cfg, quant=variant_quant(cfg, variant, expert_layout))
+        plan = _plan(vcfg, seed, expert_layout, recipe, fast, variant, calib)
+        _write_files(tmp, vcfg, preset, plan, shard_size or SHARD_SIZE[preset], log)
+        if variant == "modelopt" and not fast:
             calibrate(tmp, seed, log=log)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _calibrate_default(out: Path, cfg: Config, preset: str, seed: int, expert_layout: str, recipe: str,
+                       shard_size: int | None, log: Callable[[str], None]) -> Calibration:
+    """The amaxes a variant's scales come from: the default checkpoint with the same weights,
+    written next to `out` and calibrated (dense linears and KV included), then removed."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.calibration-", dir=out.parent))
+    try:
+        plan = _plan(cfg, seed, expert_layout, recipe, False)
+        _write_files(stage, cfg, preset, plan, shard_size or SHARD_SIZE[preset], lambda msg: None)
+        return calibrate(stage, seed, log=log, dense=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def user_cache(name: str) -> Path:
@@ -472,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--expert-layout", choices=LAYOUTS, default="per-expert")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="modelopt-0.37")
+    ap.add_argument("--variant", choices=VARIANTS, default="modelopt",
+                    help="storage variant: the seed checkpoint's (default), NVIDIA's mixed FP8/NVFP4 '-V2', or "
+                         "compressed-tensors NVFP4 (per-expert layout)")
     ap.add_argument("--fast", action="store_true", help="random codes and scales: no quantization, no calibration")
     ap.add_argument("--shard-size", type=parse_size, help="bytes per shard, e.g. 5GB (default: per preset)")
     ap.add_argument("--force", action="store_true", help="replace an existing checkpoint directory")
@@ -479,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temporary dir goes too
     try:
         out = write_checkpoint(a.out_dir, a.preset, a.seed, a.expert_layout, a.recipe, a.fast, a.force, a.layers,
-                               a.shard_size, log=print)
+                               a.shard_size, log=print, variant=a.variant)
     except (CheckpointError, ConfigError, FormatError, OSError) as e:
         print(f"ref.synth: {e}", file=sys.stderr)
         return 2

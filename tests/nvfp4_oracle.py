@@ -122,11 +122,11 @@ def modelopt_weight(w32: np.ndarray, recipe: str, global_scale=None):
     return codes, sbytes, g
 
 
-def engine_activation(x32: np.ndarray, input_scale: float, sign: str = "cuda"):
+def engine_activation(x32: np.ndarray, input_scale: float, sign: str = "cuda", global_scale=None):
     """Scalar-loop CUDA activation quantizer with exact reciprocals: float32 [R, K] ->
-    (codes [R, K], scale bytes [R, K/16])."""
+    (codes [R, K], scale bytes [R, K/16]); global_scale: G used as given."""
     rows, k = x32.shape
-    g = F32(F32(1) / F32(input_scale))
+    g = F32(F32(1) / F32(input_scale)) if global_scale is None else F32(global_scale)
     r6 = F32(F32(1) / F32(6))
     codes = np.zeros((rows, k), np.uint8)
     sbytes = np.zeros((rows, k // 16), np.uint8)
@@ -144,3 +144,52 @@ def engine_activation(x32: np.ndarray, input_scale: float, sign: str = "cuda"):
                 for j, x in enumerate(blk):
                     codes[r, 16 * b + j] = e2m1_code(float(F32(x * osc)), sign)
     return codes, sbytes
+
+
+def e4m3_byte_torch(v: float) -> int:
+    """torch's classic float -> float8_e4m3fn cast (c10 fp8e4m3fn_from_fp32_value, before it
+    saturated): nearest, ties to even; |v| > 464, +-inf and NaN give NaN (0x7F | sign)."""
+    sign = 0x80 if math.copysign(1.0, v) < 0 else 0
+    if math.isnan(v) or math.isinf(v) or abs(v) > 464:
+        return 0x7F | sign
+    return e4m3_byte(v, saturate=True)
+
+
+def fp8_per_tensor_byte(x: float, scale: float, rule: str) -> int:
+    """Exact-rational model of one element of ref.fp8.quantize_fp8 (x a float32 value, finite)."""
+    def f32(f):
+        return round_binary(f, 24)
+
+    s = Fraction(scale)
+    if rule == "divide":
+        y = f32(Fraction(x) / s)
+    elif rule == "reciprocal":
+        y = f32(Fraction(x) * Fraction(f32(1 / s)))
+    else:  # sglang: bf16(fp32(x / bf16(scale))), then torch's cast
+        s16 = Fraction(round_binary(s, 8))
+        y = round_binary(Fraction(f32(Fraction(x) / s16)), 8)
+        y = math.copysign(abs(y), x) if y == 0 else y
+        return e4m3_byte_torch(y)
+    y = math.copysign(abs(y), x) if y == 0 else y
+    return e4m3_byte(y, saturate=True)
+
+
+def ct_weight(w32: np.ndarray, global_amax=None):
+    """Scalar-loop compressed-tensors NVFP4 recipe (ref.nvfp4.quantize_weight_ct) of a float32
+    [R, K] matrix -> (codes [R, K], scale bytes [R, K/16], global float32)."""
+    rows, k = w32.shape
+    amax = F32(np.max(np.abs(w32))) if global_amax is None else F32(global_amax)
+    g = F32(F32(2688) / amax)
+    codes = np.zeros((rows, k), np.uint8)
+    sbytes = np.zeros((rows, k // 16), np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for r in range(rows):
+            for b in range(k // 16):
+                blk = [F32(x) for x in w32[r, 16 * b:16 * b + 16]]
+                sf = F32(g * F32(max(abs(x) for x in blk) / F32(6)))
+                byte = e4m3_byte(float(sf), saturate=True)
+                sbytes[r, b] = byte
+                f = F32(F32(e4m3_value(byte)) / g)
+                for j, x in enumerate(blk):
+                    codes[r, 16 * b + j] = e2m1_code(float(F32(x / f)), "modelopt")
+    return codes, sbytes, g

@@ -233,16 +233,24 @@ def test_lint_unexpected_tensors(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_kv_cache_scales(tiny_checkpoint, tmp_path, capsys):
-    """kv_cache_quant_algo set: every full-attention layer (and MTP) needs k_scale / v_scale scalars."""
+    """kv_cache_quant_algo set: every full-attention layer needs k_scale / v_scale scalars; the MTP
+    layer only if it has either (ModelOpt leaves the MTP block unquantized)."""
     d = _broken(tiny_checkpoint, tmp_path, quant=lambda q: q["quantization"].update(kv_cache_quant_algo="FP8"))
     code, _, err = run_check(d, capsys)
-    assert code == 2 and f"{L0[:-1]}3.self_attn.k_proj.k_scale': missing" in err and \
-        "mtp.layers.0.self_attn.v_proj.v_scale': missing" in err
+    assert code == 2 and f"{L0[:-1]}3.self_attn.k_proj.k_scale': missing" in err and "mtp.layers" not in err
     from ref.safetensors_io import SafetensorsFile, write_safetensors
     path = shard_of(d, "lm_head.weight")
     f = SafetensorsFile(path)
     extra = {f"{p}.self_attn.{k}_proj.{k}_scale": np.asarray(np.float32(1.0))
-             for p in (f"{L0[:-1]}3", "mtp.layers.0") for k in "kv"}
+             for p, ks in ((f"{L0[:-1]}3", "kv"), ("mtp.layers.0", "k")) for k in ks}
+    write_safetensors(path, {n: np.array(f.tensor(n)) for n in f.tensors} | extra)
+    edit_json(d / "model.safetensors.index.json", lambda raw: raw["weight_map"].update({n: path.name for n in extra}))
+    code, _, err = run_check(d, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {path.parent / 'model.safetensors.index.json'}: tensor 'mtp.layers.0.self_attn.v_proj.v_scale': "
+        f"missing (the config declares a FP8 KV cache)"]
+    extra["mtp.layers.0.self_attn.v_proj.v_scale"] = np.asarray(np.float32(1.0))
+    f = SafetensorsFile(path)
     write_safetensors(path, {n: np.array(f.tensor(n)) for n in f.tensors} | extra)
     edit_json(d / "model.safetensors.index.json", lambda raw: raw["weight_map"].update({n: path.name for n in extra}))
     code, out, err = run_check(d, capsys)

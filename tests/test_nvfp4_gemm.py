@@ -105,6 +105,6 @@ def test_unswizzle_rejects_wrong_padding():
 def test_scaled_accumulator_is_rounded_once(acc, alpha, bf16):
     # the last step of nvfp4_matmul: dtype(alpha * acc) for float64 acc, float32 alpha
     dtype = np.dtype(ml_dtypes.bfloat16 if bf16 else np.float32)
-    got = nvfp4._round_product(np.array([acc]), F32(alpha), dtype)
+    got = nvfp4.round_scaled(np.array([acc]), F32(alpha), dtype)
     want = round_binary(Fraction(acc) * Fraction(alpha), 8 if bf16 else 24)
     assert float(got[0]) == want

@@ -126,3 +126,77 @@ def test_swizzle_offsets(vec):
             assert off == ((m // 128) * (kp // 4) * 512 + (kb // 4) * 512 + (m % 32) * 16
                            + ((m % 128) // 32) * 4 + kb % 4)
             assert flat[off] == s[m, kb]
+
+
+def test_existing_vectors_unchanged_by_appended_keys(vec):
+    assert list(vec)[:10] == ["schema", "e2m1_values", "e2m1_encode", "e4m3_values", "e4m3_encode", "weight_blocks",
+                              "activation_blocks", "matmul", "swizzle", "fp8_per_tensor"]
+
+
+def test_fp8_per_tensor(vec):
+    from ref import fp8
+    from nvfp4_oracle import fp8_per_tensor_byte
+    for e in vec["fp8_per_tensor"]:
+        x, s = f32(e["input_f32"]), f32([e["scale_f32"]])[0]
+        assert fp8.quantize_fp8(x, s, e["rule"]).view(np.uint8).tolist() == e["bytes"], e["name"]
+        want = [fp8_per_tensor_byte(float(v), float(s), e["rule"]) for v in x]
+        nan = [(b & 0x7F) == 0x7F for b in e["bytes"]]
+        assert nan == [(b & 0x7F) == 0x7F for b in want], e["name"]
+        assert [b for b, n in zip(e["bytes"], nan) if not n] == [b for b, n in zip(want, nan) if not n], e["name"]
+
+
+def test_fp8_linear(vec):
+    from ref import fp8
+    (e,) = vec["fp8_linear"]
+    x = _bits(e["x_bf16"], BF16, np.uint16).reshape(e["x_shape"])
+    q = u8(e["weight_e4m3"], ml_dtypes.float8_e4m3fn).reshape(e["weight_shape"])
+    ws, s_in = f32([e["weight_scale_f32"], e["input_scale_f32"]])
+    w = _bits(e["weight_bf16"], BF16, np.uint16).reshape(e["weight_shape"])
+    q2, ws2 = fp8.quantize_fp8_weight(w)
+    assert q2.view(np.uint8).reshape(-1).tolist() == e["weight_e4m3"] and ws2 == ws
+    assert fp8.fp8_linear(x, q, ws, s_in).reshape(-1).tolist() == _bits(e["w8a8_f64"], np.float64, np.uint64).tolist()
+    assert fp8.fp8_linear(x, q, ws).reshape(-1).tolist() == _bits(e["w8a16_f64"], np.float64, np.uint64).tolist()
+    bf = fp8.fp8_linear(x, q, ws, s_in, dtype=BF16)
+    assert bf.view(np.uint16).reshape(-1).tolist() == [int(b, 16) for b in e["w8a8_bf16"]]
+
+
+def test_fp8_requantize_max_scale(vec):
+    from ref import fp8
+    (e,) = vec["fp8_requantize_max_scale"]
+    pieces = [u8(p, ml_dtypes.float8_e4m3fn).reshape(e["piece_shape"]) for p in e["pieces_e4m3"]]
+    w, top = fp8.requantize_with_max_scale(pieces, list(f32(e["scales_f32"])))
+    assert w.view(np.uint8).reshape(-1).tolist() == e["weight_e4m3"] and top == f32([e["scale_f32"]])[0]
+
+
+def test_kv_nvfp4(vec):
+    from ref import kvcache
+    (e,) = vec["kv_nvfp4"]
+    k = _bits(e["input_bf16"], BF16, np.uint16).reshape(e["shape"])
+    s = f32([e["scale_f32"]])[0]
+    packed, blocks = kvcache.quantize_kv_nvfp4(k, s)
+    assert packed.reshape(-1).tolist() == e["packed"]
+    assert blocks.view(np.uint8).reshape(-1).tolist() == e["block_scales"]
+    codes, sbytes = engine_activation(k.astype(F32).reshape(-1, e["shape"][-1]), float(s), "cuda")
+    assert nvfp4.pack_e2m1(codes).reshape(-1).tolist() == e["packed"]
+    assert sbytes.reshape(-1).tolist() == e["block_scales"]
+    read = kvcache.dequantize_kv_nvfp4(packed, blocks, s)
+    assert read.reshape(-1).tolist() == _bits(e["read_f64"], np.float64, np.uint64).tolist()
+
+
+def test_ct_weight(vec):
+    from nvfp4_oracle import ct_weight
+    (e,) = vec["ct_weight"]
+    w = _bits(e["input_bf16"], BF16, np.uint16).reshape(e["shape"])
+    packed, scale, g = nvfp4.quantize_weight_ct(w)
+    assert packed.reshape(-1).tolist() == e["packed"] and scale.view(np.uint8).reshape(-1).tolist() == e["weight_scale"]
+    assert f32_hex(g[0]) == e["weight_global_scale_f32"]
+    assert f32_hex(nvfp4.invert_global_scale(g)) == e["weight_scale_2_f32"]
+    codes, sbytes, g_want = ct_weight(w.astype(F32))
+    assert nvfp4.pack_e2m1(codes).reshape(-1).tolist() == e["packed"]
+    assert f32_hex(g_want) == e["weight_global_scale_f32"]
+    dq = nvfp4.dequantize(packed, scale, f32([e["weight_scale_2_f32"]])[0])
+    assert np.array_equal(dq.reshape(-1).view(np.uint32), f32(e["dequantized_f32"]).view(np.uint32))
+
+
+def f32_hex(v):
+    return f"0x{int(np.asarray(v, F32).view(np.uint32)):08x}"

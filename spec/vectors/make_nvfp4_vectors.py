@@ -2,6 +2,8 @@
 
 python spec/vectors/make_nvfp4_vectors.py [--out PATH]   (default: next to this script)
 Schema: spec/nvfp4.md, section 0. tests/test_nvfp4_vectors.py checks the file equals build().
+Entries after "swizzle" (FP8, KV cache, compressed-tensors) were appended later; the earlier ones
+are unchanged byte for byte.
 """
 import argparse
 import json
@@ -13,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ref import nvfp4  # noqa: E402
+from ref import fp8, kvcache, nvfp4  # noqa: E402
 
 F32 = np.float32
 BF16 = ml_dtypes.bfloat16
@@ -176,6 +178,70 @@ def swizzle_case():
             "offsets": where[1:].reshape(rows, cols).tolist()}
 
 
+def fp8_cases():
+    """Per-tensor FP8 under each rule (spec/nvfp4.md section 10): the E4M3 grid and its midpoints
+    times the scale, random values, saturation, NaN, a scale that rounds in bf16."""
+    rng = _Values(8)
+    grid = np.arange(0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    mids = (grid[:-1] + grid[1:]) / 2
+    specials = np.array([449, 464, 466, 480, 1e30, -0.0], np.float64)
+    cases = [
+        ("grid and midpoints, power-of-two scale", np.concatenate([grid, mids, -grid[1:]]) * 0.25, 0.25),
+        ("random, calibrated scale", rng(64) * 40, 120 / 448),
+        ("saturation and the torch NaN threshold", specials, 1.0),
+        ("scale that bf16 rounds (1 + 2^-9)", rng(32) * 100, 1 + 2 ** -9),
+    ]
+    out = []
+    for name, x, scale in cases:
+        x32, s32 = np.asarray(x).astype(F32), F32(scale)
+        for rule in fp8.FP8_RULES:
+            out.append({"name": name, "rule": rule, "input_f32": f32_bits(x32), "scale_f32": f32_bits(s32)[0],
+                        "bytes": ints(fp8.quantize_fp8(x32, s32, rule))})
+    return out
+
+
+def fp8_linear_case():
+    rng = _Values(13)
+    x = (rng((2, 48)) * 4).astype(BF16)
+    w = (rng((3, 48)) * 0.05).astype(BF16)
+    q, ws = fp8.quantize_fp8_weight(w)
+    s_in = F32(float(np.abs(x.astype(F32)).max()) / 448 * 0.5)        # half: some inputs saturate
+    return {"x_shape": [2, 48], "x_bf16": bf16_bits(x), "weight_shape": [3, 48], "weight_bf16": bf16_bits(w),
+            "weight_e4m3": ints(q), "weight_scale_f32": f32_bits(ws)[0], "input_scale_f32": f32_bits(s_in)[0],
+            "w8a8_f64": f64_bits(fp8.fp8_linear(x, q, ws, s_in)), "w8a16_f64": f64_bits(fp8.fp8_linear(x, q, ws)),
+            "w8a8_bf16": bf16_bits(fp8.fp8_linear(x, q, ws, s_in, dtype=BF16))}
+
+
+def requantize_case():
+    rng = _Values(17)
+    pieces = [(rng((2, 16)) * a).astype(F32) for a in (0.02, 0.05, 0.01)]
+    qs = [fp8.quantize_fp8_weight(p) for p in pieces]
+    w, top = fp8.requantize_with_max_scale([q for q, _ in qs], [s for _, s in qs])
+    return {"pieces_e4m3": [ints(q) for q, _ in qs], "piece_shape": [2, 16],
+            "scales_f32": [f32_bits(s)[0] for _, s in qs], "weight_e4m3": ints(w), "scale_f32": f32_bits(top)[0]}
+
+
+def kv_nvfp4_case():
+    """vLLM's NVFP4 KV store of a [T=2, H=2, D=32] key and what attention reads back."""
+    rng = _Values(19)
+    k = (rng((2, 2, 32)) * 3).astype(BF16)
+    scale = F32(0.0625)
+    packed, blocks = kvcache.quantize_kv_nvfp4(k, scale)
+    return {"shape": [2, 2, 32], "input_bf16": bf16_bits(k), "scale_f32": f32_bits(scale)[0], "packed": ints(packed),
+            "block_scales": ints(blocks), "read_f64": f64_bits(kvcache.dequantize_kv_nvfp4(packed, blocks, scale))}
+
+
+def ct_weight_case():
+    """A compressed-tensors NVFP4 weight and its vLLM decode through fp32(1 / weight_global_scale)."""
+    rng = _Values(23)
+    w = (rng((2, 32)) * 0.05).astype(BF16)
+    packed, scale, g = nvfp4.quantize_weight_ct(w)
+    inv = nvfp4.invert_global_scale(g)
+    return {"shape": [2, 32], "input_bf16": bf16_bits(w), "packed": ints(packed), "weight_scale": ints(scale),
+            "weight_global_scale_f32": f32_bits(g)[0], "weight_scale_2_f32": f32_bits(inv)[0],
+            "dequantized_f32": f32_bits(nvfp4.dequantize(packed, scale, inv))}
+
+
 def build():
     e2 = e2m1_encode_inputs()
     e4 = e4m3_encode_inputs()
@@ -194,6 +260,11 @@ def build():
         "activation_blocks": activation_cases(),
         "matmul": [matmul_case()],
         "swizzle": [swizzle_case()],
+        "fp8_per_tensor": fp8_cases(),
+        "fp8_linear": [fp8_linear_case()],
+        "fp8_requantize_max_scale": [requantize_case()],
+        "kv_nvfp4": [kv_nvfp4_case()],
+        "ct_weight": [ct_weight_case()],
     }
 
 
