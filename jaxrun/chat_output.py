@@ -1,7 +1,7 @@
 """Generated token ids -> the text, reasoning and tool calls a client sees, incrementally.
 
 - `IncrementalDetokenizer`: releases text in complete characters as tokens arrive.
-- `StopStrings`: cuts the text at the first stop string, holding back what could begin one.
+- `StopStrings`: cuts the text at the first stop string completed, holding back what could begin one.
 - `split_reasoning`: Qwen3 thinking (vLLM's `qwen3` reasoning parser): text before `</think>` is
   reasoning; a `<tool_call>` followed by `<function` also ends it; without either, all reasoning.
 - `parse_tool_calls`: Qwen3-Coder XML tool calls (vLLM's `qwen3_coder` tool parser):
@@ -68,8 +68,9 @@ def token_bytes(piece: str | None, text: str) -> list[int]:
 
 
 class StopStrings:
-    """Cuts text at the earliest stop string. `feed` returns the text safe to release (everything but
-    the last len(longest stop) - 1 characters, which could begin a match) and the stop string matched."""
+    """Cuts text at the first stop string to be complete (the earliest end; on a tie the longer, then
+    the one listed first), so the cut does not depend on how the text arrives. `feed` returns the
+    text safe to release: all but the last len(longest stop) - 1 characters, which could begin one."""
 
     def __init__(self, stops: list[str], include: bool = False):
         self.stops = [s for s in stops if s]
@@ -82,9 +83,9 @@ class StopStrings:
         if self.matched is not None:
             return ""
         self._buf += text
-        hits = [(self._buf.find(s), n, s) for n, s in enumerate(self.stops) if s in self._buf]
+        hits = [(i + len(s), i, n, s) for n, s in enumerate(self.stops) if (i := self._buf.find(s)) >= 0]
         if hits:
-            i, _, s = min(hits)
+            _, i, _, s = min(hits)
             self.matched = s
             out, self._buf = self._buf[:i] + (s if self.include else ""), ""
             return out
