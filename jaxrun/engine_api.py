@@ -69,7 +69,8 @@ class EngineUnavailable(RuntimeError):
 
 class RequestStream(Protocol):
     def __aiter__(self) -> AsyncIterator[Event]: ...  # [PromptLogprobs], Tokens..., Finished (always last)
-    def cancel(self) -> None: ...  # client gone or stop string matched: the engine frees the slot at once
+    def cancel(self) -> None: ...  # client gone or stop string matched: the engine frees the slot at once;
+    # may be called more than once, and after Finished (then it does nothing)
 
 
 class Engine(Protocol):
@@ -86,7 +87,7 @@ class Engine(Protocol):
 class EventChannel:
     """A RequestStream fed from any thread. Create it on the event loop that will iterate it (inside
     Engine.submit); `put` is thread-safe and ignored once the loop is closed; `cancel` calls
-    `on_cancel` once (the engine frees the request's slot there)."""
+    `on_cancel` once, and not at all after a Finished was put (the engine frees the slot there)."""
 
     def __init__(self, on_cancel: Callable[[], None] | None = None):
         self._loop = asyncio.get_running_loop()
@@ -108,7 +109,7 @@ class EventChannel:
 
     def cancel(self) -> None:
         with self._lock:
-            if self.cancelled:
+            if self.cancelled or self.finished:
                 return
             self.cancelled = True
         if self._on_cancel is not None:

@@ -11,7 +11,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -114,6 +114,7 @@ class ChatBody(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     include_reasoning: bool = True
+    parallel_tool_calls: bool = True
 
 
 def parse_body(raw: bytes, kind: type[_Body]) -> _Body:
@@ -128,9 +129,10 @@ def parse_body(raw: bytes, kind: type[_Body]) -> _Body:
         body = kind.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or None
-        got = json.dumps(err.get("input"), default=str)[:80]
-        raise bad_request(f"{loc}: {err['msg']} (got {got})" if loc else err["msg"], loc) from None
+        where = ".".join(str(x) for x in err["loc"])
+        got = "" if err["type"] == "missing" else f" (got {json.dumps(err.get('input'), default=str)[:80]})"
+        raise bad_request(f"{where}: {err['msg']}{got}" if where else err["msg"],
+                          str(err["loc"][0]) if err["loc"] else None) from None
     body.check_supported()
     return body
 
@@ -207,6 +209,7 @@ class Plan:
     thinking: bool = False               # chat: the output starts inside a think block
     tools: tuple | None = None           # chat: tools whose calls are parsed
     include_reasoning: bool = True
+    parallel_tool_calls: bool = True     # chat: False keeps only the first call
 
 
 def _check_model(body: _Common, cfg: ServingConfig) -> str:
@@ -236,11 +239,14 @@ def _check_ids(ids: list[int], cfg: ServingConfig, param: str) -> None:
         raise bad_request(f"token id {bad} is outside the vocabulary 0..{cfg.vocab_size - 1}", param)
 
 
-def _need_tokenizer(cfg: ServingConfig, what: str, param: str):
+def _need_tokenizer(cfg: ServingConfig, what: str, param: str, hint: str = ""):
     if cfg.tokenizer is None:
         raise bad_request(f"{what} needs a tokenizer, and this model has none (no tokenizer.json in the "
-                          f"checkpoint); send the prompt as token ids to /v1/completions", param)
+                          f"checkpoint){hint}", param)
     return cfg.tokenizer
+
+
+_IDS_HINT = "; send the prompt as token ids to /v1/completions"
 
 
 def _logprobs_count(n: int | None, cfg: ServingConfig, param: str) -> int | None:
@@ -250,14 +256,15 @@ def _logprobs_count(n: int | None, cfg: ServingConfig, param: str) -> int | None
 
 
 def _max_tokens(requested: int | None, default: int | None, prompt_len: int, cfg: ServingConfig,
-                minimum: int = 1) -> int:
+                prompt_param: str) -> int:
+    """The max_tokens to submit (default: 16 for completions, the rest of the context for chat)."""
     if prompt_len >= cfg.max_context:
         raise bad_request(f"This model's maximum context length is {cfg.max_context} tokens. However, your "
                           f"request has {prompt_len} input tokens. Please reduce the length of the input.",
-                          "messages")
+                          prompt_param)
     n = requested if requested is not None else (default if default is not None else cfg.max_context - prompt_len)
-    if n < minimum:
-        raise bad_request(f"max_tokens must be at least {minimum}, got {n}", "max_tokens")
+    if n < 1:
+        raise bad_request(f"max_tokens must be at least 1 (0 only with echo), got {n}", "max_tokens")
     if prompt_len + n > cfg.max_context:
         raise bad_request(f"'max_tokens' or 'max_completion_tokens' is too large: {n}. This model's maximum "
                           f"context length is {cfg.max_context} tokens and your request has {prompt_len} input "
@@ -278,7 +285,7 @@ def _common_options(body: _Common, cfg: ServingConfig) -> tuple[OutputOptions, f
     if any(not s for s in stops):
         raise bad_request("stop strings must not be empty", "stop")
     if stops:
-        _need_tokenizer(cfg, "stop", "stop")
+        _need_tokenizer(cfg, "stop strings", "stop", "; use stop_token_ids")
     user_ids = list(body.stop_token_ids or ())
     _check_ids(user_ids, cfg, "stop_token_ids")
     so = body.stream_options
@@ -318,7 +325,7 @@ def completion_plan(body: CompletionBody, cfg: ServingConfig) -> Plan:
     prompts = []
     for i, item in enumerate(items):
         if isinstance(item, str):
-            tok = _need_tokenizer(cfg, "a text prompt", "prompt")
+            tok = _need_tokenizer(cfg, "a text prompt", "prompt", _IDS_HINT)
             ids = tok.encode(item)
             text = item
         else:
@@ -329,13 +336,13 @@ def completion_plan(body: CompletionBody, cfg: ServingConfig) -> Plan:
         prompts.append((ids, text))
     logprobs = _logprobs_count(body.logprobs, cfg, "logprobs")
     zero = body.echo and body.max_tokens == 0
-    opts = OutputOptions(**{**opts.__dict__, "logprobs": logprobs, "echo": body.echo, "discard_output": zero})
+    opts = replace(opts, logprobs=logprobs, echo=body.echo, discard_output=zero)
     # echo with logprobs reports the prompt's logprobs too: the engine computes the larger top-N
     engine_prompt_lp = opts.prompt_logprobs
     if body.echo and logprobs is not None:
         engine_prompt_lp = max(logprobs, engine_prompt_lp or 0)
-    choices = _choices(prompts, body, cfg, lambda n: 1 if zero else _max_tokens(body.max_tokens, 16, n, cfg),
-                       stop_ids, logprobs, engine_prompt_lp)
+    budget = (lambda n: 1) if zero else (lambda n: _max_tokens(body.max_tokens, 16, n, cfg, "prompt"))
+    choices = _choices(prompts, body, cfg, budget, stop_ids, logprobs, engine_prompt_lp)
     if body.echo and cfg.tokenizer is not None:
         choices = tuple(c if c.prompt_text is not None else
                         ChoicePlan(c.index, c.prompt_index, c.prompt_ids, cfg.tokenizer.decode(c.prompt_ids), c.request)
@@ -424,12 +431,12 @@ _RESERVED_TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_to
 
 def chat_plan(body: ChatBody, cfg: ServingConfig) -> Plan:
     model = _check_model(body, cfg)
-    tok = _need_tokenizer(cfg, "chat", "messages")
+    tok = _need_tokenizer(cfg, "chat", "messages", _IDS_HINT)
     opts, stop_ids = _common_options(body, cfg)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     top = _logprobs_count(body.top_logprobs, cfg, "top_logprobs")
-    opts = OutputOptions(**{**opts.__dict__, "logprobs": (top or 0) if body.logprobs else None})
+    opts = replace(opts, logprobs=(top or 0) if body.logprobs else None)
     tc = body.tool_choice
     if tc not in (None, "auto", "none"):
         raise bad_request(f"tool_choice {json.dumps(tc)[:60]} is not supported by this server (only 'auto' "
@@ -446,11 +453,11 @@ def chat_plan(body: ChatBody, cfg: ServingConfig) -> Plan:
         raise bad_request(str(e), "messages") from None
     ids = tok.encode(text)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    choices = _choices([(ids, text)], body, cfg, lambda n: _max_tokens(requested, None, n, cfg), stop_ids,
-                       opts.logprobs, opts.prompt_logprobs)
+    budget = lambda n: _max_tokens(requested, None, n, cfg, "messages")  # noqa: E731
+    choices = _choices([(ids, text)], body, cfg, budget, stop_ids, opts.logprobs, opts.prompt_logprobs)
     thinking = cfg.reasoning_parser == "qwen3" and enable_thinking is not False and not prompt_ends_reasoning(text)
     tools = tuple(body.tools) if body.tools and tc != "none" and cfg.tool_parser == "qwen3_coder" else None
-    return Plan("chat", model, choices, opts, thinking, tools, body.include_reasoning)
+    return Plan("chat", model, choices, opts, thinking, tools, body.include_reasoning, body.parallel_tool_calls)
 
 
 # --------------------------------------------------------------------------- logprobs in the response formats

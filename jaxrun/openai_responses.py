@@ -6,7 +6,7 @@ tokens and logprobs concatenate to the whole one's.
 """
 from __future__ import annotations
 
-from jaxrun.chat_output import ChatTextStream, merge_tool_call_deltas
+from jaxrun.chat_output import ChatTextStream, MessageDelta, merge_tool_call_deltas
 from jaxrun.choice_stream import ChoiceRun, ChoiceUpdate
 from jaxrun.openai_protocol import (Plan, TokenStrings, chat_logprobs, envelope, legacy_logprobs, usage,
                                     vllm_prompt_logprobs)
@@ -77,6 +77,11 @@ class ChatChoice:
     def uses_parser(self) -> bool:
         return self.plan.thinking or self.plan.tools is not None
 
+    def _calls_allowed(self, d: MessageDelta) -> MessageDelta:
+        if not self.plan.parallel_tool_calls:                  # as vLLM: only the first call
+            d.tool_calls = [t for t in d.tool_calls if t["index"] == 0]
+        return d
+
     def _finish(self, reason: str | None, called_tools: bool) -> str | None:
         return "tool_calls" if reason == "stop" and called_tools else reason
 
@@ -87,7 +92,7 @@ class ChatChoice:
     def whole(self) -> dict:
         r = self.run
         parser = ChatTextStream(self.plan.thinking, None if self.plan.tools is None else list(self.plan.tools))
-        d = parser.update(r.text, final=True)
+        d = self._calls_allowed(parser.update(r.text, final=True))
         reasoning = d.reasoning if self.plan.include_reasoning and d.reasoning else None
         empty = None if self.uses_parser else ""
         message = {"role": "assistant", "content": d.content or empty, "reasoning_content": reasoning,
@@ -107,7 +112,7 @@ class ChatChoice:
 
     def chunk(self, u: ChoiceUpdate) -> dict | None:
         self._text += u.text
-        d = self._parser.update(self._text, final=u.finish_reason is not None)
+        d = self._calls_allowed(self._parser.update(self._text, final=u.finish_reason is not None))
         delta = {}
         if d.reasoning and self.plan.include_reasoning:
             delta["reasoning_content"] = delta["reasoning"] = d.reasoning

@@ -45,11 +45,12 @@ async def _disconnected(receive) -> None:
 
 class EventStreamResponse(StreamingResponse):
     """Server-sent events from an async iterator of strings. The client's disconnect is watched
-    while streaming: the iterator is then closed at once (its cleanup cancels the engine requests)."""
+    while streaming: the iterator is then closed at once, and `on_close` runs in every case (it
+    cancels the engine requests, even when the client left before the first event)."""
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str], on_close):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.events = events
+        self.events, self.on_close = events, on_close
 
     async def __call__(self, scope, receive, send) -> None:
         async def stream():
@@ -66,6 +67,13 @@ class EventStreamResponse(StreamingResponse):
                 t.cancel()
             await asyncio.gather(streaming, watching, return_exceptions=True)
             await self.events.aclose()
+            self.on_close()
+
+
+def internal_error(e: Exception) -> APIError:
+    """An unexpected exception, logged with its traceback, as a 500 for the client."""
+    log.error("request failed", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
 class _Serving:
@@ -95,7 +103,8 @@ class _Serving:
         formatters = self.submit(plan, arrival)
         rid = new_id(plan.kind)
         if plan.options.stream:
-            return EventStreamResponse(self.events(plan, rid, formatters))
+            return EventStreamResponse(self.events(plan, rid, formatters),
+                                       on_close=lambda: [f.run.stream.cancel() for f in formatters])
         work = asyncio.create_task(self.collect(formatters))
         watching = asyncio.create_task(_disconnected(request.receive))
         try:
@@ -162,9 +171,7 @@ class _Serving:
                     if choice is not None:
                         yield sse(envelope(plan.kind, rid, plan.model, [choice], chunk=True, **extra()))
                 except Exception as e:                   # noqa: BLE001 - the client gets an error event
-                    failure = e if isinstance(e, APIError) else APIError(500, f"internal error: {type(e).__name__}: {e}")
-                    if not isinstance(e, APIError):
-                        log.error("stream failed", exc_info=e)
+                    failure = e if isinstance(e, APIError) else internal_error(e)
                     yield sse(failure.body())
             if failure is None and opts.include_usage:
                 yield sse(envelope(plan.kind, rid, plan.model, [], chunk=True, usage=usage(n_prompt, sum(n_out))))
@@ -208,9 +215,8 @@ def build_app(engine: Engine, tokenizer, served_model_name: str | list[str], max
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        log.error("request failed", exc_info=e)
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+    async def unexpected_error(request: Request, e: Exception):
+        return JSONResponse(internal_error(e).body(), status_code=500)
 
     @app.get("/health")
     async def health():

@@ -63,6 +63,8 @@ def chat_script(tok):
         text = tok.decode(prompt_ids)
         if "<tool_response>" in text:
             out = "Done.\n</think>\n\nIt is sunny."
+        elif "two cities" in text:
+            out = TOOL_TURN + "\n" + TOOL_TURN.split("</think>\n\n")[1].replace("Paris", "Rome")
         elif "weather" in text:
             out = TOOL_TURN
         elif "2+2" in text:
@@ -230,6 +232,49 @@ def test_seeded_sampling_and_defaults(env):
     assert env.engine.submitted[-1].sampling == SamplingParams(0.6, 0.95, 20, None)   # generation_config.json
 
 
+def test_echo_with_max_tokens_0_returns_the_prompt_scored(env):
+    ids = _prompt(11, 5)
+    r = env.client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    c = r.choices[0]
+    assert c.text == env.tok.decode(ids) and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == 5
+    assert c.logprobs.token_logprobs == [None] + [env.model.logprobs(ids[:t])[ids[t]] for t in range(1, 5)]
+
+
+@pytest.fixture(scope="module")
+def spec(tok):
+    """An engine that emits three tokens per step, as speculative decoding does."""
+    engine = FakeEngine(max_context=CTX, tokens_per_step=3)
+    with running(build_app(engine, tok, MODEL, eos_token_ids=EOS)) as url:
+        yield Env(url, engine, tok)
+
+
+def test_several_tokens_per_step(spec):
+    ids = _prompt(12, 6)
+    want = spec.model.greedy(ids, 30, EOS)
+    r = spec.client.completions.create(model=MODEL, prompt=ids, max_tokens=31, temperature=0, logprobs=0,
+                                       extra_body={"return_token_ids": True})
+    assert r.choices[0].token_ids == spec.model.greedy(ids, 31, EOS) and r.usage.completion_tokens == 31
+    assert len(r.choices[0].logprobs.tokens) == 31
+    # a stop id inside a step: nothing after it, and vLLM's stop_reason
+    k = next(k for k in range(4, 30) if want[k] not in want[:k])
+    r = spec.client.completions.create(model=MODEL, prompt=ids, max_tokens=30, temperature=0,
+                                       extra_body={"stop_token_ids": [want[k]], "return_token_ids": True})
+    c = r.choices[0]
+    assert (c.token_ids, c.finish_reason, c.stop_reason) == (want[:k + 1], "stop", want[k])
+    assert c.text == spec.text_of(want[:k])
+    # a stop string completed inside a step: the tokens up to the one completing it are counted
+    for n in range(3, 30):
+        text = spec.text_of(want[:n])
+        stop = text[-2:]
+        if stop.isascii() and stop.isalnum() and stop not in spec.text_of(want[:n - 1]) and \
+                text.find(stop) == len(text) - 2:
+            break
+    else:
+        raise AssertionError("no usable stop string")
+    r = spec.client.completions.create(model=MODEL, prompt=ids, max_tokens=30, temperature=0, stop=stop)
+    assert (r.choices[0].text, r.usage.completion_tokens) == (text[:-2], n)
+
+
 # --------------------------------------------------------------------------- chat
 
 def test_chat_reasoning_whole_and_streamed(env):
@@ -247,6 +292,22 @@ def test_chat_reasoning_whole_and_streamed(env):
                                              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert env.tok.decode(env.engine.submitted[-1].prompt_ids).endswith("<think>\n\n</think>\n\n")
     assert (off.choices[0].message.reasoning_content, off.choices[0].message.content) == (None, "The answer is 4.")
+
+
+def test_chat_n_choices_streamed_with_usage(env):
+    msgs = [{"role": "user", "content": "Say something."}]
+    chunks = list(env.client.chat.completions.create(
+        model=MODEL, messages=msgs, n=2, max_tokens=5, temperature=0.7, seed=3, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"include_reasoning": False}))
+    whole = env.client.chat.completions.create(model=MODEL, messages=msgs, n=2, max_tokens=5, temperature=0.7, seed=3,
+                                               extra_body={"include_reasoning": False})
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert all(getattr(m.delta, "reasoning_content", None) is None for m in mine)   # include_reasoning false
+        assert whole.choices[i].message.reasoning_content is None and whole.choices[i].message.content is None
+    assert chunks[-1].usage.completion_tokens == 10 == whole.usage.completion_tokens
+    assert all(c.usage is not None for c in chunks)                  # continuous usage stats
 
 
 def test_chat_logprobs_and_prompt_logprobs(env):
@@ -298,6 +359,20 @@ def test_tool_call_round_trip(env):
     assert prompt == expected
     assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>" in prompt
     assert "<|im_start|>user\n<tool_response>\n22 C, sunny\n</tool_response><|im_end|>" in prompt
+
+
+def test_parallel_tool_calls(env):
+    msgs = [{"role": "user", "content": "Weather in two cities?"}]
+    for parallel, cities in ((True, ["Paris", "Rome"]), (False, ["Paris"])):
+        r = env.client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, temperature=0,
+                                               parallel_tool_calls=parallel)
+        calls = r.choices[0].message.tool_calls
+        assert [json.loads(c.function.arguments)["city"] for c in calls] == cities
+        assert len({c.id for c in calls}) == len(cities)
+        chunks = env.client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, temperature=0,
+                                                    parallel_tool_calls=parallel, stream=True)
+        parts = [t for ch in chunks for t in (ch.choices[0].delta.tool_calls or [])]
+        assert sorted({p.index for p in parts}) == list(range(len(cities)))
 
 
 # --------------------------------------------------------------------------- many clients, disconnects
@@ -360,6 +435,8 @@ def test_disconnect_while_waiting_for_a_whole_response_cancels(slow):
 
 # --------------------------------------------------------------------------- errors
 
+IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                                 {"type": "text", "text": "What is it?"}]}]}
 BAD = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
@@ -370,7 +447,8 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 2, 600]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, -1]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": CTX - 1}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": [1] * CTX, "max_tokens": 1}, 400, "messages"),
+    ("/v1/completions", {"prompt": [1] * CTX, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * CTX}]}, 400, "messages"),
     ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, 404, "model"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
@@ -382,8 +460,7 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages"),
+    ("/v1/chat/completions", IMAGE, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
      400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
@@ -400,7 +477,8 @@ def test_bad_requests_get_openai_error_bodies(env, path, body, status, param):
 
 
 def test_error_messages_say_why(env):
-    assert "image input not supported by this model/server yet" in env.post("/v1/chat/completions", BAD[21][1])[1]["error"]["message"]
+    msg = env.post("/v1/chat/completions", {"model": MODEL, **IMAGE})[1]["error"]["message"]
+    assert msg == "messages[0].content[0]: image input not supported by this model/server yet"
     msg = env.post("/v1/completions", {"prompt": [1, 2], "max_tokens": CTX - 1})[1]["error"]["message"]
     assert f"maximum context length is {CTX} tokens and your request has 2 input tokens" in msg
     code, obj = env.post("/v1/completions", None, raw=b'{"prompt": "hi", ')
@@ -457,7 +535,7 @@ def test_without_a_tokenizer_token_ids_work_and_text_is_refused():
                            {"messages": [{"role": "user", "content": "hi"}]}),
                            ("/v1/completions", {"prompt": ids, "stop": ["x"]})):
             code, obj = env.post(path, {"model": MODEL, **body})
-            assert code == 400 and "has none (no tokenizer.json" in obj["error"]["message"]
+            assert code == 400 and "needs a tokenizer, and this model has none (no tokenizer.json" in obj["error"]["message"]
 
 
 def _free_port() -> int:
@@ -483,15 +561,22 @@ def test_signal_drains_requests_in_flight_and_exits_0(tok_dir, sig):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read().decode()
                 time.sleep(0.05)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        stream = iter(client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=50, temperature=0,
+        stream = iter(client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=150, temperature=0,
                                                 stream=True))
         got = [next(stream)]
-        proc.send_signal(sig)                         # mid-stream: the request still completes
-        got += list(stream)
-        assert got[-1].choices[0].finish_reason == "length"
-        assert proc.wait(timeout=60) == 0
-        with pytest.raises((urllib.error.URLError, ConnectionError)):
-            urllib.request.urlopen(url + "/health", timeout=2)
+        reader = threading.Thread(target=lambda: got.extend(stream))
+        reader.start()
+        proc.send_signal(sig)                         # mid-stream
+        refused = False
+        while not refused and reader.is_alive():      # new connections are refused while the stream runs on
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                time.sleep(0.02)
+            except (urllib.error.URLError, ConnectionError):
+                refused = reader.is_alive()
+        reader.join(60)
+        assert refused and got[-1].choices[0].finish_reason == "length"
+        assert sum(len(c.choices[0].text) for c in got) > 0 and proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

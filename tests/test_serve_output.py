@@ -1,7 +1,9 @@
 """jaxrun.chat_output: incremental detokenization, stop strings, the qwen3 reasoning split and the
 qwen3_coder tool-call parser. Streaming equals one-shot parsing for every way of cutting the text;
 hand-worked cases pin vLLM's behaviour; the real Qwen3.5 template's tool-call rendering parses back."""
+import asyncio
 import json
+import threading
 
 import pytest
 from hypothesis import given, strategies as st
@@ -9,6 +11,7 @@ from hypothesis import given, strategies as st
 from jaxrun.chat_output import (ChatTextStream, IncrementalDetokenizer, StopStrings, convert_parameter,
                                 merge_tool_call_deltas, parse_tool_calls, prompt_ends_reasoning, split_reasoning,
                                 token_bytes)
+from jaxrun.engine_api import EventChannel, Finished, Tokens
 from ref.synth_tokenizer import build_tokenizer, tokenizer_config
 from ref.tokenizer import load_tokenizer
 
@@ -184,3 +187,25 @@ def test_template_tool_calls_parse_back(tok):
     calls = merge_tool_call_deltas(d.tool_calls)
     assert [c["function"]["name"] for c in calls] == ["get_weather", "search"]
     assert [json.loads(c["function"]["arguments"]) for c in calls] == args
+
+
+def test_event_channel_bridges_a_thread_to_the_loop():
+    cancels = []
+
+    async def main():
+        ch = EventChannel(on_cancel=lambda: cancels.append(1))
+        feeder = threading.Thread(target=lambda: [ch.put(Tokens((i,), None)) for i in range(3)] +
+                                  [ch.put(Finished("length")), ch.put(Tokens((9,), None))])
+        feeder.start()
+        got = [e async for e in ch]
+        feeder.join()
+        ch.cancel()                                  # after Finished: nothing to free
+        other = EventChannel(on_cancel=lambda: cancels.append(2))
+        other.cancel()
+        other.cancel()
+        return got, other
+
+    got, other = asyncio.run(main())
+    assert got == [Tokens((0,), None), Tokens((1,), None), Tokens((2,), None), Finished("length")]
+    assert cancels == [2]
+    other.put(Finished("abort"))                     # the loop is gone: ignored
