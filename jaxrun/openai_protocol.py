@@ -492,7 +492,8 @@ class TokenStrings:
 def legacy_logprobs(ids: list[int], entries: list[TokenLogprob | None], n: int, names: TokenStrings,
                     offset: int = 0) -> dict:
     """Completions `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob}: the token itself,
-    then the top n, as OpenAI's 'up to logprobs + 1'), text_offset (cumulative token string lengths)."""
+    then the top n, as OpenAI's 'up to logprobs + 1'), text_offset (the lengths of the token strings
+    before each, from `offset`: vLLM's rule, continued across stream chunks so they add up)."""
     tokens, lps, tops, offsets = [], [], [], []
     for i, e in zip(ids, entries):
         s = names(i)

@@ -21,7 +21,7 @@ class CompletionChoice:
     def __init__(self, plan: Plan, run: ChoiceRun, names: TokenStrings):
         self.plan, self.run, self.names, self.opts = plan, run, names, plan.options
         self._started = False          # the prompt was echoed / its token ids sent
-        self._offset = 0               # text length sent so far (text_offset of the next chunk)
+        self._offset = 0               # text_offset of the next token: the token strings' lengths so far
 
     def _prompt_entries(self) -> list:
         pl = self.run.prompt_logprobs
@@ -59,7 +59,8 @@ class CompletionChoice:
             return None
         self._started = True
         choice = self._base(text, ids, entries, u.finish_reason, u.stop_reason, self._offset)
-        self._offset += len(text)
+        if choice["logprobs"] is not None:
+            self._offset += sum(map(len, choice["logprobs"]["tokens"]))
         if self.opts.return_token_ids:
             choice["token_ids"] = list(u.token_ids)
             if first:

@@ -181,12 +181,14 @@ def test_echo_legacy_logprobs_with_token_strings(env):
 
 def test_completion_stream_adds_up_to_the_whole(env):
     ids = _prompt(5, 7)
-    kw = dict(model=MODEL, prompt=ids, max_tokens=20, temperature=0, logprobs=1)
+    kw = dict(model=MODEL, prompt=ids, max_tokens=20, temperature=0, logprobs=1, echo=True)
     whole = env.client.completions.create(**kw).choices[0]
+    assert whole.text.startswith(env.tok.decode(ids)) and len(whole.logprobs.tokens) == 7 + 20
     chunks = list(env.client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
-    assert sum((c.choices[0].logprobs.tokens for c in chunks if c.choices and c.choices[0].logprobs), []) == \
-        whole.logprobs.tokens
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(c.choices[0].logprobs, field) for c in chunks if c.choices and c.choices[0].logprobs),
+                   []) == getattr(whole.logprobs, field)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [whole.finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(env.model.greedy(ids, 20, EOS))
@@ -227,7 +229,8 @@ def test_seeded_sampling_and_defaults(env):
     one = env.client.completions.create(**kw, seed=7).choices[0].token_ids
     assert env.client.completions.create(**kw, seed=7).choices[0].token_ids == one
     two = env.client.completions.create(**kw, seed=7, n=2).choices
-    assert two[0].token_ids == one and two[1].token_ids == env.client.completions.create(**kw, seed=8).choices[0].token_ids
+    eight = env.client.completions.create(**kw, seed=8).choices[0].token_ids
+    assert two[0].token_ids == one and two[1].token_ids == eight
     env.client.completions.create(model=MODEL, prompt=ids, max_tokens=2)
     assert env.engine.submitted[-1].sampling == SamplingParams(0.6, 0.95, 20, None)   # generation_config.json
 
@@ -298,7 +301,8 @@ def test_chat_n_choices_streamed_with_usage(env):
     msgs = [{"role": "user", "content": "Say something."}]
     chunks = list(env.client.chat.completions.create(
         model=MODEL, messages=msgs, n=2, max_tokens=5, temperature=0.7, seed=3, stream=True,
-        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"include_reasoning": False}))
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"include_reasoning": False}))
     whole = env.client.chat.completions.create(model=MODEL, messages=msgs, n=2, max_tokens=5, temperature=0.7, seed=3,
                                                extra_body={"include_reasoning": False})
     for i in (0, 1):
@@ -435,8 +439,9 @@ def test_disconnect_while_waiting_for_a_whole_response_cancels(slow):
 
 # --------------------------------------------------------------------------- errors
 
-IMAGE = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                                                 {"type": "text", "text": "What is it?"}]}]}
+IMAGE = {"messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    {"type": "text", "text": "What is it?"}]}]}
 BAD = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
@@ -493,9 +498,9 @@ def test_error_messages_say_why(env):
 def test_engine_failure_is_a_500_and_the_server_keeps_serving(env):
     code, obj = env.post("/v1/completions", {"model": MODEL, "prompt": [1, 2, FAIL], "max_tokens": 5})
     assert code == 500 and "injected failure" in obj["error"]["message"] and obj["error"]["code"] == 500
-    req = urllib.request.Request(env.url + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"model": MODEL, "prompt": [3, FAIL], "max_tokens": 5,
-                                                  "stream": True}).encode())
+    body = {"model": MODEL, "prompt": [3, FAIL], "max_tokens": 5, "stream": True}
+    req = urllib.request.Request(env.url + "/v1/completions", method="POST", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         events = [line[6:] for line in r.read().decode().split("\n") if line.startswith("data: ")]
     assert "injected failure" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
@@ -535,7 +540,8 @@ def test_without_a_tokenizer_token_ids_work_and_text_is_refused():
                            {"messages": [{"role": "user", "content": "hi"}]}),
                            ("/v1/completions", {"prompt": ids, "stop": ["x"]})):
             code, obj = env.post(path, {"model": MODEL, **body})
-            assert code == 400 and "needs a tokenizer, and this model has none (no tokenizer.json" in obj["error"]["message"]
+            msg = obj["error"]["message"]
+            assert code == 400 and "needs a tokenizer, and this model has none (no tokenizer.json" in msg
 
 
 def _free_port() -> int:

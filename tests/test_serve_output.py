@@ -135,10 +135,11 @@ def test_parse_tool_calls_cases():
     assert content == "" and [c.name for c in calls] == ["get_weather", "run"]
     assert calls[1].params == [("code", "x = '</parameter> ok'")]
     # generation stopped inside a call: the parameters so far, closed at the end
-    content, calls = parse_tool_calls("<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2", True)
+    cut = "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2"
+    content, calls = parse_tool_calls(cut, True)
     assert [(c.name, c.params, c.closed) for c in calls] == [("f", [("a", "1"), ("b", "2")], True)]
     # not yet final: only what is complete
-    content, calls = parse_tool_calls("<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2", False)
+    content, calls = parse_tool_calls(cut, False)
     assert [(c.params, c.closed) for c in calls] == [([("a", "1")], False)]
     # an unrendered template is no call; a bare mention of the tag is content
     assert parse_tool_calls("<tool_call>\n<function={{ name }}>\n</function>\n</tool_call>", True)[1] == []
