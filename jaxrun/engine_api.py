@@ -7,6 +7,19 @@ and tool-call parsing are the server's; token ids, logprobs and slots are the en
 
 `EventChannel` is a ready RequestStream for engines that run in their own thread: the engine calls
 `put(event)` from any thread, the server iterates on its event loop.
+
+What an engine owes the server:
+- submit() returns at once (it queues); a request the engine cannot run raises ValueError (HTTP 400),
+  one arriving after shutdown() began raises EngineUnavailable (HTTP 503).
+- Events in order: PromptLogprobs (only when asked, before any Tokens), Tokens, then exactly one
+  Finished. Nothing is emitted after a stop id or past max_tokens, even within one speculative step;
+  the stop id itself is emitted, then Finished("stop"); max_tokens reached: Finished("length").
+- Logprobs are of the distribution tokens are drawn from before temperature / top-p / top-k
+  (the model's log-softmax, as vLLM reports them); `top` holds the N most likely, descending.
+- cancel(): stop computing for the request and free its slot; a Finished("abort") may follow.
+- A failure inside a step fails the requests it touched with Finished("error", message); the
+  engine keeps serving the others.
+- Greedy tokens of a request do not depend on what else runs; a seeded request's tokens neither.
 """
 from __future__ import annotations
 
