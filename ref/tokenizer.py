@@ -37,8 +37,12 @@ class Tokenizer:
         """Token ids of `text`; special tokens written in the text are recognised, no BOS is added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def piece(self, token_id: int) -> str | None:
+        """The vocabulary entry of an id as stored (byte-level spelling, e.g. "Ġhello"), None if unknown."""
+        return self._tok.id_to_token(int(token_id))
 
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
