@@ -28,7 +28,7 @@ from jaxrun import model
 from jaxrun.layers import rope_table
 from jaxrun.options import Options, exact_decode_needed
 from jaxrun.params import Params, abstract, declare_cache
-from jaxrun.sampling import Sampling, sample, speculative_choice
+from jaxrun.sampling import Sampling, sample, seed_key, speculative_choice
 from ref.config import FULL
 from ref.modes import Modes
 
@@ -326,6 +326,12 @@ class Runner:
         return self._compile(("insert", B, n, max_len, mtp, K), fn, args, in_shardings=(self.rep,) * 3,
                              out_shardings=self.rep, donate_argnums=(0,))
 
+    def empty_state(self, B: int, max_len: int, mtp: bool = False, K: int = 0) -> DecodeState:
+        """B free slots (zero caches, greedy, token 0 at position 0): a step runs them harmlessly."""
+        zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+        spec = jax.tree.map(zeros, self._state_spec(B, max_len, mtp, K))
+        return jax.device_put(spec, self.rep)
+
     # -- steps on device arrays -------------------------------------------------------------------
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, max_len: int, all_logits: bool = False):
         """Teacher-forced: tokens [B, T] int32 (T a bucket, <= max_len), lengths [B] -> (logits [B, T, V]
@@ -506,8 +512,11 @@ class Prefill:
     every prompt must fit the first chunk (their chunks would not line up)."""
 
     def __init__(self, runner: Runner, prompts: list[list[int]], max_len: int, mtp: bool = False,
-                 chunk: int | None = None):
-        self.runner, self.prompts, self.max_len, self.mtp = runner, prompts, max_len, mtp
+                 chunk: int | None = None, all_logits: bool = False):
+        """all_logits: keep every prompt position's logits (host, `prompt_logits` [B, T, V] float32: row
+        t predicts token t + 1), for prompt logprobs."""
+        self.runner, self.prompts, self.max_len, self.mtp, self.all_logits = runner, prompts, max_len, mtp, all_logits
+        self.prompt_logits: list[np.ndarray] = []
         self.lengths = np.array([len(p) for p in prompts], np.int32)
         longest = int(self.lengths.max())
         self.size = min(chunk or bucket(longest), bucket(longest))
@@ -529,10 +538,13 @@ class Prefill:
             tokens[b, :n[b]] = p[lo:lo + n[b]]
             if lo + n[b] < len(p):
                 following[b] = p[lo + n[b]]
-        f = r.chunk_fn(B, tokens.shape[1], self.max_len, self.mtp)
+        f = r.chunk_fn(B, tokens.shape[1], self.max_len, self.mtp, self.all_logits)
         self.last = f(r.params, self.cache, self.mtp_cache, jnp.asarray(tokens), jnp.asarray(following),
                       jnp.full(B, lo, jnp.int32), jnp.asarray(n), r.rope(self.max_len))
         self.cache, self.mtp_cache = self.last.cache, self.last.mtp_cache
+        if self.all_logits:                                              # [B, T, V]: keep the real rows
+            self.prompt_logits.append(np.asarray(self.last.logits)[:, :int(n.max())])
+            self.last = self.last._replace(logits=self.last.logits[jnp.arange(B), jnp.asarray(np.maximum(n, 1) - 1)])
         self.done_tokens += self.size
         return self.done_tokens >= int(self.lengths.max())
 
@@ -541,7 +553,7 @@ class Prefill:
         with) -> (DecodeState, StepOut)."""
         r, B = self.runner, len(self.prompts)
         samplings = sampling if isinstance(sampling, list) else [sampling] * B
-        keys = jnp.stack([jax.random.PRNGKey(s.seed) for s in samplings]).astype(jnp.uint32)
+        keys = jnp.asarray(np.stack([seed_key(s.seed) for s in samplings]))
         slot = SlotSampling(jnp.asarray([s.temperature for s in samplings], jnp.float32),
                             jnp.asarray([s.top_p for s in samplings], jnp.float32),
                             jnp.asarray([s.top_k for s in samplings], jnp.int32))

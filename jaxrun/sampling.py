@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,13 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int = 0
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """The PRNG key [2] uint32 of a seed, any int64 (negative ones by their two's complement): its high
+    and low 32 bits, as jax.random.PRNGKey makes it for seeds below 2^32."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return np.array([s >> 32, s & 0xFFFFFFFF], np.uint32)
 
 
 def _filtered(logits, temperature, top_p, top_k):

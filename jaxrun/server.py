@@ -249,10 +249,14 @@ def build_app(engine: Engine, tokenizer, served_model_name: str | list[str], max
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 30.0,
                log_level: str = "info", sockets=None) -> int:
-    """Serve until SIGINT / SIGTERM, then shut down gracefully; returns the exit status 0."""
+    """Serve until SIGINT / SIGTERM, then shut down gracefully; returns the exit status 0. Under
+    ref.cli.exit_on_interrupt (jaxrun.serve) the first signal stops the server gracefully and a second
+    one exits at once; otherwise uvicorn's own handlers do."""
     import uvicorn
+    from ref.cli import on_interrupt
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=graceful_timeout))
+    on_interrupt(lambda: setattr(server, "should_exit", True))
     # uvicorn re-raises the signal it handled once it has shut down: answer that with a no-op
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

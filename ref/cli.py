@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 _writing: set[str] = set()  # temporary files of outputs being written (removed on interrupt)
+_on_interrupt: list = []    # an action replacing the exit on the first interrupt (e.g. a server's graceful stop)
 
 
 class UsageError(ValueError):
@@ -116,6 +117,9 @@ def exit_on_interrupt(prog: str) -> None:
 
     def wait():
         signal.sigwait(signals)
+        if _on_interrupt:                       # the first interrupt asks; a second one ends the process
+            _on_interrupt.pop()()
+            signal.sigwait(signals)
         for tmp in list(_writing):
             try:
                 os.unlink(tmp)
@@ -125,6 +129,15 @@ def exit_on_interrupt(prog: str) -> None:
         os._exit(130)
 
     threading.Thread(target=wait, name="interrupt", daemon=True).start()
+
+
+def on_interrupt(action: Callable[[], None]) -> bool:
+    """Run `action` on the first SIGINT / SIGTERM instead of exiting (a second one still exits 130);
+    False when exit_on_interrupt is not in force (the caller then handles signals itself)."""
+    if not any(t.name == "interrupt" for t in threading.enumerate()):
+        return False
+    _on_interrupt[:] = [action]
+    return True
 
 
 def run_main(prog: str, main: Callable[[], int | None]) -> int:

@@ -1,0 +1,132 @@
+"""python -m jaxrun.serve: an OpenAI-compatible server (FastAPI on uvicorn) over the sharded JAX runner,
+with continuous batching (jaxrun.scheduler), so that clients, eval harnesses and `ref.crosscheck
+--server` can use jaxrun like an engine.
+
+    python -m jaxrun.serve                                   # built-in tiny synthetic model, 127.0.0.1:8000
+    python -m jaxrun.serve --model DIR|REPO [--host H] [--port P] [--devices N] [--max-running-requests B]
+        [--max-context N] [--prefill-chunk C] [--precision f32|bf16] [--activations w4a16|w4a4]
+        [--act-scale per-expert|max] [--speculative [K]] [--served-model-name NAME]
+
+Endpoints: POST /v1/completions and /v1/chat/completions (streaming, logprobs, vLLM's prompt_logprobs
+and return_tokens_as_token_ids, reasoning_content, qwen3_coder tool calls), GET /v1/models, /health
+(200 once the model is loaded and its first steps compiled), /metrics (Prometheus). A checkpoint
+without a tokenizer serves token-id prompts only. SIGINT / SIGTERM: stop admitting, finish the requests
+in flight, exit 0 (a second signal exits at once). Bad flags or an unreadable model: one line, exit 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ref.cli import ArgumentParser, HelpFormatter, UsageError, exit_on_interrupt, run_main
+from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
+
+PROG = "jaxrun.serve"
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=f"python -m {PROG}", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", help="checkpoint directory or hub id (default: built-in tiny synthetic model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--devices", type=int, help="devices in the mesh: 1, 2, 4 or 8, dividing the number of experts "
+                   "(default: all visible; on CPU, that many simulated devices)")
+    p.add_argument("--dense", choices=DENSE_LAYOUTS, default="replicated",
+                   help="dense weights replicated on every device or tensor-parallel (default replicated)")
+    p.add_argument("--max-running-requests", type=int, default=8, metavar="B",
+                   help="decode slots: requests generating at once; the others wait (default 8)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="cache positions per request: prompt + max_tokens must fit (default 4096)")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="C",
+                   help="prompt tokens prefilled per scheduler turn, between decode steps (default 256)")
+    add_mode_arguments(p, JAX_PRECISIONS, default_precision=None)
+    p.add_argument("--speculative", nargs="?", const=1, type=int, metavar="K",
+                   help="speculative decoding with K MTP drafts per step (default 1)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the --model argument, or "
+                   "'jaxrun-tiny')")
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="where compiled steps are kept for later runs (default: $JAX_COMPILATION_CACHE_DIR, "
+                        "else $XDG_CACHE_HOME/qwen35-nvfp4-spec/xla); off: compile every run")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")
+    return p.parse_args(argv)
+
+
+def validate(a) -> None:
+    if not 0 < a.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {a.port}")
+    if a.max_running_requests < 1:
+        raise UsageError(f"--max-running-requests must be >= 1, got {a.max_running_requests}")
+    if a.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
+    if a.speculative is not None and a.speculative < 1:
+        raise UsageError(f"--speculative K must be >= 1, got {a.speculative}")
+    if a.devices is not None and a.devices not in (1, 2, 4, 8):
+        raise UsageError(f"--devices must be 1, 2, 4 or 8, got {a.devices}")
+    if a.max_context < 16 + 2 * (a.speculative or 0):
+        raise UsageError(f"--max-context {a.max_context} is too small")
+
+
+def _listen(host: str, port: int):
+    """The listening socket, bound before anything is loaded (a port in use fails at once)."""
+    import socket
+    try:
+        sock = socket.create_server((host, port), reuse_port=False)
+    except OSError as e:
+        raise UsageError(f"--host {host} --port {port}: cannot listen ({e.strerror or e})") from None
+    return sock
+
+
+def run(a) -> int:
+    validate(a)
+    sock = _listen(a.host, a.port)
+    if a.devices and a.devices > 1 and "jax" not in sys.modules:  # simulated CPU devices; no effect on GPUs
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={a.devices}").strip()
+    import jax
+    from jaxrun.load import load
+    from jaxrun.openai_protocol import generation_defaults
+    from jaxrun.options import default_precision
+    from jaxrun.runner import Runner
+    from jaxrun.scheduler import Scheduler
+    from jaxrun.server import build_app, run_server
+    from jaxrun.sharding import check_experts, make_mesh
+    from ref.checkpoint import open_checkpoint
+    from ref.synth import cached_checkpoint, user_cache
+    from ref.tokenizer import load_tokenizer
+
+    if a.compile_cache != "off":
+        jax.config.update("jax_compilation_cache_dir", a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                          or str(user_cache("xla")))
+    ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
+    cfg = ckpt.config.text
+    if a.speculative and not ckpt.has("mtp.fc.weight"):
+        raise UsageError(f"--speculative: {ckpt.directory} has no MTP head (mtp.fc.weight)")
+    if a.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
+        raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
+    tok = load_tokenizer(ckpt.directory) if (ckpt.directory / "tokenizer.json").is_file() else None
+    context = min(a.max_context, cfg.max_position_embeddings)
+    precision = a.precision or default_precision()
+    mesh = make_mesh(a.devices)
+    check_experts(cfg.num_experts, mesh.size)
+    print(f"{PROG}: loading {ckpt.directory} on {mesh.size} {mesh.devices.flat[0].platform} device(s), {precision}",
+          file=sys.stderr, flush=True)
+    _, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=False)
+    runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
+    print(f"{PROG}: compiling ({a.max_running_requests} slots, context {context})", file=sys.stderr, flush=True)
+    engine = Scheduler(runner, a.max_running_requests, context, a.speculative or 0, a.prefill_chunk).start()
+    name = a.served_model_name or a.model or "jaxrun-tiny"
+    app = build_app(engine, tok, name, eos_token_ids=cfg.eos_token_ids,
+                    default_sampling=generation_defaults(ckpt.directory))
+    print(f"{PROG}: serving {name!r} on http://{a.host}:{a.port} (compiled in {runner.timings.compile_s:.1f} s)",
+          file=sys.stderr, flush=True)
+    return run_server(app, a.host, a.port, log_level=a.log_level, sockets=[sock])
+
+
+def main(argv=None) -> int:
+    return run_main(PROG, lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    exit_on_interrupt(PROG)
+    sys.exit(main())
