@@ -9,8 +9,8 @@ One thread owns the device. The decode state has B slots (jaxrun.runner.DecodeSt
 3. runs one decode (or speculative) step of all B slots, and hands each live request its tokens.
 Free slots run along harmlessly (their tokens are ignored). A request's tokens depend only on its own
 prompt and seed: sampling uses per-slot keys, and every row's maths is independent of the others'.
-An exception inside a turn fails the requests it touched (Finished "error") and the engine goes on
-with fresh state.
+An exception inside a turn loses the decode state: the requests it held (running or being prefilled)
+fail (Finished "error"), the waiting ones are served on fresh state.
 """
 from __future__ import annotations
 
@@ -136,15 +136,14 @@ class Scheduler:
             self._take_inbox(block=not (self._waiting or self._running))
             if self._stop.is_set():
                 break
-            touched = list(self._running.values()) + [s for s in self._waiting if s.job is not None]
             try:
                 self._prefill_turn()
                 if self._running:
                     self._decode_turn()
-            except Exception as e:                                     # fail what this turn touched, go on
+            except Exception as e:  # the decode state is lost: fail the sequences it held, go on afresh
                 log.error("scheduler step failed", exc_info=e)
                 msg = f"{type(e).__name__}: {e}"
-                for seq in touched + [s for s in self._waiting if s.job is not None]:
+                for seq in list(self._running.values()) + [s for s in self._waiting if s.job is not None]:
                     self._finish(seq, Finished("error", msg))
                 self._state = self._fresh_state()
 
