@@ -3,7 +3,8 @@
 Metrics (all KL in nats, KL(ref || engine); position t is the prediction of token t from tokens < t):
 - kl_topk: KL over the engine's top-k ids, both distributions renormalised over those ids.
 - kl_full: KL over the whole vocabulary (needs engine logits).
-- top1: the engine's most likely token equals the reference's.
+- top1: the engine's most likely token equals the reference's (an exact tie between the two counts as
+  agreement: bf16 logits tie often).
 - overlap: |engine top-k ∩ reference top-k| / k.
 - max_dlp: max |engine logprob - reference logprob| over the ids the engine reported (its top-k and
   the actual token; with logits: both sides' top-k and the actual token).
@@ -84,7 +85,7 @@ def compare_positions(ref_logits: np.ndarray, token_ids: list[int], eng: io.Engi
             row["kl_full"] = D.kl_full(ref_lp[r], full)
         if top:
             row["eng_top1"] = max(top, key=top.get)
-            row["top1_agree"] = row["eng_top1"] == row["ref_top1"]
+            row["top1_agree"] = D.same_top1(ref_lp[r], row["eng_top1"], full)    # exact ties agree
             row["kl_topk"] = D.kl_topk(ref_lp[r], top)
             row["overlap"] = D.topk_overlap(ref_lp[r], list(top))
         if tok_lp is None and full is not None and t < T:

@@ -25,7 +25,7 @@ def kl_full(ref_lp: np.ndarray, eng_lp: np.ndarray) -> float:
     p = np.exp(ref_lp)
     with np.errstate(invalid="ignore"):
         terms = np.where(p > 0, p * (ref_lp - eng_lp), 0.0)
-    return float(np.sum(terms))
+    return max(0.0, float(np.sum(terms)))  # >= 0 exactly; the sum of rounded terms can fall below by an ulp
 
 
 def kl_topk(ref_lp: np.ndarray, eng_top: dict[int, float]) -> float:
@@ -35,7 +35,7 @@ def kl_topk(ref_lp: np.ndarray, eng_top: dict[int, float]) -> float:
     p = ref_lp[ids]
     p = p - _logsumexp(p)
     q = q - _logsumexp(q)
-    return float(np.sum(np.exp(p) * (p - q)))
+    return max(0.0, float(np.sum(np.exp(p) * (p - q))))
 
 
 def top_ids(lp: np.ndarray, k: int) -> np.ndarray:
@@ -44,6 +44,14 @@ def top_ids(lp: np.ndarray, k: int) -> np.ndarray:
     kth = np.partition(lp, lp.shape[-1] - k)[lp.shape[-1] - k]      # k-th largest value
     cand = np.flatnonzero(lp >= kth)                                # every id that can be in the top k
     return cand[np.lexsort((cand, -lp[cand]))][:k]
+
+
+def same_top1(ref_lp: np.ndarray, eng_top1: int, eng_lp=None) -> bool:
+    """Whether the engine's most likely token is also the reference's: equal ids, or an exact tie
+    between the two ids in the reference (or, given the engine's row eng_lp, in the engine)."""
+    ref_top1 = int(top_ids(ref_lp, 1)[0])
+    return bool(eng_top1 == ref_top1 or ref_lp[eng_top1] == ref_lp[ref_top1]
+                or (eng_lp is not None and eng_lp[eng_top1] == eng_lp[ref_top1]))
 
 
 def topk_overlap(ref_lp: np.ndarray, eng_ids: list[int]) -> float:

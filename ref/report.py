@@ -67,31 +67,31 @@ def format_report(rep: dict, max_rows: int = 40) -> str:
 
 
 def plot_report(rep: dict, path: str | Path) -> None:
-    """Per-position KL and per-layer rel_err, log scale, thresholds dashed. Needs matplotlib."""
+    """Per-position KL and, when the engine dumped layers, per-layer rel_err; log scale, thresholds
+    dashed. Needs matplotlib."""
     require_matplotlib()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     th = rep["thresholds"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     key = "kl_full" if rep["summary"].get("kl_kind") == "full" else "kl_topk"
     pts = [(r["t"], r[key]) for r in rep["positions"] if key in r]
-    ax = axes[0]
-    if pts:
-        ax.semilogy([t for t, _ in pts], [max(v, 1e-12) for _, v in pts], ".-")
-        ax.axhline(th["max_kl_pos"], ls="--", c="r")
-    ax.set(title=f"{key} per position", xlabel="position t", ylabel="KL(ref || engine), nats")
-    ax = axes[1]
     hid = [r for r in rep["layers"] if r["kind"] == "hidden"]
-    if hid:
-        def clip(v):
-            return 1e3 if v is None or not np.isfinite(v) else max(v, 1e-12)
-        ax.semilogy(range(len(hid)), [clip(r.get("local_err")) for r in hid], "o-", label="local (this step)")
-        ax.semilogy(range(len(hid)), [clip(r["rel_err"]) for r in hid], "x:", label="cumulative")
-        ax.set_xticks(range(len(hid)), [r["name"] for r in hid], rotation=90, fontsize=6)
-        ax.axhline(th["layer_rtol"], ls="--", c="r")
-        ax.legend()
-    ax.set(title="dumped hidden states", ylabel="relative error")
+    panels = [p for p, data in (("positions", pts), ("layers", hid)) if data]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "positions":
+            ax.semilogy([t for t, _ in pts], [max(v, 1e-12) for _, v in pts], ".-")
+            ax.axhline(th["max_kl_pos"], ls="--", c="r")
+            ax.set(title=f"{key} per position", xlabel="position t", ylabel="KL(ref || engine), nats")
+        else:
+            clip = lambda v: 1e3 if v is None or not np.isfinite(v) else max(v, 1e-12)
+            ax.semilogy(range(len(hid)), [clip(r.get("local_err")) for r in hid], "o-", label="local (this step)")
+            ax.semilogy(range(len(hid)), [clip(r["rel_err"]) for r in hid], "x:", label="cumulative")
+            ax.set_xticks(range(len(hid)), [r["name"] for r in hid], rotation=90, fontsize=6)
+            ax.axhline(th["layer_rtol"], ls="--", c="r")
+            ax.legend()
+            ax.set(title="dumped hidden states", ylabel="relative error")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

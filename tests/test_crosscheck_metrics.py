@@ -128,3 +128,35 @@ def test_max_row_rel_err():
     ref, eng = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]]), np.array([[3.0, 4.0], [np.nan, 0.0], [0.0, 1.0]])
     rows = D.row_rel_err(ref, eng)
     assert rows.tolist() == [0.0, math.inf, math.inf]
+
+
+@given(arrays(np.float64, 64, elements=st.floats(-30, 30)), st.integers(0, 2 ** 32 - 1))
+def test_kl_is_never_negative(logits, seed):
+    """Rows equal up to rounding (an engine's bf16 logits of the same values) give KL >= 0, never -1e-16."""
+    ref = D.log_softmax(logits)
+    noise = np.random.default_rng(seed).normal(0, 1e-15, logits.shape)
+    eng = D.log_softmax(logits + noise)
+    assert D.kl_full(ref, eng) >= 0 and D.kl_topk(ref, {i: float(eng[i]) for i in range(5)}) >= 0
+
+
+def test_exact_logit_ties_are_not_top1_disagreements():
+    """The engine picks the other of two exactly tied tokens: top-1 agrees, no greedy divergence."""
+    ref_logits = np.array([[0.0, 2.0, 1.0, 2.0], [3.0, 0.0, 0.0, 0.0]])     # row 0: ids 1 and 3 tie
+    eng = np.array([[0.0, 1.99, 1.0, 2.0], [3.0, 0.0, 0.0, 0.0]])           # the engine prefers 3
+    rows = compare_positions(ref_logits, [0, 1], eng_logits=eng, top_k=2)
+    assert rows[0]["eng_top1"] == 3 and rows[0]["ref_top1"] == 1 and rows[0]["top1_agree"]
+    assert summarize(rows)["first_greedy_divergence"] is None
+    eng[0, 1] = 1.0                                                         # now 1 is clearly second
+    ref_logits[0, 3] = 1.5
+    assert not compare_positions(ref_logits, [0, 1], eng_logits=eng, top_k=2)[0]["top1_agree"]
+
+
+def test_plot_without_dumps_has_one_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ref.report import plot_report
+    rep = {"thresholds": {"max_kl_pos": 0.25, "layer_rtol": 0.025}, "summary": {"kl_kind": "full"},
+           "positions": [{"t": 1, "kl_full": 1e-3}, {"t": 2, "kl_full": 2e-3}], "layers": []}
+    plot_report(rep, tmp_path / "p.png")
+    png = (tmp_path / "p.png").read_bytes()
+    width = int.from_bytes(png[16:20], "big")
+    assert png[:4] == b"\x89PNG" and width == 6 * 120                       # one 6-inch panel at 120 dpi
