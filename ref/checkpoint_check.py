@@ -16,6 +16,7 @@ does not explain.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import re
 import sys
@@ -511,6 +512,50 @@ def summary(ckpt: Checkpoint) -> str:
 # ------------------------------------------------------------------------------------------------
 # CLI
 
+MAX_GROUPS = 40  # problem lines printed by the CLI at most
+
+
+def grouped(found: list[Finding]) -> list[str]:
+    """One line per kind of problem: findings whose tensor names and messages differ only in numbers
+    (layer, expert, shard indices) are one group, shown by its first member and a count."""
+    groups: dict[tuple, list[Finding]] = defaultdict(list)
+    for f in found:
+        groups[(f.severity, re.sub(r"\d+", "*", f.tensor), re.sub(r"\d+", "#", f.message))].append(f)
+    lines = []
+    for (_, pattern, _), members in groups.items():
+        more = f" (and {len(members) - 1} more like '{pattern}')" if len(members) > 1 else ""
+        lines.append(f"{members[0].severity}: {members[0]}{more}")
+    return lines
+
+
+def likely_cause(ckpt: Checkpoint, errors: list[Finding]) -> str | None:
+    """When tensors disagree with the config in shape, the config field that explains them: of the
+    integer fields of the config's size, the one whose value set to the size found makes the most
+    mismatched tensors match ('config says num_experts = 32, the checkpoint has 16 (5 tensors)')."""
+    shapes = {}
+    for f in errors:
+        if re.search(r"shape \[[\d, ]*\], expected \[", f.message) and ckpt.has(f.tensor):
+            shapes[f.tensor] = tuple(ckpt.file_of(f.tensor).info(f.tensor).shape)
+    best = (0, None, None, None)
+    for name, want in vars(ckpt.config.text).items():
+        if not isinstance(want, int) or isinstance(want, bool):
+            continue
+        for have in {d for shape in shapes.values() for d in shape} - {want}:
+            cfg = dataclasses.replace(ckpt.config, text=dataclasses.replace(ckpt.config.text, **{name: have}))
+            try:
+                expected = layout.dense_tensors(cfg)
+            except (ValueError, ArithmeticError, LookupError):  # a size the config cannot take
+                continue
+            n = sum(expected.get(t) == shape for t, shape in shapes.items())
+            if n > best[0]:
+                best = (n, name, want, have)
+    n, name, want, have = best
+    if n < 2:
+        return None
+    return (f"{ckpt.directory / 'config.json'}: likely cause: config says {name} = {want}, the checkpoint has "
+            f"{have} ({n} tensors match {name} = {have})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ref.checkpoint")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -525,12 +570,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     errors = [f for f in found if f.severity == "error"]
-    for f in errors:
-        print(f"error: {f}", file=sys.stderr)
     if errors:
+        lines = grouped(errors)
+        cause = likely_cause(ckpt, errors)
+        for line in ([f"error: {cause}"] if cause else []) + lines[:MAX_GROUPS]:
+            print(line, file=sys.stderr)
+        if len(lines) > MAX_GROUPS:
+            print(f"error: {ckpt.directory}: {len(lines) - MAX_GROUPS} more kinds of problem not shown "
+                  f"({len(errors)} problems in all)", file=sys.stderr)
         return 2
     print(summary(ckpt))
-    for f in found:
-        print(f"warning: {f}")
+    for line in grouped(found):
+        print(line)
     print(f"ok: valid, {len(found)} lint warning(s)")
     return 0

@@ -139,6 +139,19 @@ def test_config_shape_mismatch_names_tensors(tiny_checkpoint, tmp_path, capsys):
     assert code == 2 and f"{P0}.0.gate_proj.weight': shape [32, 32], expected [48, 32]" in err
 
 
+def test_config_disagreeing_with_every_layer_gives_grouped_lines_and_the_cause(tiny_checkpoint, tmp_path, capsys):
+    """num_experts wrong in the config: hundreds of tensors disagree, a handful of lines say so, the first
+    naming the config field that explains them."""
+    d = _broken(tiny_checkpoint, tmp_path, config=lambda c: c["text_config"].update(num_experts=32))
+    code, out, err = run_check(d, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) <= 12
+    assert lines[0] == f"error: {d}/config.json: likely cause: config says num_experts = 32, the checkpoint has 16 " \
+                       f"(5 tensors match num_experts = 16)"
+    assert any("(and 63 more like 'model.language_model.layers.*.mlp.experts.*.gate_proj.weight')" in line
+               for line in lines)
+
+
 def test_unreadable_shard_exit_2(tiny_checkpoint, tmp_path, capsys):
     d = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
     shard_of(d, "lm_head.weight").write_bytes(b"\xff" * 16)
