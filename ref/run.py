@@ -1,7 +1,8 @@
 """python -m ref.run: teacher-forced logits, layer dumps and greedy tokens from the NumPy reference.
 
 Bad input (unreadable model, token ids outside the vocabulary, empty prompt, bad option) prints one
-line on stderr and exits 2 without writing any output file. Progress goes to stderr.
+line on stderr and exits 2 without writing any output file; an interrupt prints one line and exits
+130. Progress goes to stderr: a bar over the layers run (--verbose: a line per layer, --quiet: none).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unles
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from ref.cli import ArgumentParser, UsageError, atomic_write, check_output_path, check_token_ids, \
     exit_on_interrupt, parse_token_ids, run_main  # noqa: E402
@@ -34,6 +36,9 @@ def _parser() -> ArgumentParser:
     add_mode_arguments(ap)
     ap.add_argument("--dump-layers", type=Path, help="write per-layer tensors to this .safetensors")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="greedy continuation length (default 0)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--verbose", action="store_true", help="a line per layer with its time, instead of a bar")
+    out.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
 
 
@@ -68,9 +73,13 @@ def run(args) -> None:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     ckpt = open_checkpoint(args.model)
     ids, tok = _token_ids(args, ckpt)
-    say = lambda msg: print(f"[ref.run] {msg}", file=sys.stderr, flush=True)
+    say = lambda msg: None if args.quiet else print(f"[ref.run] {msg}", file=sys.stderr, flush=True)
     modes = modes_from_args(args)
-    model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale, progress=say)
+    L = ckpt.config.text.num_hidden_layers
+    bar = tqdm(total=L * (1 + args.max_new_tokens), unit="layer", desc="ref.run", file=sys.stderr,
+               disable=args.quiet or args.verbose)
+    progress = say if args.verbose else lambda msg: bar.update()
+    model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale, progress=progress)
     say(f"{len(ids)} tokens, {modes.describe()}")
     t0 = time.perf_counter()
     dumps = {} if args.dump_layers else None
@@ -83,6 +92,7 @@ def run(args) -> None:
             say(f"no tokenizer, text not shown ({e})")
     stop_ids = tuple(ckpt.config.text.eos_token_ids) + (tok.eos_token_ids if tok else ())  # + generation_config
     new = model.continue_greedy(logits[-1], cache, args.max_new_tokens, stop_ids)
+    bar.close()
     if args.logits_out:
         atomic_write(args.logits_out, lambda f: np.save(f, logits))
         say(f"wrote {args.logits_out} {logits.shape} {logits.dtype}")
