@@ -73,11 +73,11 @@ def run(args) -> None:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     ckpt = open_checkpoint(args.model)
     ids, tok = _token_ids(args, ckpt)
-    say = lambda msg: None if args.quiet else print(f"[ref.run] {msg}", file=sys.stderr, flush=True)
+    say = lambda msg: None if args.quiet else tqdm.write(f"[ref.run] {msg}", file=sys.stderr)
     modes = modes_from_args(args)
     L = ckpt.config.text.num_hidden_layers
-    bar = tqdm(total=L * (1 + args.max_new_tokens), unit="layer", desc="ref.run", file=sys.stderr,
-               disable=args.quiet or args.verbose)
+    bar = tqdm(total=L * max(1, args.max_new_tokens), unit="layer", desc="ref.run", file=sys.stderr,
+               disable=args.quiet or args.verbose)      # the prefill, then a step per token after the first
     progress = say if args.verbose else lambda msg: bar.update()
     model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale, progress=progress)
     say(f"{len(ids)} tokens, {modes.describe()}")

@@ -34,7 +34,7 @@ def test_logits_dumps_and_greedy_tokens(tiny_checkpoint, model, tmp_path, capsys
     want = model.generate(IDS, 3, stop_ids=model.cfg.eos_token_ids)
     assert f"generated ids: {','.join(map(str, want))}" in captured.out
     assert "generated text:" in captured.out
-    assert "ref.run: 100%" in captured.err and "linear_attention" not in captured.err  # a bar, not a line per layer
+    assert "ref.run: 100%" in captured.err and "linear_attention" not in captured.err  # a bar, not lines
     main(["--model", str(tiny_checkpoint), "--token-ids", "1,2", "--verbose"])
     assert "layer 4/4" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.safetensors", "logits.npy"]
