@@ -4,9 +4,9 @@ Each generated token's logits are compared with ref.model's teacher-forced logit
 sequence (float64, the same activations mode and act-scale rule); with the MTP head, its drafts too:
   f32:  max |Δ logit| <= F32_BOUND * max(1, max |ref logit|), and top-1 equal unless the ref's top-2
         gap is below 2 max |Δ| (a near tie);
-  bf16: KL(ref || jaxrun) <= BF16_MEAN_KL on average over a sequence's tokens and <= BF16_MAX_KL for
-        every token (bf16 rounding can flip a near-tied expert choice, a discrete jump at one token),
-        and the same top-1 rule.
+  bf16: KL(ref || jaxrun) within bf16_bounds(activations) on average over a sequence's tokens and for
+        every token (bf16 rounding can flip a near-tied expert choice, a discrete jump at one token,
+        and under W4A4 it flips NVFP4 activation codes), and the same top-1 rule.
 """
 from __future__ import annotations
 
@@ -17,16 +17,25 @@ import numpy as np
 from ref.divergence import kl_full, log_softmax
 
 F32_BOUND = 1e-3                             # max |Δ logit| / max(1, max |ref logit|)
-BF16_MEAN_KL, BF16_MAX_KL = 0.02, 0.25       # KL(ref || jaxrun) per sequence (mean) and per token
+BF16_MEAN_KL, BF16_MAX_KL = 0.02, 0.25       # W4A16: KL(ref || jaxrun) per sequence (mean) and per token
+BF16_W4A4_MEAN_KL, BF16_W4A4_MAX_KL = 0.25, 0.8   # W4A4: bf16 rounding flips NVFP4 activation codes
 
 
-def compare(a, b, precision: str) -> tuple[float, float, bool]:
+def bf16_bounds(activations: str) -> tuple[float, float]:
+    """(mean KL per sequence, KL per token) a faithful bf16 run stays within, against ref f64 in the
+    same activations mode: bench/check_bounds.py measures both jaxrun bf16 and ref bf16; the bounds
+    sit above the largest values seen there with a margin."""
+    return (BF16_W4A4_MEAN_KL, BF16_W4A4_MAX_KL) if activations == "w4a4" else (BF16_MEAN_KL, BF16_MAX_KL)
+
+
+def compare(a, b, precision: str, activations: str = "w4a16") -> tuple[float, float, bool]:
     """ref logits a [V] (float64) vs jaxrun's b [V] -> (max |Δ|, KL(ref || jaxrun), within the
-    precision's per-token bound)."""
+    mode's per-token bound)."""
     d = float(np.abs(a - b).max())
     kl = kl_full(log_softmax(a), log_softmax(b))
-    bound = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else kl <= BF16_MAX_KL
-    return d, kl, bound
+    within = d <= F32_BOUND * max(1.0, float(np.abs(a).max())) if precision == "f32" else \
+        kl <= bf16_bounds(activations)[1]
+    return d, kl, within
 
 
 def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert", out=None) -> bool:
@@ -42,7 +51,7 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
         rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
         for i, jl in enumerate(r.logits):
             a, b = rl[i], np.asarray(jl, np.float64)
-            d, kl, bound = compare(a, b, precision)
+            d, kl, bound = compare(a, b, precision, activations)
             top = np.sort(a)[-2:]
             agree = int(np.argmax(a)) == int(np.argmax(b))
             near_tie = top[1] - top[0] < 2 * d
@@ -51,13 +60,14 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
             ok &= good
             print(f"check [{n}] step {i}: max|dlogit| {d:.3e}  KL {kl:.3e}  top1 {'agree' if agree else 'DIFFER'}"
                   f"{'' if good else '  <-- beyond bound'}", file=out)
-        if precision == "bf16" and kls and np.mean(kls) > BF16_MEAN_KL:
+        mean_bound = bf16_bounds(activations)[0]
+        if precision == "bf16" and kls and np.mean(kls) > mean_bound:
             ok = False
-            print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {BF16_MEAN_KL}  <-- beyond bound", file=out)
+            print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {mean_bound}  <-- beyond bound", file=out)
         if r.mtp_logits:                                                 # ref row t drafts token t + 2
             want = ref.mtp_logits(r.prompt_token_ids + r.token_ids)[len(r.prompt_token_ids) - 1:]
             for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
-                d, kl, good = compare(a, np.asarray(b, np.float64), precision)
+                d, kl, good = compare(a, np.asarray(b, np.float64), precision, activations)
                 ok &= good
                 print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}"
                       f"{'' if good else '  <-- beyond bound'}", file=out)

@@ -38,6 +38,11 @@ the acceptance rate per draft position, and the mean acceptance length (tokens p
 --act-scale; with --mtp also the MTP head's logits) and reports, per generated token, max |Δ logit|,
 KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bounds of jaxrun.check.
 
+--step-timeout S (default 600, 0 = off): once compiled, a step (the prefill, one decode or
+speculative step) that has not finished after S seconds ends the run with one line on stderr naming
+the step and its compiled function, exit status 3: a computation stuck inside XLA cannot be
+interrupted, so a wedged run says so instead of waiting forever.
+
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
 values, token ids outside the vocabulary) prints one line on stderr and exits 2; an interrupt
 prints one line and exits 130.
@@ -54,6 +59,7 @@ from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, 
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
 
 PROG = "jaxrun.generate"
+STEP_TIMEOUT = 600.0  # seconds a compiled step may take before the watchdog ends the run
 
 
 def parse_args(argv):
@@ -85,6 +91,9 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of text")
     p.add_argument("--check", action="store_true", help="recompute with ref.model and compare logits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT, metavar="SECONDS",
+                   help="end the run (exit status 3) when a compiled step makes no progress for this long; "
+                        f"0 = wait forever (default {STEP_TIMEOUT:g})")
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="where compiled steps are kept for later runs (default: $JAX_COMPILATION_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/qwen35-nvfp4-spec/xla); off: compile every run")
@@ -107,6 +116,8 @@ def validate(a) -> None:
         raise UsageError(f"--devices must be 1, 2, 4 or 8, got {a.devices}")
     if a.max_context is not None and a.max_context < 2:
         raise UsageError(f"--max-context must be >= 2, got {a.max_context}")
+    if not 0 <= a.step_timeout < float("inf"):
+        raise UsageError(f"--step-timeout must be a number of seconds >= 0 (0 = off), got {a.step_timeout}")
 
 
 def prompts_from(a, tok, vocab: int) -> list[list[int]]:
@@ -242,6 +253,7 @@ def run(a) -> int:
     from jaxrun.runner import Runner, speculative_stats
     from jaxrun.sampling import Sampling
     from jaxrun.sharding import check_experts, make_mesh
+    from jaxrun.watchdog import Watchdog
     from ref.checkpoint import open_checkpoint
     from ref.synth import cached_checkpoint, user_cache
 
@@ -277,9 +289,14 @@ def run(a) -> int:
             print(displays[0].update(text_of(results[0].token_ids)[0]), end="", flush=True)
         return stopped
 
-    results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
-                              stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step, mtp=a.mtp,
-                              speculative=a.speculative or 0)
+    watchdog = Watchdog(a.step_timeout, " (--step-timeout)", prog=PROG) if a.step_timeout else None
+    try:
+        results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
+                                  stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step,
+                                  mtp=a.mtp, speculative=a.speculative or 0, progress=watchdog and watchdog.phase)
+    finally:
+        if watchdog:
+            watchdog.stop()
     t = runner.timings
     for b, r in enumerate(results):
         text, hit = text_of(r.token_ids)

@@ -106,10 +106,32 @@ def _output(o, z, p: GatedDeltaNet, cfg: TextConfig, opts: Options):
     return linear(y, p.out_proj, opts)
 
 
-def chunked_delta_rule(q, k, v, beta, g, s0, chunk):
+def unit_lower_solve(a, b):
+    """X with (I + a) X = b: a [..., c, c] strictly lower triangular, b [..., c, d] -> [..., c, d], by
+    forward substitution in plain XLA ops (row i = b_i - a_i X; the rows of X from i on still hold b,
+    where a_i is zero). Options.triangular_solve "substitution" (CPU): jaxlib's batched LAPACK solve
+    (0.10) splits a large batch into tasks on XLA's intra-op thread pool and blocks its own pool thread
+    until they finish, so once every pool thread is blocked in such a solve or a collective (several
+    devices on few cores) nothing runs the tasks and the step deadlocks. This loop never waits on the pool."""
+    def row(r, x):
+        ar = lax.dynamic_index_in_dim(a, r, axis=-2, keepdims=False)      # [..., c]
+        br = lax.dynamic_index_in_dim(b, r, axis=-2, keepdims=False)      # [..., d]
+        return lax.dynamic_update_index_in_dim(x, br - jnp.einsum("...c,...cd->...d", ar, x, precision=HIGHEST),
+                                               r, axis=-2)
+
+    return lax.fori_loop(1, b.shape[-2], row, b)
+
+
+def _unit_lower_lapack(a, b):
+    """unit_lower_solve by the platform's triangular solve (a's zero diagonal taken as the unit one)."""
+    return jax.scipy.linalg.solve_triangular(a, b, lower=True, unit_diagonal=True)
+
+
+def chunked_delta_rule(q, k, v, beta, g, s0, chunk, solve=unit_lower_solve):
     """Chunked gated delta rule from state s0 [B, H, dk, dv] f32. q, k [B, T, H, dk], v [B, T, H, dv],
     beta, g [B, T, H] (T a multiple of chunk; padded steps have beta = g = 0 and are no-ops) -> o
-    [B, T, H, dv] f32, final state. Intra-chunk terms for all chunks at once, `lax.scan` over chunks."""
+    [B, T, H, dv] f32, final state. Intra-chunk terms for all chunks at once, `lax.scan` over chunks;
+    solve(a, b): X with (I + a) X = b (unit_lower_solve, or the platform's solver)."""
     B, T, H, dk = q.shape
     n = T // chunk
 
@@ -124,10 +146,8 @@ def chunked_delta_rule(q, k, v, beta, g, s0, chunk):
     lower = i[:, None] >= i[None, :]
     decay = jnp.exp(jnp.where(lower, gam[..., :, None] - gam[..., None, :], -jnp.inf))  # Γ [.., c, c]
     a = jnp.where(i[:, None] > i[None, :], beta[..., :, None] * mm("...cd,...sd->...cs", k, k) * decay, 0.0)
-    m = a + jnp.eye(chunk, dtype=a.dtype)
-    solve = partial(jax.scipy.linalg.solve_triangular, lower=True, unit_diagonal=True)
-    u = solve(m, beta[..., None] * v)                                    # [n, B, H, c, dv]
-    w = solve(m, (beta * jnp.exp(gam))[..., None] * k)                   # [n, B, H, c, dk]
+    u = solve(a, beta[..., None] * v)                                    # [n, B, H, c, dv]: (I + a) u = beta v
+    w = solve(a, (beta * jnp.exp(gam))[..., None] * k)                   # [n, B, H, c, dk]
     qk = mm("...cd,...sd->...cs", q, k) * decay
     qg = q * jnp.exp(gam)[..., None]
     last = gam[..., -1:]
@@ -169,7 +189,8 @@ def gdn_prefill(x, lengths, p: GatedDeltaNet, cache: DeltaNetCache, cfg: TextCon
     q, k, v, beta, g = _gdn_inputs(conv, b, a, p, cfg)
     live = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]       # [B, T, 1]
     beta, g = jnp.where(live, beta, 0.0), jnp.where(live, g, 0.0)
-    o, state = chunked_delta_rule(q, k, v, beta, g, cache.state, min(T, CHUNK))
+    solve = unit_lower_solve if opts.triangular_solve == "substitution" else _unit_lower_lapack
+    o, state = chunked_delta_rule(q, k, v, beta, g, cache.state, min(T, CHUNK), solve)
     return _output(o, z, p, cfg, opts), DeltaNetCache(conv_state, state)
 
 

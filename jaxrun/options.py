@@ -20,6 +20,7 @@ from ref.modes import ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, Modes, check_choi
 
 SPARE_SLOTS = ("skip", "repeat")
 EXPERT_KERNELS = ("loop",)
+TRIANGULAR_SOLVES = ("substitution", "lapack")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Options:
     decode_apart: bool = True           # the expert loop decodes each expert in a computation apart
                                         # (a cond; XLA:CPU then copies the expert's slice out first)
     expert_kernel: str = "loop"         # how many tokens run through the routed experts
+    triangular_solve: str = "substitution"  # DeltaNet's chunk solve: forward substitution in XLA ops (CPU:
+                                        # jaxlib's LAPACK solve can deadlock XLA's thread pool) or "lapack"
 
     def __post_init__(self):
         check_choice("precision", self.precision, JAX_PRECISIONS)
@@ -45,6 +48,7 @@ class Options:
         check_choice("act_scale", self.act_scale, ACT_SCALES)
         check_choice("spare_slots", self.spare_slots, SPARE_SLOTS)
         check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        check_choice("triangular_solve", self.triangular_solve, TRIANGULAR_SOLVES)
 
     @property
     def dtype(self):
@@ -63,7 +67,8 @@ class Options:
         platform = platform or mesh.devices.flat[0].platform
         cpu = platform == "cpu"
         return Options(mesh, modes.precision, modes.activations, modes.act_scale, flushes_subnormals=cpu,
-                       widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu)
+                       widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu,
+                       triangular_solve="substitution" if cpu else "lapack")
 
     @staticmethod
     def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":

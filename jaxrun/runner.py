@@ -387,7 +387,7 @@ class Runner:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None,
-                 mtp: bool = False, speculative: int = 0) -> list[Result]:
+                 mtp: bool = False, speculative: int = 0, progress=None) -> list[Result]:
         """Prefill all prompts together, then decode them together until each has max_new_tokens or
         produced a stop id (kept as its last token). on_step(results, done [B]) runs after each step and
         may return a bool array [B] of further sequences to stop (e.g. on stop text). mtp: run the MTP
@@ -397,7 +397,9 @@ class Runner:
         drafts by sampling.speculative_choice, so a step emits 1 .. K+1 tokens, distributed as plain
         sampling's (greedy: the same tokens, drafts kept while the model agrees). Each step is queued
         on the device before the host reads the previous step's tokens, so the host's bookkeeping
-        overlaps the device's work; a step queued when every sequence has ended is dropped."""
+        overlaps the device's work; a step queued when every sequence has ended is dropped.
+        progress(what): called (once everything is compiled) before each step the host then waits for,
+        naming it and its compiled functions (jaxrun.watchdog.Watchdog.phase)."""
         K = int(speculative)
         mtp = mtp or K > 0
         if mtp and not self.has_mtp:
@@ -407,6 +409,10 @@ class Runner:
         if max_new_tokens <= 0:
             return results
         self._compile_ahead(prompts, S, mtp, K)
+        progress = progress or (lambda what: None)
+        where = f"on {self.mesh.size} {self.mesh.devices.flat[0].platform} device(s)"
+        progress(f"prefill of {len(prompts)} x {bucket(max(map(len, prompts)))} tokens, context {S} (compiled "
+                 f"'prefill', 'first') {where}")
         t0, c0 = time.perf_counter(), time.process_time()
         state, first = self.start(prompts, S, sampling, mtp, K)
         done = np.zeros(len(prompts), bool)
@@ -416,7 +422,9 @@ class Runner:
         self.timings.prefill_tokens += sum(len(p) for p in prompts)
         t0, c0 = time.perf_counter(), time.process_time()
         _ask(on_step, results, done)
-        self._decode_loop(state, results, done, S, K, stop_ids, max_new_tokens, keep_logits, on_step)
+        kind = "verify" if K else "decode"
+        step_progress = lambda n: progress(f"{kind} step {n} (compiled '{kind}') {where}")
+        self._decode_loop(state, results, done, S, K, stop_ids, max_new_tokens, keep_logits, on_step, step_progress)
         self.timings.decode_s += time.perf_counter() - t0
         self.timings.decode_cpu_s += time.process_time() - c0
         return results
@@ -458,12 +466,13 @@ class Runner:
         return host
 
     def _decode_loop(self, state: DecodeState, results, done, S: int, K: int, stop_ids, max_new_tokens: int,
-                     keep_logits: bool, on_step) -> None:
+                     keep_logits: bool, on_step, progress) -> None:
         """Steps until every sequence has ended; each is queued before the previous one's tokens are read."""
         pending = None
-        for _ in range(1, max_new_tokens):
+        for n in range(1, max_new_tokens):
             if done.all():
                 break
+            progress(n)
             state, out = self.step(state, S)                               # queued; the host goes on
             if pending is not None:
                 self._after_step(results, done, pending, stop_ids, max_new_tokens, K, on_step)
