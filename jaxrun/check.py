@@ -17,14 +17,15 @@ import numpy as np
 from ref.divergence import kl_full, log_softmax
 
 F32_BOUND = 1e-3                             # max |Δ logit| / max(1, max |ref logit|)
-BF16_MEAN_KL, BF16_MAX_KL = 0.02, 0.25       # W4A16: KL(ref || jaxrun) per sequence (mean) and per token
-BF16_W4A4_MEAN_KL, BF16_W4A4_MAX_KL = 0.25, 0.8   # W4A4: bf16 rounding flips NVFP4 activation codes
+BF16_MEAN_KL, BF16_MAX_KL = 0.08, 0.8        # W4A16: KL(ref || jaxrun) per sequence (mean) and per token
+BF16_W4A4_MEAN_KL, BF16_W4A4_MAX_KL = 0.4, 1.8    # W4A4: bf16 rounding also flips NVFP4 activation codes
 
 
 def bf16_bounds(activations: str) -> tuple[float, float]:
     """(mean KL per sequence, KL per token) a faithful bf16 run stays within, against ref f64 in the
-    same activations mode: bench/check_bounds.py measures both jaxrun bf16 and ref bf16; the bounds
-    sit above the largest values seen there with a margin."""
+    same activations mode. bench/check_bounds.py measures them for jaxrun bf16 and for ref bf16 (the
+    reference's own bf16 engine) over random prompts; the bounds are 1.5x the largest values seen
+    over 64 prompts of the tiny model (one prompt flipping a near-tied expert gives the spikes)."""
     return (BF16_W4A4_MEAN_KL, BF16_W4A4_MAX_KL) if activations == "w4a4" else (BF16_MEAN_KL, BF16_MAX_KL)
 
 

@@ -337,3 +337,14 @@ def test_cli_bad_input_exits_2(tiny_checkpoint, capsys, args, words):
     assert cli_main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jaxrun.generate: error:") and words in err[0]
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+@pytest.mark.parametrize("activations, act_scale", [("w4a16", "per-expert"), ("w4a4", "per-expert"), ("w4a4", "max")])
+def test_cli_check_passes_in_every_mode(tiny_checkpoint, capsys, precision, activations, act_scale):
+    """--check in every supported mode combination: a faithful run is within its mode's bound."""
+    argv = ["--model", str(tiny_checkpoint), "--token-ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "6",
+            "--precision", precision, "--activations", activations, "--act-scale", act_scale, "--check", "--quiet",
+            "--json"]
+    assert cli_main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert f"check: PASS ({precision} {activations} vs ref f64)" in capsys.readouterr().err
