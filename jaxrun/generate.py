@@ -209,6 +209,19 @@ def speculative_summary(stats: dict) -> str:
             + (f" (per position {rates}; mean acceptance length {length:.2f})" if stats["steps"] else ""))
 
 
+def note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def compile_progress(name: str, done) -> None:
+    """'compiling prefill ... 3.1 s' (or '... from the compile cache, 0.4 s') on stderr, one line each."""
+    if done is None:
+        print(f"{PROG}: compiling {name} ...", end="", file=sys.stderr, flush=True)
+    else:
+        seconds, cached = done
+        print(f" {'from the compile cache, ' if cached else ''}{seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def _context(a, ckpt, prompts) -> int:
     """The cache length, checked against what the run needs (before any weight is read)."""
     from jaxrun.runner import Runner
@@ -269,8 +282,12 @@ def run(a) -> int:
     ctx = _context(a, ckpt, prompts)
     mesh = make_mesh(a.devices)
     check_experts(cfg.num_experts, mesh.size)
+    if not a.model and not a.quiet:
+        note("the built-in tiny model has random weights: its text is noise (give --model for a real one)")
     ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
     runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
+    if not a.quiet:
+        runner.on_compile = compile_progress
     texts = [tok.decode(p) if tok else "" for p in prompts]
     stream = len(prompts) == 1 and not a.json
     displays = [Display(t, a.hide_thinking, sys.stdout.isatty()) for t in texts]

@@ -35,6 +35,11 @@ from ref.modes import Modes
 MIN_BUCKET = 16
 
 
+_CACHE_HITS = [0]  # compiled functions loaded from JAX's persistent compilation cache, in this process
+jax.monitoring.register_event_listener(
+    lambda event, **_: _CACHE_HITS.__setitem__(0, _CACHE_HITS[0] + (event == "/jax/compilation_cache/cache_hits")))
+
+
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -158,6 +163,7 @@ class Runner:
         self.params = params
         self.rep = NamedSharding(mesh, P())
         self.traces: Counter = Counter()
+        self.on_compile = None  # e.g. a progress line per compiled function
         self._compiled: dict = {}
         self._ropes: dict = {}
         self.timings = Timings()
@@ -176,12 +182,18 @@ class Runner:
 
     # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
-        """The compiled fn for key (with the options); args: a function giving the argument specs."""
+        """The compiled fn for key (with the options); args: a function giving the argument specs.
+        on_compile(name, None) before and on_compile(name, (seconds, from the persistent cache)) after."""
         key = key + (self.opts,)
         if key not in self._compiled:
-            t0 = time.perf_counter()
+            if self.on_compile:
+                self.on_compile(key[0], None)
+            t0, hits = time.perf_counter(), _CACHE_HITS[0]
             self._compiled[key] = jax.jit(fn, **jit_kw).lower(*args()).compile()
-            self.timings.compile_s += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.timings.compile_s += seconds
+            if self.on_compile:
+                self.on_compile(key[0], (seconds, _CACHE_HITS[0] > hits))
         return self._compiled[key]
 
     def _spec(self, shape, dtype):
