@@ -71,7 +71,9 @@ def parse_args(argv):
     src.add_argument("--batch-file", help="file with one prompt per line, generated together")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per prompt; the prompt and these must fit the model's context "
+                        "(default 64; 0: none)")
     p.add_argument("--max-context", type=int, help="cache length (default: prompt + new tokens, rounded up)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
@@ -102,8 +104,10 @@ def parse_args(argv):
 
 def validate(a) -> None:
     """The flags alone (nothing read yet)."""
-    if a.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if a.prompt == "":
+        raise UsageError("--prompt is empty")
     if not (a.temperature >= 0 and a.temperature < float("inf")):
         raise UsageError(f"--temperature must be >= 0, got {a.temperature}")
     if a.speculative is not None and a.speculative < 1:

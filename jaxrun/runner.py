@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrun import model
 from jaxrun.layers import rope_table
 from jaxrun.options import Options, exact_decode_needed
-from jaxrun.params import Params, abstract, declare_cache
+from jaxrun.params import KVCache, Params, abstract, declare_cache
 from jaxrun.sampling import Sampling, sample, seed_key, speculative_choice
 from ref.config import FULL
 from ref.modes import Modes
@@ -164,6 +164,7 @@ class Runner:
         self.rep = NamedSharding(mesh, P())
         self.traces: Counter = Counter()
         self.on_compile = None  # e.g. a progress line per compiled function
+        self.initial_new_tokens = 256  # generate's caches start with room for this many, then double
         self._compiled: dict = {}
         self._ropes: dict = {}
         self.timings = Timings()
@@ -327,6 +328,20 @@ class Runner:
         return self._compile(("verify", B, max_len, K), fn, args, in_shardings=(self.param_shardings, self.rep, self.rep),
                              out_shardings=self.rep, donate_argnums=(1,))
 
+    def grow_fn(self, B: int, max_len: int, new_len: int, mtp: bool, K: int):
+        """(state with max_len cache positions) -> the same state with new_len (the new ones zero)."""
+        def pad(c):
+            widen = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, new_len - max_len), (0, 0)))   # [B, nKV, S, D]
+            return KVCache(widen(c.k), widen(c.v)) if isinstance(c, KVCache) else c
+
+        def fn(state):
+            self.traces["grow"] += 1
+            mtp_cache = None if state.mtp_cache is None else tuple(map(pad, state.mtp_cache))
+            return state._replace(cache=tuple(map(pad, state.cache)), mtp_cache=mtp_cache)
+
+        return self._compile(("grow", B, max_len, new_len, mtp, K), fn, lambda: (self._state_spec(B, max_len, mtp, K),),
+                             in_shardings=(self.rep,), out_shardings=self.rep)
+
     def insert_fn(self, B: int, n: int, max_len: int, mtp: bool, K: int):
         """(state of B slots, state of n sequences, slots [n]) -> the state with those slots replaced."""
         def fn(big, rows, slots):
@@ -377,6 +392,12 @@ class Runner:
         state = state._replace(drafts=jnp.asarray(state.drafts, jnp.int32))
         return self.verify_fn(B, max_len, K)(self.params, state, self.rope(max_len))
 
+    def grow(self, state: DecodeState, max_len: int, new_len: int) -> DecodeState:
+        """The state with its attention caches extended from max_len to new_len positions (donated)."""
+        B = state.tokens.shape[0]
+        K = 0 if state.drafts is None else state.drafts.shape[1]
+        return self.grow_fn(B, max_len, new_len, state.mtp_cache is not None, K)(state)
+
     def insert(self, state: DecodeState, rows: DecodeState, slots, max_len: int) -> DecodeState:
         """rows (a DecodeState of n sequences, e.g. from start) into `slots` [n] of state (donated)."""
         B, n = state.tokens.shape[0], rows.tokens.shape[0]
@@ -416,7 +437,8 @@ class Runner:
         mtp = mtp or K > 0
         if mtp and not self.has_mtp:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
-        S = self._context(prompts, max_new_tokens, max_context, K)
+        final = self._context(prompts, max_new_tokens, max_context, K)
+        S = min(final, self.context_for(prompts, min(max_new_tokens, self.initial_new_tokens), K))
         results = [Result(list(map(int, p))) for p in prompts]
         if max_new_tokens <= 0:
             return results
@@ -436,8 +458,10 @@ class Runner:
         _ask(on_step, results, done)
         kind = "verify" if K else "decode"
         step_progress = lambda n: progress(f"{kind} step {n} (compiled '{kind}') {where}")
-        self._decode_loop(state, results, done, S, K, stop_ids, max_new_tokens, keep_logits, on_step, step_progress)
-        self.timings.decode_s += time.perf_counter() - t0
+        compiled = self.timings.compile_s
+        self._decode_loop(state, results, done, (S, final), K, stop_ids, max_new_tokens, keep_logits, on_step,
+                          step_progress)
+        self.timings.decode_s += time.perf_counter() - t0 - (self.timings.compile_s - compiled)  # grown caches
         self.timings.decode_cpu_s += time.process_time() - c0
         return results
 
@@ -477,13 +501,18 @@ class Runner:
                 host["draft"] = np.asarray(out.draft_logits)
         return host
 
-    def _decode_loop(self, state: DecodeState, results, done, S: int, K: int, stop_ids, max_new_tokens: int,
-                     keep_logits: bool, on_step, progress) -> None:
-        """Steps until every sequence has ended; each is queued before the previous one's tokens are read."""
+    def _decode_loop(self, state: DecodeState, results, done, contexts: tuple[int, int], K: int, stop_ids,
+                     max_new_tokens: int, keep_logits: bool, on_step, progress) -> None:
+        """Steps until every sequence has ended; each is queued before the previous one's tokens are read.
+        contexts (S, final): the caches start with S positions and double (up to final) before a step
+        could write past them, so attention costs what the sequences need, not what they might."""
+        (S, final), longest = contexts, max(len(r.prompt_token_ids) for r in results)
         pending = None
         for n in range(1, max_new_tokens):
             if done.all():
                 break
+            while longest + (n - 1) * (K + 1) + 2 * K >= S and S < final:  # the last position step n may write
+                state, S = self.grow(state, S, min(2 * S, final)), min(2 * S, final)
             progress(n)
             state, out = self.step(state, S)                               # queued; the host goes on
             if pending is not None:

@@ -35,7 +35,9 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--logits-out", type=Path, help="write teacher-forced logits [T, vocab] to this .npy")
     add_mode_arguments(ap)
     ap.add_argument("--dump-layers", type=Path, help="write per-layer tensors to this .safetensors")
-    ap.add_argument("--max-new-tokens", type=int, default=0, help="greedy continuation length (default 0)")
+    ap.add_argument("--max-new-tokens", type=int, default=0,
+                    help="tokens to generate greedily; the prompt and these must fit the model's context (default 0: "
+                         "none, logits only)")
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--verbose", action="store_true", help="a line per layer with its time, instead of a bar")
     out.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -73,6 +75,10 @@ def run(args) -> None:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     ckpt = open_checkpoint(args.model)
     ids, tok = _token_ids(args, ckpt)
+    limit = ckpt.config.text.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise UsageError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds the model's context "
+                         f"of {limit} positions")
     say = lambda msg: None if args.quiet else tqdm.write(f"[ref.run] {msg}", file=sys.stderr)
     modes = modes_from_args(args)
     L = ckpt.config.text.num_hidden_layers

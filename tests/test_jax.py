@@ -348,3 +348,18 @@ def test_cli_check_passes_in_every_mode(tiny_checkpoint, capsys, precision, acti
             "--json"]
     assert cli_main(argv) == 0, capsys.readouterr().err[-2000:]
     assert f"check: PASS ({precision} {activations} vs ref f64)" in capsys.readouterr().err
+
+
+def test_caches_grow_with_the_sequence(runner, single):
+    """A cache that starts small and doubles as the sequence grows gives the tokens and logits of one
+    sized for the whole run at once."""
+    runner.initial_new_tokens = 4
+    try:
+        grown = runner.generate([PROMPTS[0]], 300, max_context=512, keep_logits=True)[0]
+    finally:
+        runner.initial_new_tokens = 256
+    assert runner.traces["grow"] >= 1
+    whole = runner.generate([PROMPTS[0]], 300, max_context=512, keep_logits=True)[0]
+    assert grown.token_ids == whole.token_ids and grown.token_ids[:STEPS] == single[0].token_ids
+    diff = np.abs(np.stack(grown.logits) - np.stack(whole.logits)).max(axis=-1)       # per step
+    assert diff[:200].max() <= TOL   # later, f32 rounding of the two cache lengths drifts apart (a chaotic model)
