@@ -19,14 +19,14 @@ Every linear comes out as one of three normalised forms (Checkpoint.linear):
                   .input_global_scale with the globals inverted as vLLM does (nvfp4.invert_global_scale)
     FP8Weight     .weight (F8_E4M3, as weight_e4m3) / .weight_scale (F32 []) / .input_scale (F32 [])
 
-`python -m ref.checkpoint check DIR|REPO` validates and lints a checkpoint (ref.checkpoint_check).
+`python -m ref.checkpoint check DIR|REPO` validates and lints a checkpoint (ref.checkpoint_check, run by
+this package's __main__, so the reader never imports its checker).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,9 +389,3 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id}: not a directory and not a valid Hugging Face repo id ({e})") from None
     except Exception as e:  # HTTP errors: missing repo, gated repo, no network
         raise CheckpointError(f"{repo_id}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-if __name__ == "__main__":
-    from ref.checkpoint_check import main
-
-    sys.exit(main())
