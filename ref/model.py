@@ -128,14 +128,14 @@ class Model:
         c, p = self.cfg, self.p
         if not self.ckpt.has("mtp.fc.weight"):
             raise ValueError("checkpoint has no MTP head (mtp.fc.weight)")
-        ids, positions, _, rows = self._prompt(token_ids, images, 0, 0, None)
+        ids, positions, _, rows = self.prompt_inputs(token_ids, images)
         if len(ids) < 2:
             raise ValueError(f"MTP needs at least 2 tokens, got {len(ids)}")
         if hidden is None:
             (_, hidden, _), = self._forward([ids], [None], [None], [images])
         T, w = len(ids) - 1, self.weights
         m = w.tables["mtp"]
-        embeds = self._embeddings(ids, rows)
+        embeds = self.embed(ids, rows)
         x = L.mtp_input(embeds[1:], np.asarray(hidden, p.dtype)[:T], w.vector(m["pre_fc_norm_embedding"]),
                         w.vector(m["pre_fc_norm_hidden"]), w.linear(m["fc"]), c.rms_norm_eps, p)
         layer = self.layer("mtp")
@@ -160,6 +160,29 @@ class Model:
         """final_hidden [T, H] -> logits [T, V] (lm_head is read in row blocks, never converted whole)."""
         return L.linear(self.p.act(x), self.weights.linear(self.weights.tables["lm_head"]), self.p)
 
+    def prompt_inputs(self, token_ids, images=None, start: int = 0, rope_delta: int = 0, dumps: dict | None = None):
+        """One sequence's input after `start` cached tokens whose mRoPE offset is rope_delta ->
+        (ids [T], positions [3, T], the offset after it, image rows [M, H] or None). With images, the
+        pads are expanded, the encoder runs (its dumps into `dumps`) and the positions are
+        get_rope_index's, continuing the cached ones (their counter stands at start + rope_delta)."""
+        if not images:
+            ids = self._check_ids(token_ids)
+            return ids, L.text_positions(start + rope_delta, len(ids)), rope_delta, None
+        ids, pre = self.image_prompt(token_ids, images)
+        ids = self._check_ids(ids)
+        rows = self.vision.encode(pre, dumps)
+        v = self.vision.cfg
+        positions, delta = mrope_positions(ids, self.ckpt.config.special_tokens["image_token_id"],
+                                           [im.grid for im in pre], v.spatial_merge_size)
+        return ids, positions + start + rope_delta, rope_delta + delta, rows
+
+    def embed(self, ids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Embedding rows of ids [T] -> [T, H], the image-pad rows replaced by the encoder's rows, in order."""
+        h = self.weights.embedding(ids)
+        if rows is None:
+            return h
+        return scatter_image_rows(h, ids, self.ckpt.config.special_tokens["image_token_id"], self.p.act(rows))
+
     # -------------------------------------------------------------------------------------------
     # The streaming forward pass
 
@@ -168,11 +191,11 @@ class Model:
         c = self.cfg
         images = images or [None] * len(seqs)
         starts = [cache.pos if cache is not None else 0 for cache in caches]
-        prompts = [self._prompt(s, im, start, cache.rope_delta if cache is not None else 0, d)
+        prompts = [self.prompt_inputs(s, im, start, cache.rope_delta if cache is not None else 0, d)
                    for s, im, start, cache, d in zip(seqs, images, starts, caches, dumps)]
         seqs = [ids for ids, *_ in prompts]
         bounds = np.cumsum([0] + [len(s) for s in seqs])
-        h = np.concatenate([self._embeddings(ids, rows) for ids, _, _, rows in prompts])  # [sum T, H]
+        h = np.concatenate([self.embed(ids, rows) for ids, _, _, rows in prompts])  # [sum T, H]
         self._dump(dumps, bounds, "embeddings", h)
         states: list[list] = [[] for _ in seqs]
         for i, kind in enumerate(c.layer_types):
@@ -201,29 +224,6 @@ class Model:
             out.append((logits[lo:hi], final[lo:hi],
                         Cache(starts[j] + len(s), tuple(states[j]), final[hi - 1], prompts[j][2])))
         return out
-
-    def _prompt(self, token_ids, images, start: int, rope_delta: int, dumps: dict | None):
-        """One sequence's input after `start` cached tokens whose mRoPE offset is rope_delta ->
-        (ids [T], positions [3, T], the offset after it, image rows [M, H] or None). With images, the
-        pads are expanded, the encoder runs (its dumps into `dumps`) and the positions are
-        get_rope_index's, continuing the cached ones (their counter stands at start + rope_delta)."""
-        if not images:
-            ids = self._check_ids(token_ids)
-            return ids, L.text_positions(start + rope_delta, len(ids)), rope_delta, None
-        ids, pre = self.image_prompt(token_ids, images)
-        ids = self._check_ids(ids)
-        rows = self.vision.encode(pre, dumps)
-        v = self.vision.cfg
-        positions, delta = mrope_positions(ids, self.ckpt.config.special_tokens["image_token_id"],
-                                           [im.grid for im in pre], v.spatial_merge_size)
-        return ids, positions + start + rope_delta, rope_delta + delta, rows
-
-    def _embeddings(self, ids: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        """Embedding rows of ids [T] -> [T, H], the image-pad rows replaced by the encoder's rows, in order."""
-        h = self.weights.embedding(ids)
-        if rows is None:
-            return h
-        return scatter_image_rows(h, ids, self.ckpt.config.special_tokens["image_token_id"], self.p.act(rows))
 
     def _check_ids(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids)

@@ -75,6 +75,17 @@ class VisionModel:
                                 self._array(PREFIX + "pos_embed.weight"), self.blocks(), self.merger(), v.num_heads,
                                 v.spatial_merge_size, v.rope_theta, self.act, self.p, dumps)
 
+    def block_step(self, i: int, x: np.ndarray, grids) -> np.ndarray:
+        """Block i alone on its input x [N, D] (e.g. an engine's dumped vision.blocks.{i-1}) for images
+        with patch grids `grids` -> [N, D]."""
+        v, p = self.cfg, self.p
+        cos, sin = V.vision_rope_cos_sin(grids, v.spatial_merge_size, v.head_dim, v.rope_theta, p)
+        return V.vision_block(p.act(x), self.block(i), v.num_heads, cos, sin, V.cu_seqlens(grids), self.act, p)
+
+    def merger_step(self, x: np.ndarray) -> np.ndarray:
+        """The patch merger alone on the last block's output x [N, D] -> [N / m^2, O]."""
+        return V.patch_merger(self.p.act(x), self.merger(), self.cfg.spatial_merge_size, self.p)
+
     # ---- weights --------------------------------------------------------------------------------
 
     def patch_embed(self) -> V.Linear:
