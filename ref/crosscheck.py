@@ -336,7 +336,7 @@ def run(args) -> dict:
         from ref.vision_model import preprocess_for, require_vision_tower
         require_vision_tower(ckpt)
         images = [preprocess_for(ckpt, f) for f in args.image]
-    token_ids = _token_ids_arg(args, ckpt)
+    token_ids = None if args.server and images else _token_ids_arg(args, ckpt)   # the server's template gives them
     if token_ids is not None and images:
         token_ids, _ = prompt_images(ckpt, token_ids, images)
     eng = None
@@ -344,7 +344,7 @@ def run(args) -> dict:
         eng = io.read_engine_json(io.load_json_file(args.engine_json), _lookup(ckpt), token_ids, args.choice,
                                   where=args.engine_json)
     elif args.server and images:
-        if not args.prompt or args.server_api != "openai":
+        if not args.prompt or args.token_ids or args.server_api != "openai":
             raise FormatError("--server with --image needs --prompt (the images and the text go in one chat turn of "
                               "the OpenAI API)")
         raw = io.query_server_chat(args.server, args.prompt, [io.image_data_url(f) for f in args.image], args.top_k,
