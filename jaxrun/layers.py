@@ -40,8 +40,8 @@ def gated_rms_norm(x, z, w, eps):
 
 def rope_table(cfg: TextConfig, max_len: int, dt) -> np.ndarray:
     """cos ‖ sin for positions 0..max_len-1: [max_len, 2, rotary_dim]. Text-only positions make the
-    interleaved MRoPE an ordinary NeoX RoPE; 3-D positions read it per dim (rope_at_positions). f32: angles in float64, rounded once; bf16: HF's float32
-    angles, cos/sin rounded to bf16."""
+    interleaved MRoPE an ordinary NeoX RoPE; 3-D positions read it per dim (rope_at_positions).
+    f32: angles in float64, rounded once; bf16: HF's float32 angles, cos/sin rounded to bf16."""
     rd = cfg.rotary_dim
     if dt == jnp.float32:
         inv = 1.0 / cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)

@@ -291,7 +291,8 @@ class Runner:
             return encode(visual, pixels, PatchLayout(segment, index, grid), cfg=vcfg, opts=opts)
 
         vec = self._spec((N,), jnp.int32)
-        args = lambda: (self.params.visual, self._spec((N, width), jnp.float32), vec, vec, self._spec((N, 2), jnp.int32))
+        args = lambda: (self.params.visual, self._spec((N, width), jnp.float32), vec, vec,
+                        self._spec((N, 2), jnp.int32))
         return self._compile(("vision", N), fn, args, in_shardings=(self.param_shardings.visual,) + (self.rep,) * 4,
                              out_shardings=self.rep)
 

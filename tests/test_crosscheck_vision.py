@@ -134,7 +134,8 @@ def test_cli_image_errors_exit_2(ckpt, prompt, tmp_path, capsys):
              (["--engine-json", str(tmp_path / "resp.json")], "no --image was given"),
              (["--engine-json", str(tmp_path / "resp.json"), "--image", str(tmp_path / "nope.png")],
               "nope.png: file not found"),
-             (["--server", "http://127.0.0.1:9", "--image", str(files[0]), "--token-ids", f"1,{pad}"], "needs --prompt")]
+             (["--server", "http://127.0.0.1:9", "--image", str(files[0]), "--token-ids", f"1,{pad}"],
+              "needs --prompt")]
     for args, message in cases:
         assert X.main(["--model", str(ckpt.directory), "--json", str(out)] + args) == 2
         err = capsys.readouterr().err

@@ -128,7 +128,8 @@ def test_dumps_and_streaming(model, two_image_prompt):
     dumps = {}
     full, _ = model.image_prompt(ids, images)
     model.prefill(full, dumps=dumps, images=images)
-    assert {"vision.patch_embed", "vision.pos_embed", "vision.blocks.0", "vision.blocks.1", "vision.merger"} <= set(dumps)
+    names = {"vision.patch_embed", "vision.pos_embed", "vision.blocks.0", "vision.blocks.1", "vision.merger"}
+    assert names <= set(dumps)
     pad = model.ckpt.config.special_tokens["image_token_id"]
     assert np.array_equal(dumps["embeddings"][np.array(full) == pad], dumps["vision.merger"])
     assert dumps["vision.patch_embed"].shape == (48 + 36, 32)

@@ -168,6 +168,15 @@ def test_scheduler_serves_an_image_request(runner, single, prompt, ref_model):
     assert np.abs(np.array(got) - lp[np.arange(len(ids) - 1), ids[1:]]).max() <= 2 * TOL   # logit and log-sum-exp
 
 
+def test_crosscheck_jax_backend_encodes_images(tiny_checkpoint, ref_model, single, prompt):
+    """ref.crosscheck --backend jax on an image prompt: jaxrun's own encoder and positions, ref's logits."""
+    from jaxrun.crosscheck_backend import reference_logits
+    from ref.modes import Modes
+    ids = single.prompt_token_ids
+    logits, dumps = reference_logits(ref_model.ckpt, ids, Modes("f32"), False, images=prompt[1])
+    assert dumps is None and np.abs(logits - ref_model.logits(ids, images=prompt[1])).max() <= TOL
+
+
 def test_runner_refuses_images_without_a_tower(runner, prompt):
     text_only = Runner(runner.params._replace(visual=None), runner.config, runner.mesh, "f32")
     with pytest.raises(ValueError, match="no vision tower"):
