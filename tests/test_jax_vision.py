@@ -36,6 +36,10 @@ from ref.model import Model
 
 CONTEXT, STEPS = 256, 6
 TOL = 1e-4                                           # f32 runner vs f64 reference, max |Δ logit| (as text)
+# Prompt rows at image tokens are more sensitive on the tiny random model: the f32 rounding of the encoder's
+# rows alone (relative 6e-7) moves them by up to 1.5e-4 (ref f64 fed jaxrun's rows), ref's own f32 path by
+# 1.4e-4; jaxrun's whole f32 path by 2.8e-4 on this prompt. Generated tokens' logits stay within TOL.
+IMAGE_ROWS_TOL = 5e-4
 WIDE = Image.new("RGB", (300, 40), (10, 200, 30))   # grid (1, 2, 18)
 
 
@@ -169,12 +173,15 @@ def test_scheduler_serves_an_image_request(runner, single, prompt, ref_model):
 
 
 def test_crosscheck_jax_backend_encodes_images(tiny_checkpoint, ref_model, single, prompt):
-    """ref.crosscheck --backend jax on an image prompt: jaxrun's own encoder and positions, ref's logits."""
+    """ref.crosscheck --backend jax on an image prompt: jaxrun's own encoder and positions, ref's logits
+    (every prompt row: text rows within TOL, rows at image tokens within IMAGE_ROWS_TOL)."""
     from jaxrun.crosscheck_backend import reference_logits
     from ref.modes import Modes
     ids = single.prompt_token_ids
     logits, dumps = reference_logits(ref_model.ckpt, ids, Modes("f32"), False, images=prompt[1])
-    assert dumps is None and np.abs(logits - ref_model.logits(ids, images=prompt[1])).max() <= TOL
+    err = np.abs(logits - ref_model.logits(ids, images=prompt[1])).max(-1)
+    at_image = np.array(ids) == ref_model.ckpt.config.special_tokens["image_token_id"]
+    assert dumps is None and err[~at_image].max() <= TOL and err[at_image].max() <= IMAGE_ROWS_TOL
 
 
 def test_runner_refuses_images_without_a_tower(runner, prompt):
