@@ -59,6 +59,7 @@ from pathlib import Path
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
     prompt_images, run_main
+from ref.image_prompt import user_message
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
 
 PROG = "jaxrun.generate"
@@ -122,8 +123,8 @@ def validate(a) -> None:
 
 
 def prompts_from(a, tok, vocab: int) -> list[list[int]]:
-    from ref.image_prompt import user_message
-    """The prompts' token ids (chat template applied unless --raw); tok may be None with --token-ids."""
+    """The prompts' token ids (chat template applied unless --raw, with --image's content parts); tok
+    may be None with --token-ids. Image pads are expanded later (ref.cli.prompt_images)."""
     if a.token_ids is not None:
         batch = [parse_token_ids(a.token_ids)]
     else:
