@@ -1,4 +1,5 @@
 """jaxrun's sequences recomputed with the reference, and the bounds they must meet (`generate --check`).
+Image prompts are recomputed with ref's own encoder and positions (the same images, preprocessed once).
 
 Each generated token's logits are compared with ref.model's teacher-forced logits of the same
 sequence (float64, the same activations mode and act-scale rule); with the MTP head, its drafts too:
@@ -39,16 +40,19 @@ def compare(a, b, precision: str, activations: str = "w4a16") -> tuple[float, fl
     return d, kl, within
 
 
-def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert", out=None) -> bool:
+def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert", out=None,
+          images=None) -> bool:
     """Recompute each Result's sequence with ref.model (float64, the same activation mode; the MTP head's
-    drafts too when kept); a line per token on `out`; True if within the bounds."""
+    drafts too when kept); a line per token on `out`; True if within the bounds. images: per result
+    the images of its prompt (or None), recomputed by ref's own encoder."""
     from ref.model import Model
     out = out or sys.stderr
     ref = Model(ckpt, "f64", activations=activations, act_scale=act_scale)
+    images = images or [None] * len(results)
     ok = True
-    for n, r in enumerate(results):
+    for n, (r, ims) in enumerate(zip(results, images)):
         kls = []
-        full = ref.logits(r.prompt_token_ids + r.token_ids[:-1])
+        full = ref.logits(r.prompt_token_ids + r.token_ids[:-1], images=ims)
         rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
         for i, jl in enumerate(r.logits):
             a, b = rl[i], np.asarray(jl, np.float64)
@@ -66,7 +70,7 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
             ok = False
             print(f"check [{n}]: mean KL {np.mean(kls):.3e} > {mean_bound}  <-- beyond bound", file=out)
         if r.mtp_logits:                                                 # ref row t drafts token t + 2
-            want = ref.mtp_logits(r.prompt_token_ids + r.token_ids)[len(r.prompt_token_ids) - 1:]
+            want = ref.mtp_logits(r.prompt_token_ids + r.token_ids, images=ims)[len(r.prompt_token_ids) - 1:]
             for i, (a, b) in enumerate(zip(want, r.mtp_logits)):
                 d, kl, good = compare(a, np.asarray(b, np.float64), precision, activations)
                 ok &= good

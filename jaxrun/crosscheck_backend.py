@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from jaxrun.load import load
-from jaxrun.runner import Runner, bucket
+from jaxrun.runner import Prefill, Runner, bucket
 from jaxrun.sharding import make_mesh
 from ref.errors import FormatError
 from ref.modes import JAX_PRECISIONS, Modes
 
 
-def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool):
+def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool, images=()):
     """Teacher-forced logits [T, V] float64 of one prefill over all devices JAX sees (jaxrun computes in
-    f32 or bf16, W4A16 or W4A4), and no layer dumps: -> (logits, None)."""
+    f32 or bf16, W4A16 or W4A4), and no layer dumps: -> (logits, None). images: the prompt's images
+    (ref.image.PreprocessedImage), encoded by jaxrun's own encoder."""
     if modes.precision not in JAX_PRECISIONS:
         raise FormatError(f"--backend jax runs --precision {' or '.join(JAX_PRECISIONS)}, not {modes.precision}; "
                           f"use --backend ref")
@@ -21,8 +22,13 @@ def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool)
         raise FormatError("--engine-dumps needs --backend ref (jaxrun writes no layer dumps)")
     mesh = make_mesh()
     jck, params = load(str(ckpt.directory), mesh, modes.precision, progress=False)
-    runner = Runner(params, jck.config.text, mesh, modes.precision, modes.activations, modes.act_scale)
+    runner = Runner(params, jck.config, mesh, modes.precision, modes.activations, modes.act_scale)
     T = len(token_ids)
+    if images:                                                      # one prefill of the image prompt, every row kept
+        job = Prefill(runner, [list(token_ids)], bucket(T), all_logits=True, images=[list(images)])
+        while not job.advance():
+            pass
+        return np.concatenate(job.prompt_logits, axis=1)[0].astype(np.float64), None
     tokens = np.zeros((1, bucket(T)), np.int32)                     # right-padded to jaxrun's shape bucket
     tokens[0, :T] = token_ids
     logits, _ = runner.prefill(tokens, np.array([T], np.int32), max_len=tokens.shape[1], all_logits=True)

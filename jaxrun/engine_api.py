@@ -45,7 +45,8 @@ class Request:
     stop_ids: frozenset[int]      # generation ends after emitting one of these (it is emitted)
     logprobs: int | None = None   # None: no logprobs; N >= 0: logprob of each emitted token plus its top-N
     prompt_logprobs: int | None = None   # logprob of each prompt token (from the prefill) plus its top-N
-    images: tuple = ()            # reserved for image prompts (the vision work)
+    images: tuple = ()            # ref.image.PreprocessedImage of the prompt's image-pad runs, in order
+    # (prompt_ids hold each image's pads expanded to its merged-token count)
 
 
 @dataclass(frozen=True)

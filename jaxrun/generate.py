@@ -6,6 +6,7 @@
         [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
         [--act-scale per-expert|max] [--mtp | --speculative [K]] [--hide-thinking] [--json] [--check]
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
+    python -m jaxrun.generate --image ref/data/sample.png --prompt "Describe the image"
 
 Without --model, a tiny random-weight checkpoint (ref.synth preset "tiny") is written once to
 $XDG_CACHE_HOME/qwen35-nvfp4-spec/tiny (default ~/.cache/...) and used: no download needed; its
@@ -16,8 +17,14 @@ Text streams to stdout (one prompt) or is printed per prompt at the end (a batch
 Compiled steps are kept in JAX's persistent compilation cache (--compile-cache), so a later run of
 the same shapes loads them instead of compiling again.
 
+--image FILE (repeatable, in the order of the images in the prompt): an image prompt. Through the chat
+template each image is a content part before the text (<|vision_start|><|image_pad|><|vision_end|>);
+with --raw or --token-ids the prompt holds the image pads itself, one per image (expanded to the
+image's merged-token count) or already that many. prompt_token_ids in --json are the expanded ids.
+
 --json: stdout holds only JSON lines, one object per prompt (the last line for a single prompt):
-prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length"), timings.
+prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length"), timings. A
+checkpoint without a tokenizer takes --token-ids and gives ids (text empty).
 
 --activations w4a4 quantizes every routed-expert GEMM input as the engines' NVFP4 kernels do (the
 CUDA quantizer, with each expert's input scales, or the layer's largest with --act-scale max);
@@ -44,8 +51,9 @@ the step and its compiled function, exit status 3: a computation stuck inside XL
 interrupted, so a wedged run says so instead of waiting forever.
 
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
-values, token ids outside the vocabulary) prints one line on stderr and exits 2; an interrupt
-prints one line and exits 130.
+values, token ids outside the vocabulary, an image that cannot be read or used, more or fewer images
+than the prompt's placeholders, images for a checkpoint without a vision tower) prints one line on
+stderr and exits 2; an interrupt prints one line and exits 130.
 """
 from __future__ import annotations
 
@@ -55,7 +63,8 @@ import sys
 from pathlib import Path
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
-    run_main
+    prompt_images, run_main
+from ref.image_prompt import user_message
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
 
 PROG = "jaxrun.generate"
@@ -69,6 +78,8 @@ def parse_args(argv):
     src.add_argument("--prompt", help="prompt text (chat template applied unless --raw)")
     src.add_argument("--token-ids", help="prompt token ids, comma- or space-separated, or @FILE (no template)")
     src.add_argument("--batch-file", help="file with one prompt per line, generated together")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image of the prompt (repeatable, in prompt order)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")
     p.add_argument("--max-new-tokens", type=int, default=64,
@@ -122,10 +133,13 @@ def validate(a) -> None:
         raise UsageError(f"--max-context must be >= 2, got {a.max_context}")
     if not 0 <= a.step_timeout < float("inf"):
         raise UsageError(f"--step-timeout must be a number of seconds >= 0 (0 = off), got {a.step_timeout}")
+    if a.image and a.batch_file is not None:
+        raise UsageError("--image goes with one prompt (--prompt or --token-ids), not --batch-file")
 
 
 def prompts_from(a, tok, vocab: int) -> list[list[int]]:
-    """The prompts' token ids (chat template applied unless --raw); tok may be None with --token-ids."""
+    """The prompts' token ids (chat template applied unless --raw, with --image's content parts); tok
+    may be None with --token-ids. Image pads are expanded later (ref.cli.prompt_images)."""
     if a.token_ids is not None:
         batch = [parse_token_ids(a.token_ids)]
     else:
@@ -141,7 +155,7 @@ def prompts_from(a, tok, vocab: int) -> list[list[int]]:
         else:
             texts = [a.prompt if a.prompt is not None else "Why is the sky blue?"]
         if not a.raw:
-            texts = [tok.apply_chat_template([{"role": "user", "content": t}], enable_thinking=not a.no_thinking)
+            texts = [tok.apply_chat_template([user_message(t, len(a.image))], enable_thinking=not a.no_thinking)
                      for t in texts]
         batch = [tok.encode(t) for t in texts]
     for ids in batch:
@@ -282,6 +296,7 @@ def run(a) -> int:
     tok = _tokenizer(ckpt, needed=a.token_ids is None)
     cfg = ckpt.config.text
     prompts = prompts_from(a, tok, cfg.vocab_size)
+    prompts[0], images = prompt_images(ckpt, prompts[0], a.image)     # --image goes with one prompt
     _check_checkpoint(a, ckpt)
     ctx = _context(a, ckpt, prompts)
     mesh = make_mesh(a.devices)
@@ -289,7 +304,7 @@ def run(a) -> int:
     if not a.model and not a.quiet:
         note("the built-in tiny model has random weights: its text is noise (give --model for a real one)")
     ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
-    runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
+    runner = Runner(params, ckpt.config, mesh, precision, a.activations, a.act_scale)
     if not a.quiet:
         runner.on_compile = compile_progress
     texts = [tok.decode(p) if tok else "" for p in prompts]
@@ -314,7 +329,8 @@ def run(a) -> int:
     try:
         results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
                                   stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step,
-                                  mtp=a.mtp, speculative=a.speculative or 0, progress=watchdog and watchdog.phase)
+                                  mtp=a.mtp, speculative=a.speculative or 0, images=[images] if images else None,
+                                  progress=watchdog and watchdog.phase)
     finally:
         if watchdog:
             watchdog.stop()
@@ -342,7 +358,8 @@ def run(a) -> int:
              if a.mtp and not a.speculative else "")
           + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
           file=sys.stderr)
-    if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
+    if a.check and not check(ckpt, results, precision, a.activations, a.act_scale,
+                             images=[images] * len(results) if images else None):
         return 1
     return 0
 

@@ -40,8 +40,8 @@ def gated_rms_norm(x, z, w, eps):
 
 def rope_table(cfg: TextConfig, max_len: int, dt) -> np.ndarray:
     """cos ‖ sin for positions 0..max_len-1: [max_len, 2, rotary_dim]. Text-only positions make the
-    interleaved MRoPE an ordinary NeoX RoPE. f32: angles in float64, rounded once; bf16: HF's float32
-    angles, cos/sin rounded to bf16."""
+    interleaved MRoPE an ordinary NeoX RoPE; 3-D positions read it per dim (rope_at_positions).
+    f32: angles in float64, rounded once; bf16: HF's float32 angles, cos/sin rounded to bf16."""
     rd = cfg.rotary_dim
     if dt == jnp.float32:
         inv = 1.0 / cfg.rope_theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)
@@ -51,6 +51,29 @@ def rope_table(cfg: TextConfig, max_len: int, dt) -> np.ndarray:
         ang = (np.arange(max_len, dtype=np.float32)[:, None] * inv[None]).astype(np.float32)
     emb = np.concatenate([ang, ang], axis=-1)                              # [S, rd]
     return np.stack([np.cos(emb), np.sin(emb)], axis=1).astype(np.float32)  # [S, 2, rd]
+
+
+def mrope_axes(cfg: TextConfig) -> np.ndarray:
+    """Which position row (0 temporal, 1 height, 2 width) drives each of the rotary_dim dims [rd]:
+    with the interleaved layout frequency j takes the height row when j % 3 == 1 and j < 3 *
+    mrope_section[1], the width row when j % 3 == 2 and j < 3 * mrope_section[2], else the temporal
+    row; without it, sections t | h | w in order. The two halves of the head share their frequencies."""
+    half, sec = cfg.rotary_dim // 2, cfg.mrope_section
+    j = np.arange(half)
+    if cfg.mrope_interleaved:
+        axis = np.where((j % 3 == 1) & (j < 3 * sec[1]), 1, np.where((j % 3 == 2) & (j < 3 * sec[2]), 2, 0))
+    else:
+        axis = np.where(j < sec[0], 0, np.where(j < sec[0] + sec[1], 1, 2))
+    return np.concatenate([axis, axis]).astype(np.int32)
+
+
+def rope_at_positions(rope, positions, axes: np.ndarray):
+    """cos/sin of 3-D (mRoPE) positions: rope [S, 2, rd] (rope_table), positions [B, 3, T] int, axes
+    [rd] (mrope_axes) -> [B, T, 2, rd]: dim d reads the table at the position of row axes[d]. Three
+    equal rows give exactly the table's rows."""
+    sel = positions[:, axes, :]                                          # [B, rd, T]
+    cs = rope[sel, :, np.arange(len(axes))[None, :, None]]               # [B, rd, T, 2]
+    return jnp.transpose(cs, (0, 2, 3, 1))
 
 
 def apply_rope(x, cs):

@@ -3,12 +3,18 @@
 Follows the OpenAI API and vLLM's documented extensions (prompt_logprobs, return_tokens_as_token_ids,
 return_token_ids, stop_token_ids, ignore_eos, top_k, chat_template_kwargs, include_reasoning), field
 for field as ref.engine_io reads them. Every invalid request becomes an `APIError` with the OpenAI
-error body; nothing here touches the engine or the network.
+error body; nothing here touches the engine or the network. Chat images come as `image_url` content
+parts holding data URLs (base64 PNG, JPEG...; an http(s) URL is refused: no network): they are decoded
+and preprocessed here (ref.image, the checkpoint's settings), the prompt's image pads expanded to
+their merged-token counts, and the images travel in `Request.images`.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -19,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from jaxrun.chat_output import prompt_ends_reasoning, token_bytes
 from jaxrun.engine_api import PromptLogprobs, Request, SamplingParams, TokenLogprob
-from ref.errors import CheckpointError
+from ref.errors import CheckpointError, ImageError
+from ref.image import preprocess
+from ref.image_prompt import expand_image_pads, merged_counts
 
 MIN_LOGPROB = -9999.0          # what -inf becomes in JSON (OpenAI and vLLM)
 INT64 = 2 ** 63
@@ -154,6 +162,12 @@ class ServingConfig:
     max_n: int = 16
     reasoning_parser: str | None = "qwen3"
     tool_parser: str | None = "qwen3_coder"
+    preprocessor: Any = None             # ref.config.PreprocessorConfig: the model takes images (with image_token_id)
+    image_token_id: int | None = None
+
+    @property
+    def takes_images(self) -> bool:
+        return self.preprocessor is not None and self.image_token_id is not None
 
     def default(self, name: str, fallback: float) -> float:
         return dict(self.default_sampling).get(name, fallback)
@@ -301,7 +315,7 @@ def _common_options(body: _Common, cfg: ServingConfig) -> tuple[OutputOptions, f
 
 def _choices(prompts: list[tuple[list[int], str | None]], body: _Common, cfg: ServingConfig,
              max_tokens: Callable[[int], int], stop_ids: frozenset[int], logprobs: int | None,
-             prompt_logprobs: int | None) -> tuple[ChoicePlan, ...]:
+             prompt_logprobs: int | None, images: tuple = ()) -> tuple[ChoicePlan, ...]:
     sampling = _sampling(body, cfg)
     out = []
     for p, (ids, text) in enumerate(prompts):
@@ -310,7 +324,7 @@ def _choices(prompts: list[tuple[list[int], str | None]], body: _Common, cfg: Se
             s = sampling if sampling.seed is None or j == 0 else \
                 SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k,
                                (sampling.seed + j + INT64) % (2 * INT64) - INT64)
-            req = Request(tuple(ids), n_tokens, s, stop_ids, logprobs, prompt_logprobs)
+            req = Request(tuple(ids), n_tokens, s, stop_ids, logprobs, prompt_logprobs, images)
             out.append(ChoicePlan(p * body.n + j, p, tuple(ids), text, req))
     return tuple(out)
 
@@ -357,14 +371,44 @@ _MEDIA_PARTS = {"image_url": "image", "image": "image", "input_image": "image", 
                 "audio_url": "audio"}
 
 
-def media_part(part: dict, where: str) -> dict:
-    """An image / video / audio content part. The one place to extend when the vision work lands (it
-    will return the template part {"type": "image"} and collect the pixels for Request.images)."""
+_DATA_URL = re.compile(r"^data:(image/[\w.+-]+)?(;[^,;]*)*?;base64,", re.IGNORECASE)
+
+
+def media_part(part: dict, where: str, cfg: ServingConfig | None = None, images: list | None = None) -> dict:
+    """An image / video / audio content part -> the template's part ({"type": "image"}); the image,
+    decoded from its data URL and preprocessed with the model's settings, is appended to `images`.
+    Only `image_url` parts with data URLs are taken (an http(s) URL is not fetched: no network)."""
     kind = _MEDIA_PARTS[part["type"]]
-    raise bad_request(f"{where}: {kind} input not supported by this model/server yet", "messages")
+    if kind != "image" or cfg is None or not cfg.takes_images:
+        raise bad_request(f"{where}: {kind} input not supported by this model/server"
+                          + (" (no vision tower)" if kind == "image" else ""), "messages")
+    if part["type"] != "image_url":
+        raise bad_request(f"{where}: content parts of type {part['type']!r} are not supported; send images as "
+                          f"{{'type': 'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}}", "messages")
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str):
+        raise bad_request(f"{where}.image_url: expected {{'url': 'data:image/...;base64,...'}}", "messages")
+    if url.lower().startswith(("http://", "https://")):
+        raise bad_request(f"{where}.image_url: image URLs are not fetched (this server has no network access); "
+                          f"send the image inline as a data URL (data:image/png;base64,...)", "messages")
+    head = _DATA_URL.match(url)
+    if head is None:
+        raise bad_request(f"{where}.image_url: expected a base64 data URL (data:image/png;base64,...), got "
+                          f"{url[:40]!r}", "messages")
+    try:
+        data = base64.b64decode(url[head.end():], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{where}.image_url: the data URL is not valid base64", "messages") from None
+    try:
+        images.append(preprocess(data, cfg.preprocessor, name=where))
+    except ImageError as e:
+        raise bad_request(str(e), "messages") from None
+    return {"type": "image"}
 
 
-def _content(content: Any, where: str) -> str | list[dict] | None:
+def _content(content: Any, where: str, cfg: ServingConfig | None = None,
+             images: list | None = None) -> str | list[dict] | None:
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -376,7 +420,7 @@ def _content(content: Any, where: str) -> str | list[dict] | None:
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
         elif kind in _MEDIA_PARTS:
-            parts.append(media_part(part, w))
+            parts.append(media_part(part, w, cfg, images))
         else:
             raise bad_request(f"{w}: unknown content part {json.dumps(part)[:80]} (expected type 'text')", "messages")
     return parts
@@ -404,8 +448,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     return out
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
-    """OpenAI chat messages -> the messages the chat template renders."""
+def template_messages(messages: list[dict], cfg: ServingConfig | None = None, images: list | None = None) -> list[dict]:
+    """OpenAI chat messages -> the messages the chat template renders; their images (ref.image
+    PreprocessedImage, in order) are appended to `images` (cfg: whether and how the model takes them)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     out = []
@@ -413,7 +458,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m.get("role"), str):
             raise bad_request(f"{where}.role: expected a string", "messages")
-        msg = {"role": m["role"], "content": _content(m.get("content"), where)}
+        msg = {"role": m["role"], "content": _content(m.get("content"), where, cfg, images)}
         if m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], where)
         reasoning = m.get("reasoning_content", m.get("reasoning"))
@@ -446,15 +491,23 @@ def chat_plan(body: ChatBody, cfg: ServingConfig) -> Plan:
         raise bad_request(f"chat_template_kwargs may not set {sorted(_RESERVED_TEMPLATE_ARGS & set(kwargs))}",
                           "chat_template_kwargs")
     enable_thinking = kwargs.pop("enable_thinking", True)
+    images: list = []
     try:
-        text = tok.apply_chat_template(template_messages(body.messages), body.add_generation_prompt,
+        text = tok.apply_chat_template(template_messages(body.messages, cfg, images), body.add_generation_prompt,
                                        enable_thinking=enable_thinking, tools=body.tools, **kwargs)
     except CheckpointError as e:
         raise bad_request(str(e), "messages") from None
     ids = tok.encode(text)
+    if images:                       # each image's pad becomes its merged-token count
+        try:
+            ids = expand_image_pads(ids, merged_counts([im.grid for im in images], cfg.preprocessor.merge_size),
+                                    cfg.image_token_id, [im.source for im in images])
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     budget = lambda n: _max_tokens(requested, None, n, cfg, "messages")  # noqa: E731
-    choices = _choices([(ids, text)], body, cfg, budget, stop_ids, opts.logprobs, opts.prompt_logprobs)
+    choices = _choices([(ids, text)], body, cfg, budget, stop_ids, opts.logprobs, opts.prompt_logprobs,
+                       tuple(images))
     thinking = cfg.reasoning_parser == "qwen3" and enable_thinking is not False and not prompt_ends_reasoning(text)
     tools = tuple(body.tools) if body.tools and tc != "none" and cfg.tool_parser == "qwen3_coder" else None
     return Plan("chat", model, choices, opts, thinking, tools, body.include_reasoning, body.parallel_tool_calls)

@@ -133,12 +133,63 @@ class MTP(NamedTuple):
     layers: tuple           # (DecoderLayer,): one full-attention layer
 
 
+# The vision tower, model.visual.* (BF16 in the checkpoint, never quantized; replicated)
+
+class BiasedLinear(NamedTuple):
+    weight: Any             # [out, in] compute dtype
+    bias: Any               # float32 [out]
+
+
+class LayerNorm(NamedTuple):
+    weight: Any             # float32 [D]
+    bias: Any               # float32 [D]
+
+
+class PatchEmbed(NamedTuple):
+    proj: BiasedLinear      # [D, C*T*P*P]: the Conv3d kernel [D, C, T, P, P] flattened
+
+
+class PosEmbed(NamedTuple):
+    weight: Any             # [S*S, D] compute dtype, the learned side x side table
+
+
+class VisionAttention(NamedTuple):
+    qkv: BiasedLinear       # [3D, D]: q heads | k heads | v heads
+    proj: BiasedLinear      # [D, D]
+
+
+class VisionMLP(NamedTuple):
+    linear_fc1: BiasedLinear  # [I, D]
+    linear_fc2: BiasedLinear  # [D, I]
+
+
+class VisionBlock(NamedTuple):
+    norm1: LayerNorm
+    attn: VisionAttention
+    norm2: LayerNorm
+    mlp: VisionMLP
+
+
+class PatchMerger(NamedTuple):
+    norm: LayerNorm         # over D
+    linear_fc1: BiasedLinear  # [m^2 D, m^2 D]
+    linear_fc2: BiasedLinear  # [O, m^2 D]
+
+
+class Visual(NamedTuple):
+    patch_embed: PatchEmbed
+    pos_embed: PosEmbed
+    blocks: tuple           # VisionBlock per block
+    merger: PatchMerger
+
+
 class Params(NamedTuple):
     embed_tokens: Any       # [V, H] compute dtype
     layers: tuple           # DecoderLayer per layer
     norm: Any               # float32 [H]
     lm_head: Any            # [V, H]
     mtp: MTP | None = None
+    visual: Visual | None = None  # the vision tower, when the checkpoint has one
 
 
 class DeltaNetCache(NamedTuple):
@@ -163,12 +214,14 @@ class Formats:
     nvfp4_experts: frozenset = frozenset()
     expert_input_scales: frozenset = frozenset()
     mtp: bool = False
+    vision: bool = False    # the checkpoint has the vision tower (model.visual.*)
 
     @staticmethod
-    def random(cfg: Config, mtp: bool = False) -> "Formats":
-        """NVFP4 routed experts (without input scales), everything else dense; an MTP head if asked."""
+    def random(cfg: Config, mtp: bool = False, vision: bool = False) -> "Formats":
+        """NVFP4 routed experts (without input scales), everything else dense; an MTP head and the
+        vision tower if asked."""
         layers = list(range(cfg.text.num_hidden_layers)) + (["mtp"] if mtp else [])
-        return Formats(frozenset(), frozenset(layers), frozenset(), mtp)
+        return Formats(frozenset(), frozenset(layers), frozenset(), mtp, vision and cfg.vision is not None)
 
     @staticmethod
     def from_checkpoint(ckpt) -> "Formats":
@@ -178,8 +231,9 @@ class Formats:
         linears = [t.name[:-len(".weight")] for t in _tensors(layout.model_tensors(cfg)) if t.linear]
         layers = [x for x in layout.expert_layers(cfg) if x != "mtp" or mtp]
         nvfp4 = [x for x in layers if isinstance(ckpt.expert(x, 0, prefetch=False).gate, NVFP4Weight)]
+        vision = cfg.vision is not None and ckpt.has(VISUAL + "patch_embed.proj.weight")
         return Formats(frozenset(m for m in linears if ckpt.has(m + ".weight_scale")), frozenset(nvfp4),
-                       frozenset(x for x in nvfp4 if ckpt.expert_input_scales(x) is not None), mtp)
+                       frozenset(x for x in nvfp4 if ckpt.expert_input_scales(x) is not None), mtp, vision)
 
 
 def _tensors(module):
@@ -265,7 +319,49 @@ def declare(cfg: Config, formats: Formats) -> Params:
     e = names["embed_tokens"]
     return Params(Param(e.shape, COMPUTE, ("vocab", "embed"), Tensor(e.name), "normal", 0.5),
                   tuple(decoder_layer(d, i) for i, d in enumerate(names["layers"])),
-                  vector(names["norm"], "embed"), linear(names["lm_head"], "vocab", "embed"), mtp)
+                  vector(names["norm"], "embed"), linear(names["lm_head"], "vocab", "embed"), mtp,
+                  declare_visual(cfg) if formats.vision else None)
+
+
+VISUAL = "model.visual."
+
+
+def declare_visual(cfg: Config) -> Visual:
+    """The vision tower's parameters (names and shapes from ref.checkpoint_layout.vision_tensors):
+    matrices in the compute dtype, biases and LayerNorm parameters float32; every axis replicated."""
+    shapes = layout.vision_tensors(cfg)
+
+    def shape(name: str) -> tuple[int, ...]:
+        return shapes[VISUAL + name]
+
+    def linear(module: str, out_axis: str, in_axis: str) -> BiasedLinear:
+        out = shape(module + ".weight")[0]
+        inp = int(np.prod(shape(module + ".weight")[1:]))        # the patch embedding's kernel flattened
+        return BiasedLinear(Param((out, inp), COMPUTE, (out_axis, in_axis), Tensor(VISUAL + module + ".weight"),
+                                  "normal", inp ** -0.5),
+                            Param((out,), np.float32, (out_axis,), Tensor(VISUAL + module + ".bias"), "normal", 0.02))
+
+    def norm(module: str) -> LayerNorm:
+        d = shape(module + ".weight")
+        return LayerNorm(Param(d, np.float32, ("vision_embed",), Tensor(VISUAL + module + ".weight"), "one_plus", 0.1),
+                         Param(d, np.float32, ("vision_embed",), Tensor(VISUAL + module + ".bias"), "normal", 0.1))
+
+    def block(i: int) -> VisionBlock:
+        b = f"blocks.{i}."
+        return VisionBlock(norm(b + "norm1"),
+                           VisionAttention(linear(b + "attn.qkv", "vision_qkv", "vision_embed"),
+                                           linear(b + "attn.proj", "vision_embed", "vision_embed")),
+                           norm(b + "norm2"),
+                           VisionMLP(linear(b + "mlp.linear_fc1", "vision_mlp", "vision_embed"),
+                                     linear(b + "mlp.linear_fc2", "vision_embed", "vision_mlp")))
+
+    table = shape("pos_embed.weight")
+    return Visual(PatchEmbed(linear("patch_embed.proj", "vision_embed", "vision_patch")),
+                  PosEmbed(Param(table, COMPUTE, ("vision_positions", "vision_embed"),
+                                 Tensor(VISUAL + "pos_embed.weight"), "normal", 0.5)),
+                  tuple(block(i) for i in range(cfg.vision.depth)),
+                  PatchMerger(norm("merger.norm"), linear("merger.linear_fc1", "vision_merged", "vision_merged"),
+                              linear("merger.linear_fc2", "vision_out", "vision_merged")))
 
 
 def declare_cache(cfg: TextConfig, B: int, max_len: int, kinds=None) -> tuple:

@@ -8,6 +8,13 @@ The pieces a scheduler drives (jaxrun.scheduler; `generate` is the simplest driv
 - `insert(state, rows, slots)`: put started sequences into slots of a larger state (a finished
   sequence's slot is simply overwritten by the next one: evicting is the host forgetting it).
 
+Image prompts: `start` / `Prefill` / `generate` take each prompt's images (ref.image.PreprocessedImage,
+in prompt order; the prompt's image pads are expanded to their merged-token counts if they are not
+yet). The images of a prefill are encoded together (jaxrun.vision, one compiled encoder per patch
+bucket); the chunks take their tokens' 3-D positions and image rows, and each slot of the
+DecodeState carries its `rope_delta`, the position offset of every later token (decode, speculative
+and MTP steps).
+
 Shape buckets: prompt chunks are right-padded to a power of two (at least MIN_BUCKET), so a few
 compiled prefills serve every prompt; compiled functions are kept per shape and reused across calls.
 `traces` counts how often each function was traced (= compiled).
@@ -29,7 +36,9 @@ from jaxrun.layers import rope_table
 from jaxrun.options import Options, exact_decode_needed
 from jaxrun.params import KVCache, Params, abstract, declare_cache
 from jaxrun.sampling import Sampling, sample, seed_key, speculative_choice
-from ref.config import FULL
+from jaxrun.vision import PatchLayout, encode, patch_bucket, patch_layout
+from ref.config import FULL, Config
+from ref.image_prompt import expand_image_pads, merged_counts, mrope_positions
 from ref.modes import Modes
 
 MIN_BUCKET = 16
@@ -62,6 +71,7 @@ class DecodeState(NamedTuple):
     keys: jax.Array          # [B, 2] uint32: each slot's PRNG key (from its seed)
     steps: jax.Array         # [B] int32: tokens chosen so far (the fold_in index of the next choice)
     sampling: SlotSampling
+    rope_delta: jax.Array    # [B] int32: mRoPE offset of an image prompt's later tokens (position = pos + it)
 
 
 class StepOut(NamedTuple):
@@ -151,12 +161,15 @@ class Runner:
     def __init__(self, params: Params, cfg, mesh, precision: str = "f32", activations: str = "w4a16",
                  act_scale: str = "per-expert", options: Options | None = None):
         """params: placed on `mesh` (jaxrun.load.load, or jaxrun.load.place for random ones); cfg: the
-        TextConfig. activations "w4a4": routed-expert GEMM inputs quantized as the engines do, with each
+        TextConfig, or the whole Config (needed for image prompts: the vision config and the image-pad
+        id). activations "w4a4": routed-expert GEMM inputs quantized as the engines do, with each
         expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them.
         options: the backend choices (default: Options.build for the mesh's platform)."""
         self.modes = Modes(precision, activations, act_scale)
         if activations == "w4a4" and any(layer.mlp.experts.input_scale is None for layer in params.layers):
             raise ValueError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
+        self.config = cfg if isinstance(cfg, Config) else None
+        cfg = cfg.text if isinstance(cfg, Config) else cfg
         self.cfg, self.mesh = cfg, mesh
         self.opts = options or Options.build(mesh, self.modes, params)
         self.param_shardings = jax.tree.map(lambda a: _placed(a, mesh), params)
@@ -180,6 +193,24 @@ class Runner:
     @property
     def has_mtp(self) -> bool:
         return self.params.mtp is not None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.params.visual is not None and self.config is not None and self.config.vision is not None
+
+    def image_prompts(self, prompts: list[list[int]], images) -> list[list[int]]:
+        """The prompts with each image's pad run expanded to its merged-token count (a run already of
+        that length is kept); ValueError naming the image and both counts, or no vision tower."""
+        if not images or not any(images):
+            return [list(p) for p in prompts]
+        if not self.has_vision:
+            raise ValueError("image prompts: the runner has no vision tower (a checkpoint with model.visual.*, "
+                             "and Runner(cfg=the whole Config))")
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+        m, pad = self.config.vision.spatial_merge_size, self.config.special_tokens["image_token_id"]
+        return [expand_image_pads(p, merged_counts([im.grid for im in ims], m), pad, [im.source for im in ims])
+                if ims else list(p) for p, ims in zip(prompts, images)]
 
     # -- compiled functions (compiled ahead of time from shapes, so timings never include compiling) --
     def _compile(self, key, fn, args, **jit_kw):
@@ -208,7 +239,7 @@ class Runner:
         vec, f32 = self._spec((B,), jnp.int32), self._spec((B,), jnp.float32)
         return DecodeState(self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
                            vec, vec, self._spec((B, K), jnp.int32) if K else None, self._spec((B, 2), jnp.uint32), vec,
-                           SlotSampling(f32, f32, vec))
+                           SlotSampling(f32, f32, vec), vec)
 
     def rope(self, max_len: int):
         if max_len not in self._ropes:
@@ -221,55 +252,99 @@ class Runner:
         fn = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         return self._compile(("zeros", B, max_len, kinds), fn, lambda: (), out_shardings=self.rep)
 
-    def chunk_fn(self, B: int, T: int, max_len: int, mtp: bool, all_logits: bool = False):
+    def chunk_fn(self, B: int, T: int, max_len: int, mtp: bool, all_logits: bool = False, images: bool = False):
         """One prefill chunk (model.prefill, and with mtp the MTP head's rows whose next token is known):
         (params, cache, mtp_cache, tokens [B, T], following [B] (the token after each row's last real
-        one, -1 where it is not known yet), pos [B], lengths [B], rope) -> Chunk."""
+        one, -1 where it is not known yet), pos [B], lengths [B], rope[, mm]) -> Chunk. images: the
+        chunk of an image prompt; mm = (positions [B, 3, T] the tokens' mRoPE positions, rows
+        [B, T+1, H] and is_image [B, T+1] the image rows of its tokens and of each row's following
+        token (at index lengths[b]))."""
         cfg, opts = self.cfg, self.opts
 
-        def fn(params, cache, mtp_cache, tokens, following, pos, lengths, rope):
+        def fn(params, cache, mtp_cache, tokens, following, pos, lengths, rope, mm=None):
             self.traces["prefill"] += 1
+            positions, here, after = None, None, None
+            if mm is not None:
+                positions, rows, is_image = mm
+                here, after = (rows[:, :T], is_image[:, :T]), (rows[:, 1:], is_image[:, 1:])
             pre = model.prefill(params, cache, tokens, pos, lengths, rope, cfg=cfg, opts=opts, all_logits=all_logits,
-                                with_hidden=mtp)
+                                with_hidden=mtp, positions=positions, image_rows=here)
             if not mtp:
                 return Chunk(pre.logits, pre.cache, None, None)
             rows = jnp.arange(tokens.shape[0])
             nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
             nxt = nxt.at[rows, lengths - 1].set(jnp.maximum(following, 0))                # row t: token t + 1
             known = jnp.where(following >= 0, lengths, lengths - 1)                       # MTP rows to run
-            mtp_cache = model.mtp_prefill(params, mtp_cache, nxt, pre.hidden, pos, known, rope, cfg=cfg, opts=opts)
+            mtp_cache = model.mtp_prefill(params, mtp_cache, nxt, pre.hidden, pos, known, rope, cfg=cfg, opts=opts,
+                                          positions=positions, next_rows=after)
             return Chunk(pre.logits, pre.cache, mtp_cache, pre.hidden[rows, lengths - 1])
 
         vec = self._spec((B,), jnp.int32)
-        args = lambda: (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
-                        self._spec((B, T), jnp.int32), vec, vec, vec, self.rope(max_len))
-        return self._compile(("prefill", B, T, max_len, mtp, all_logits), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 7, out_shardings=self.rep,
-                             donate_argnums=(1, 2))
+
+        def args():
+            out = (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
+                   self._spec((B, T), jnp.int32), vec, vec, vec, self.rope(max_len))
+            if images:
+                out += ((self._spec((B, 3, T), jnp.int32), self._spec((B, T + 1, cfg.hidden_size), opts.dtype),
+                         self._spec((B, T + 1), jnp.bool_)),)
+            return out
+
+        return self._compile(("prefill", B, T, max_len, mtp, all_logits, images), fn, args,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * (8 if images else 7),
+                             out_shardings=self.rep, donate_argnums=(1, 2))
+
+    def vision_fn(self, N: int):
+        """The vision encoder on N patches (a bucket, jaxrun.vision.patch_bucket): (visual params, pixels
+        [N, C*T*P*P] float32, segment [N], index [N], grid [N, 2]) -> merged rows [N / m^2, H]."""
+        vcfg, opts = self.config.vision, self.opts
+        width = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+
+        def fn(visual, pixels, segment, index, grid):
+            self.traces["vision"] += 1
+            return encode(visual, pixels, PatchLayout(segment, index, grid), cfg=vcfg, opts=opts)
+
+        vec = self._spec((N,), jnp.int32)
+        args = lambda: (self.params.visual, self._spec((N, width), jnp.float32), vec, vec,
+                        self._spec((N, 2), jnp.int32))
+        return self._compile(("vision", N), fn, args, in_shardings=(self.param_shardings.visual,) + (self.rep,) * 4,
+                             out_shardings=self.rep)
+
+    def encode_images(self, images) -> jax.Array:
+        """Images (ref.image.PreprocessedImage, in order) -> their merged rows [sum of merged tokens, H]
+        on the devices, in the compute dtype: one call of the encoder compiled for their patch bucket."""
+        if not self.has_vision:
+            raise ValueError("image prompts: the runner has no vision tower")
+        pixels = np.concatenate([im.pixel_values for im in images])
+        N = patch_bucket(len(pixels))
+        padded = np.zeros((N, pixels.shape[1]), np.float32)
+        padded[:len(pixels)] = pixels
+        layout = patch_layout([im.grid for im in images], N, self.config.vision.spatial_merge_size)
+        rows = self.vision_fn(N)(self.params.visual, padded, *layout)
+        return rows[:sum(merged_counts([im.grid for im in images], self.config.vision.spatial_merge_size))]
 
     def first_fn(self, B: int, max_len: int, mtp: bool, K: int):
         """The first token after the prompts, with its sampling: (params, the last Chunk's cache,
-        mtp_cache, logits and hidden, lengths [B], keys [B, 2], SlotSampling, rope) -> (DecodeState,
-        StepOut). With mtp, also the MTP head's draft after it (speculative: its K chained drafts),
-        from the prompt's last row."""
+        mtp_cache, logits and hidden, lengths [B], keys [B, 2], SlotSampling, rope, rope_delta [B], last
+        [B, 3] the last prompt token's position) -> (DecodeState, StepOut). With mtp, also the MTP
+        head's draft after it (speculative: its K chained drafts), from the prompt's last row."""
         cfg, opts = self.cfg, self.opts
 
-        def fn(params, cache, mtp_cache, logits, hidden, lengths, keys, sampling, rope):
+        def fn(params, cache, mtp_cache, logits, hidden, lengths, keys, sampling, rope, delta, last):
             self.traces["first"] += 1
             steps = jnp.zeros_like(lengths)
             tok = sample(logits, _step_keys(keys, steps), *sampling)
             drafts = draft_ids = draft_logits = None
             if mtp:
                 draft_logits, mtp_cache, hm = model.mtp_decode(params, mtp_cache, tok, hidden, lengths - 1, rope,
-                                                               cfg=cfg, opts=opts)
+                                                               cfg=cfg, opts=opts, positions=last[:, :, None])
                 first = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
                 if K:
                     drafts, mtp_cache = model.mtp_chain(params, mtp_cache, first, hm, lengths - 1, rope, cfg=cfg,
-                                                        opts=opts, count=K)
+                                                        opts=opts, count=K, delta=delta)
                     draft_logits = None
                 else:
                     draft_ids = first
-            state = DecodeState(cache, mtp_cache, tok, lengths, drafts, keys, steps + 1, sampling)
+            state = DecodeState(cache, mtp_cache, tok, lengths, drafts, keys, steps + 1, sampling, delta)
             return state, StepOut(tok[:, None], None, logits, draft_ids, draft_logits)
 
         def args():
@@ -277,10 +352,11 @@ class Runner:
                 self._spec((B,), jnp.float32)
             return (self.params, self._cache_spec(B, max_len), self._cache_spec(B, max_len, (FULL,)) if mtp else None,
                     self._spec((B, V), jnp.float32), self._spec((B, H), self.opts.dtype) if mtp else None, vec,
-                    self._spec((B, 2), jnp.uint32), SlotSampling(f32, f32, vec), self.rope(max_len))
+                    self._spec((B, 2), jnp.uint32), SlotSampling(f32, f32, vec), self.rope(max_len), vec,
+                    self._spec((B, 3), jnp.int32))
 
         return self._compile(("first", B, max_len, mtp, K), fn, args,
-                             in_shardings=(self.param_shardings,) + (self.rep,) * 8, out_shardings=self.rep,
+                             in_shardings=(self.param_shardings,) + (self.rep,) * 10, out_shardings=self.rep,
                              donate_argnums=(1, 2))
 
     def decode_fn(self, B: int, max_len: int, mtp: bool = False):
@@ -290,13 +366,14 @@ class Runner:
 
         def fn(params, state: DecodeState, rope):
             self.traces["decode"] += 1
-            logits, cache, hidden = model.decode(params, state.cache, state.tokens, state.pos, rope, cfg=cfg, opts=opts)
+            logits, cache, hidden = model.decode(params, state.cache, state.tokens, state.pos, rope, cfg=cfg, opts=opts,
+                                                 delta=state.rope_delta)
             nxt = sample(logits, _step_keys(state.keys, state.steps), *state.sampling)
             draft_ids = draft_logits = None
             mtp_cache = state.mtp_cache
             if mtp:
                 draft_logits, mtp_cache, _ = model.mtp_decode(params, mtp_cache, nxt, hidden, state.pos, rope,
-                                                              cfg=cfg, opts=opts)
+                                                              cfg=cfg, opts=opts, delta=state.rope_delta)
                 draft_ids = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
             state = state._replace(cache=cache, mtp_cache=mtp_cache, tokens=nxt,
                                    pos=jnp.minimum(state.pos + 1, max_len - 1), steps=state.steps + 1)
@@ -317,7 +394,7 @@ class Runner:
             keys = _step_keys(state.keys, state.steps)
             choose = lambda logits, drafts: speculative_choice(logits, drafts, keys, *state.sampling)
             v = model.verify(params, state.cache, state.mtp_cache, state.tokens, state.drafts, state.pos, rope,
-                             cfg=cfg, opts=opts, choose=choose)
+                             cfg=cfg, opts=opts, choose=choose, delta=state.rope_delta)
             n = v.accepted
             state = state._replace(cache=v.cache, mtp_cache=v.mtp_cache, tokens=v.chosen[jnp.arange(B), n],
                                    pos=jnp.minimum(state.pos + n + 1, max_len - 1), drafts=v.drafts,
@@ -370,10 +447,11 @@ class Runner:
         return chunk.logits, chunk.cache
 
     def start(self, prompts: list[list[int]], max_len: int, sampling: Sampling | list[Sampling], mtp: bool = False,
-              K: int = 0) -> tuple[DecodeState, StepOut]:
+              K: int = 0, images=None) -> tuple[DecodeState, StepOut]:
         """Prefill the prompts together and choose each one's first token (with its own seed and
-        settings) -> (DecodeState of len(prompts) sequences, StepOut of the first token)."""
-        job = Prefill(self, prompts, max_len, mtp)
+        settings) -> (DecodeState of len(prompts) sequences, StepOut of the first token). images: per
+        prompt its images (or None)."""
+        job = Prefill(self, prompts, max_len, mtp, images=images)
         while not job.advance():
             pass
         return job.finish(sampling, K)
@@ -420,7 +498,7 @@ class Runner:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids=(), max_context: int | None = None, keep_logits: bool = False, on_step=None,
-                 mtp: bool = False, speculative: int = 0, progress=None) -> list[Result]:
+                 mtp: bool = False, speculative: int = 0, images=None, progress=None) -> list[Result]:
         """Prefill all prompts together, then decode them together until each has max_new_tokens or
         produced a stop id (kept as its last token). on_step(results, done [B]) runs after each step and
         may return a bool array [B] of further sequences to stop (e.g. on stop text). mtp: run the MTP
@@ -430,25 +508,28 @@ class Runner:
         drafts by sampling.speculative_choice, so a step emits 1 .. K+1 tokens, distributed as plain
         sampling's (greedy: the same tokens, drafts kept while the model agrees). Each step is queued
         on the device before the host reads the previous step's tokens, so the host's bookkeeping
-        overlaps the device's work; a step queued when every sequence has ended is dropped.
-        progress(what): called (once everything is compiled) before each step the host then waits for,
-        naming it and its compiled functions (jaxrun.watchdog.Watchdog.phase)."""
+        overlaps the device's work; a step queued when every sequence has ended is dropped. images: per
+        prompt its images (ref.image.PreprocessedImage, in prompt order) or None; Result.prompt_token_ids
+        then hold the expanded image pads. progress(what): called (once everything is compiled) before
+        each step the host then waits for, naming it and its compiled functions
+        (jaxrun.watchdog.Watchdog.phase)."""
         K = int(speculative)
         mtp = mtp or K > 0
         if mtp and not self.has_mtp:
             raise ValueError("--mtp: the checkpoint has no MTP head (mtp.fc.weight)")
+        prompts = self.image_prompts(prompts, images)
         final = self._context(prompts, max_new_tokens, max_context, K)
         S = min(final, self.context_for(prompts, min(max_new_tokens, self.initial_new_tokens), K))
         results = [Result(list(map(int, p))) for p in prompts]
         if max_new_tokens <= 0:
             return results
-        self._compile_ahead(prompts, S, mtp, K)
+        self._compile_ahead(prompts, S, mtp, K, images)
         progress = progress or (lambda what: None)
         where = f"on {self.mesh.size} {self.mesh.devices.flat[0].platform} device(s)"
         progress(f"prefill of {len(prompts)} x {bucket(max(map(len, prompts)))} tokens, context {S} (compiled "
                  f"'prefill', 'first') {where}")
         t0, c0 = time.perf_counter(), time.process_time()
-        state, first = self.start(prompts, S, sampling, mtp, K)
+        state, first = self.start(prompts, S, sampling, mtp, K, images)
         done = np.zeros(len(prompts), bool)
         self._emit(results, done, self._to_host(first, keep_logits), stop_ids, max_new_tokens)
         self.timings.prefill_s += time.perf_counter() - t0
@@ -474,13 +555,16 @@ class Runner:
                              f"of {S}")
         return S
 
-    def _compile_ahead(self, prompts, S: int, mtp: bool, K: int) -> None:
+    def _compile_ahead(self, prompts, S: int, mtp: bool, K: int, images=None) -> None:
         """Compile every function a generation runs before anything is timed."""
         B, T = len(prompts), bucket(max(len(p) for p in prompts))
         self.zeros_fn(B, S)
         if mtp:
             self.zeros_fn(B, S, (FULL,))
-        self.chunk_fn(B, T, S, mtp)
+        with_images = bool(images) and any(images)
+        if with_images:
+            self.vision_fn(patch_bucket(sum(len(im.pixel_values) for ims in images if ims for im in ims)))
+        self.chunk_fn(B, T, S, mtp, images=with_images)
         self.first_fn(B, S, mtp, K)
         if K:
             self.verify_fn(B, S, K)
@@ -559,12 +643,15 @@ class Runner:
 class Prefill:
     """Prompts being prefilled together, one chunk at a time (a scheduler interleaves the chunks of a
     long prompt with decode steps). Each chunk is right-padded to a bucket; with several prompts,
-    every prompt must fit the first chunk (their chunks would not line up)."""
+    every prompt must fit the first chunk (their chunks would not line up). With images, the prompts
+    are expanded (`prompts` holds the expanded ids), the images encoded at once, and each chunk
+    takes its slice of the 3-D positions and image rows; a chunk may end inside an image."""
 
     def __init__(self, runner: Runner, prompts: list[list[int]], max_len: int, mtp: bool = False,
-                 chunk: int | None = None, all_logits: bool = False):
+                 chunk: int | None = None, all_logits: bool = False, images=None):
         """all_logits: keep every prompt position's logits (host, `prompt_logits` [B, T, V] float32: row
-        t predicts token t + 1), for prompt logprobs."""
+        t predicts token t + 1), for prompt logprobs. images: per prompt its images (or None)."""
+        prompts = runner.image_prompts(prompts, images)
         self.runner, self.prompts, self.max_len, self.mtp, self.all_logits = runner, prompts, max_len, mtp, all_logits
         self.prompt_logits: list[np.ndarray] = []
         self.lengths = np.array([len(p) for p in prompts], np.int32)
@@ -572,10 +659,38 @@ class Prefill:
         self.size = min(chunk or bucket(longest), bucket(longest))
         if len(prompts) > 1 and self.size < longest:
             raise ValueError("Prefill: several prompts are prefilled in one chunk")
+        if longest > max_len:
+            raise ValueError(f"Prefill: a prompt of {longest} tokens exceeds the context of {max_len}")
         B = len(prompts)
         self.cache = runner.zeros_fn(B, max_len)()
         self.mtp_cache = runner.zeros_fn(B, max_len, (FULL,))() if mtp else None
         self.done_tokens, self.last = 0, None
+        self.deltas = np.zeros(B, np.int32)
+        self.last_positions = np.repeat(self.lengths[:, None] - 1, 3, axis=1).astype(np.int32)   # [B, 3]
+        self.mm = self._image_inputs(images) if images and any(images) else None
+
+    def _image_inputs(self, images):
+        """-> (positions [B, 3, L], image rows [B, L, H] on the devices, is_image [B, L]) over the whole
+        prompts plus one chunk of slack (L = longest + size + 1); sets deltas and last_positions."""
+        r, B = self.runner, len(self.prompts)
+        L = int(self.lengths.max()) + self.size + 1
+        positions = np.zeros((B, 3, L), np.int32)
+        is_image = np.zeros((B, L), bool)
+        pad, m = r.config.special_tokens["image_token_id"], r.config.vision.spatial_merge_size
+        at = []                                                           # (prompt, position) of each image row
+        for b, (ids, ims) in enumerate(zip(self.prompts, images)):
+            n = len(ids)
+            pos, self.deltas[b] = mrope_positions(ids, pad, [im.grid for im in ims or ()], m)
+            positions[b, :, :n] = pos
+            self.last_positions[b] = pos[:, -1]
+            if ims:
+                where = np.flatnonzero(np.asarray(ids) == pad)
+                is_image[b, where] = True
+                at += [(b, t) for t in where]
+        rows = r.encode_images([im for ims in images if ims for im in ims])               # [M, H]
+        bi, ti = (jnp.asarray(np.array(x, np.int32)) for x in zip(*at))
+        full = jnp.zeros((B, L, r.cfg.hidden_size), rows.dtype).at[bi, ti].set(rows)
+        return positions, full, is_image
 
     def advance(self) -> bool:
         """Run the next chunk; True when the prompts are fully prefilled."""
@@ -588,9 +703,20 @@ class Prefill:
             tokens[b, :n[b]] = p[lo:lo + n[b]]
             if lo + n[b] < len(p):
                 following[b] = p[lo + n[b]]
-        f = r.chunk_fn(B, tokens.shape[1], self.max_len, self.mtp, self.all_logits)
+        T = tokens.shape[1]
+        f = r.chunk_fn(B, T, self.max_len, self.mtp, self.all_logits, images=self.mm is not None)
+        extra = ()
+        if self.mm is not None:                                          # this chunk's slice, and the next token's row
+            positions, rows, is_image = self.mm
+            following_row = np.minimum(lo + n, self.lengths)              # index lengths[b] in the T + 1 rows
+            take = np.minimum(lo + np.arange(T + 1)[None, :], following_row[:, None])     # [B, T + 1]
+            img = np.take_along_axis(is_image, take, axis=1)
+            img[np.arange(T + 1)[None, :] > n[:, None]] = False
+            sel = jnp.asarray(take.astype(np.int32))
+            extra = ((jnp.asarray(positions[:, :, lo:lo + T]), jnp.take_along_axis(rows, sel[:, :, None], axis=1),
+                      jnp.asarray(img)),)
         self.last = f(r.params, self.cache, self.mtp_cache, jnp.asarray(tokens), jnp.asarray(following),
-                      jnp.full(B, lo, jnp.int32), jnp.asarray(n), r.rope(self.max_len))
+                      jnp.full(B, lo, jnp.int32), jnp.asarray(n), r.rope(self.max_len), *extra)
         self.cache, self.mtp_cache = self.last.cache, self.last.mtp_cache
         if self.all_logits:                                              # [B, T, V]: keep the real rows
             self.prompt_logits.append(np.asarray(self.last.logits)[:, :int(n.max())])
@@ -610,7 +736,7 @@ class Prefill:
         f = r.first_fn(B, self.max_len, self.mtp, K)
         c = self.last
         return f(r.params, c.cache, c.mtp_cache, c.logits, c.hidden, jnp.asarray(self.lengths), keys, slot,
-                 r.rope(self.max_len))
+                 r.rope(self.max_len), jnp.asarray(self.deltas), jnp.asarray(self.last_positions))
 
 
 def _ask(on_step, results, done) -> None:

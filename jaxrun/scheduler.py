@@ -103,6 +103,8 @@ class Scheduler:
         bad = [t for t in request.prompt_ids if not 0 <= t < V]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+        if request.images and not self.runner.has_vision:
+            raise ValueError("image input: the model has no vision tower")
         if request.max_tokens < 1 or n + request.max_tokens > self.max_context:
             raise ValueError(f"prompt of {n} tokens + max_tokens {request.max_tokens} exceeds the context of "
                              f"{self.max_context}")
@@ -176,7 +178,7 @@ class Scheduler:
         r = seq.request
         if seq.job is None:
             seq.job = Prefill(self.runner, [list(r.prompt_ids)], self.S, self.K > 0, self.chunk,
-                              all_logits=r.prompt_logprobs is not None)
+                              all_logits=r.prompt_logprobs is not None, images=[list(r.images)] if r.images else None)
         if not seq.job.advance():
             return
         s = r.sampling

@@ -8,7 +8,8 @@ with continuous batching (jaxrun.scheduler), so that clients, eval harnesses and
         [--act-scale per-expert|max] [--speculative [K]] [--served-model-name NAME]
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming, logprobs, vLLM's prompt_logprobs
-and return_tokens_as_token_ids, reasoning_content, qwen3_coder tool calls), GET /v1/models, /health
+and return_tokens_as_token_ids, reasoning_content, qwen3_coder tool calls, images as image_url content
+parts with base64 data URLs when the checkpoint has a vision tower), GET /v1/models, /health
 (200 once the model is loaded and its first steps compiled), /metrics (Prometheus). A checkpoint
 without a tokenizer serves token-id prompts only. SIGINT / SIGTERM: stop admitting, finish the requests
 in flight, exit 0 (a second signal exits at once). Bad flags or an unreadable model: one line, exit 2.
@@ -112,12 +113,15 @@ def run(a) -> int:
     print(f"{PROG}: loading {ckpt.directory} on {mesh.size} {mesh.devices.flat[0].platform} device(s), {precision}",
           file=sys.stderr, flush=True)
     _, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=False)
-    runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
+    runner = Runner(params, ckpt.config, mesh, precision, a.activations, a.act_scale)
     print(f"{PROG}: compiling ({a.max_running_requests} slots, context {context})", file=sys.stderr, flush=True)
     engine = Scheduler(runner, a.max_running_requests, context, a.speculative or 0, a.prefill_chunk).start()
     name = a.served_model_name or a.model or "jaxrun-tiny"
+    images = runner.has_vision and ckpt.config.preprocessor is not None
     app = build_app(engine, tok, name, eos_token_ids=cfg.eos_token_ids,
-                    default_sampling=generation_defaults(ckpt.directory))
+                    default_sampling=generation_defaults(ckpt.directory),
+                    preprocessor=ckpt.config.preprocessor if images else None,
+                    image_token_id=ckpt.config.special_tokens.get("image_token_id") if images else None)
     print(f"{PROG}: serving {name!r} on http://{a.host}:{a.port} (compiled in {runner.timings.compile_s:.1f} s)",
           file=sys.stderr, flush=True)
     return run_server(app, a.host, a.port, log_level=a.log_level, sockets=[sock])

@@ -184,21 +184,24 @@ class _Serving:
 
 def build_app(engine: Engine, tokenizer, served_model_name: str | list[str], max_context: int | None = None, *,
               eos_token_ids=(), default_sampling=(), reasoning_parser: str | None = "qwen3",
-              tool_parser: str | None = "qwen3_coder", max_logprobs: int = 20) -> FastAPI:
+              tool_parser: str | None = "qwen3_coder", max_logprobs: int = 20, preprocessor=None,
+              image_token_id: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`.
 
     tokenizer: ref.tokenizer.Tokenizer or None (token-id prompts only). served_model_name: the name
     (or names; the first is reported) clients send as `model`. max_context: prompt + max_tokens limit
     (default and at most engine.max_context). eos_token_ids: the model's end-of-sequence ids besides the
     tokenizer's. default_sampling: ((name, value), ...) for temperature / top_p / top_k left out of a
-    request (openai_protocol.generation_defaults reads them from a checkpoint)."""
+    request (openai_protocol.generation_defaults reads them from a checkpoint). preprocessor (the
+    checkpoint's ref.config.PreprocessorConfig) and image_token_id: the engine takes images (chat
+    image_url parts with data URLs); without them image parts are refused."""
     names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
     if max_context is not None and max_context > engine.max_context:
         raise ValueError(f"max_context {max_context} exceeds the engine's {engine.max_context}")
     eos = frozenset(eos_token_ids) | frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
     cfg = ServingConfig(names, engine.vocab_size, max_context or engine.max_context, tokenizer, eos,
                         tuple(default_sampling), max_logprobs, reasoning_parser=reasoning_parser,
-                        tool_parser=tool_parser)
+                        tool_parser=tool_parser, preprocessor=preprocessor, image_token_id=image_token_id)
     serving = _Serving(engine, cfg)
     created = int(time.time())
 

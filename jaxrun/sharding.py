@@ -7,9 +7,10 @@ per device, in both layouts of the dense weights:
   embedding and lm_head (vocabulary), q/k/v, the DeltaNet in-projections and conv channels and the
   shared expert's gate/up; row-parallel (input features split) for o_proj, DeltaNet out_proj and the
   shared expert's down. XLA inserts the collectives the dense maths needs.
-Norms, gates, the router, the MTP fc and the caches (jaxrun.params.declare_cache) stay replicated. A dimension whose size the mesh
-axis does not divide stays whole (and the two parts of an NVFP4 weight are always split alike). A
-logical axis without a rule is an error: nothing is replicated by accident.
+Norms, gates, the router, the MTP fc, the vision tower and the caches (jaxrun.params.declare_cache)
+stay replicated. A dimension whose size the mesh axis does not divide stays whole (and the two parts of
+an NVFP4 weight are always split alike). A logical axis without a rule is an error: nothing is
+replicated by accident.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ _REPLICATED = {"experts": AXIS, "vocab": None, "embed": None, "attn_out": None, 
                "deltanet_out": None, "deltanet_in": None, "deltanet_heads": None, "conv_kernel": None,
                "head_dim": None, "shared_mlp": None, "expert_mlp": None, "router": None, "gate_out": None,
                "mtp_in": None, "scale_pair": None,
+               # the vision tower: replicated in both layouts
+               "vision_embed": None, "vision_patch": None, "vision_positions": None, "vision_qkv": None,
+               "vision_mlp": None, "vision_merged": None, "vision_out": None,
                # caches
                "batch": None, "kv_heads": None, "cache_seq": None, "cache_head_dim": None, "conv_window": None,
                "cache_channels": None, "cache_heads": None, "cache_key_dim": None, "cache_value_dim": None}

@@ -6,6 +6,8 @@
   native call such as an XLA compile), after removing the temporary file of any output being written.
 - Token ids: integers separated by commas and/or whitespace, or @FILE holding them; an empty entry
   ("1,,2") or an empty list is refused; ids outside the vocabulary are refused.
+- Images (`--image FILE`, repeatable): preprocessed with the checkpoint's settings, each image's
+  image-pad run expanded (`prompt_images`); any problem is one line.
 - Output files: written whole to a temporary file beside the target and renamed into place, with the
   usual permissions (umask), so a failed or interrupted run never leaves a partial file.
 """
@@ -63,6 +65,19 @@ def check_token_ids(ids: list[int], vocab_size: int, where: str = "token id") ->
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise UsageError(f"{where} {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
+def prompt_images(ckpt, ids: list[int], files) -> tuple[list[int], list]:
+    """The images of `--image FILE ...` for prompt `ids` -> (ids with each image's pads expanded, the
+    preprocessed images). Without images, a prompt holding image pads is refused (fewer images than
+    placeholders). Errors (ValueError: unreadable image, no vision tower, counts) are one line each."""
+    image_token = ckpt.config.special_tokens.get("image_token_id")
+    if not files:
+        if image_token is not None and image_token in ids:
+            raise UsageError(f"the prompt has image placeholders ({image_token}) but no --image was given")
+        return ids, []
+    from ref.vision_model import image_prompt
+    return image_prompt(ckpt, ids, list(files))
 
 
 def check_output_path(path: str | Path | None, suffix: str | None = None) -> None:

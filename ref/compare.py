@@ -109,6 +109,10 @@ def _layer_of(name: str) -> int | None:
 
 
 def _forward_order(name: str) -> tuple:
+    if name.startswith("vision."):                  # the encoder runs before the embeddings take its rows
+        _, stage, *block = name.split(".")
+        order = ("patch_embed", "pos_embed", "blocks", "merger")
+        return (-2, order.index(stage) if stage in order else len(order), int(block[0]) if block else 0)
     if name == "embeddings":
         return (-1, 0)
     layer = _layer_of(name)
@@ -126,14 +130,16 @@ def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local
     Hidden states: rel_err and max_abs against the reference run (errors accumulated from every
     earlier step); local_err (whole tensor) and local_tok_err (worst token, at 0-based sequence
     position local_worst_pos) against `local`, the reference step recomputed from the engine's own
-    input (see recompute_from_engine; embeddings against the reference); flagged when
+    input (see recompute_from_engine; embeddings and the vision patch and position embeddings against
+    the reference unless `local` has them); flagged when
     local_err > thresholds.layer_rtol or local_tok_err > thresholds.token_rtol.
     Routing: mismatch / local_mismatch, the share of expert choices not shared; topk_weights as
     rel_err of the [T, E] routing matrices. Routing rows are never flagged: near-ties legitimately
     flip, and real routing bugs show in router_logits and after_moe."""
     local = dict(local or {})
-    if "embeddings" in ref:
-        local["embeddings"] = ref["embeddings"]
+    for name in ("embeddings", "vision.patch_embed", "vision.pos_embed"):   # computed from the inputs alone
+        if name in ref:
+            local.setdefault(name, ref[name])
     rows = []
     for name in sorted(set(ref) & set(eng), key=_forward_order):
         r, e = np.asarray(ref[name]), np.asarray(eng[name])

@@ -16,6 +16,15 @@ against the f64 reference (ref.compare.Thresholds says how they were measured).
 The reference comes from a backend: "ref" (ref.model, NumPy) or one registered by another package
 under the entry-point group "qwen35_nvfp4_spec.reference_backends" (jaxrun registers "jax").
 
+Image prompts: `--image FILE` (repeatable, in prompt order). The token ids (from --token-ids, --prompt,
+--prompt --chat, or the engine's JSON) hold one image-pad run per image, a single pad (expanded here)
+or already the image's merged-token count (checked: a different count is an error naming the image).
+`--server` sends the images as OpenAI-compatible servers take them: one chat turn of image_url parts
+(base64 data URLs) and the --prompt text, with prompt logprobs; the server's own template and
+expansion give the token ids. Dumps of the vision encoder (vision.patch_embed, vision.pos_embed,
+vision.blocks.{i}, vision.merger, or transformers' model.visual.* names) are attributed like layers:
+each block and the merger are recomputed from the engine's own input.
+
 Examples:
   # a live vLLM or SGLang server (prompt logprobs of these tokens, top-10)
   python -m ref.crosscheck --model nvidia/Qwen3.5-397B-A17B-NVFP4 --server http://127.0.0.1:8000 \\
@@ -26,6 +35,8 @@ Examples:
   # logits and layer dumps of one prefill
   python -m ref.crosscheck --model DIR --token-ids @ids.txt --engine-logits logits.npy \\
       --engine-dumps dumps.safetensors --json report.json --plot report.png
+  # an image prompt on a live server (chat with an image_url data URL)
+  python -m ref.crosscheck --model DIR --server http://127.0.0.1:8000 --image cat.png --prompt "What is it?"
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import numpy as np
 
 from ref import engine_io as io
 from ref.cli import ArgumentParser, HelpFormatter, atomic_write, check_output_path, exit_on_interrupt, \
-    parse_token_ids, run_main
+    parse_token_ids, prompt_images, run_main
 from ref.compare import Thresholds, compare_layers, compare_positions, summarize, verdict
 from ref.errors import CheckpointError, ConfigError, FormatError
 from ref.modes import Modes, add_mode_arguments, modes_from_args
@@ -49,11 +60,11 @@ BACKEND_GROUP = "qwen35_nvfp4_spec.reference_backends"
 
 # --------------------------------------------------------------------------- reference side
 
-def _ref_backend(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool):
+def _ref_backend(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool, images=()):
     from ref.model import Model
     model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale)
     dumps = {} if want_dumps else None
-    logits, _ = model.prefill(list(token_ids), dumps=dumps)
+    logits, _ = model.prefill(list(token_ids), dumps=dumps, images=list(images) or None)
     return np.asarray(logits, np.float64), dumps
 
 
@@ -62,11 +73,13 @@ def backends() -> list[str]:
     return ["ref"] + sorted(ep.name for ep in entry_points(group=BACKEND_GROUP))
 
 
-def run_reference(ckpt, token_ids: list[int], backend: str = "ref", modes: Modes = Modes(), want_dumps: bool = False):
+def run_reference(ckpt, token_ids: list[int], backend: str = "ref", modes: Modes = Modes(), want_dumps: bool = False,
+                  images=()):
     """-> (logits [T, V] float64, dumps dict or None) from the chosen backend. A backend is a function
-    (ckpt, token_ids, modes, want_dumps) -> (logits, dumps)."""
+    (ckpt, token_ids, modes, want_dumps[, images=]) -> (logits, dumps); images (ref.image
+    PreprocessedImage of the prompt's image-pad runs) are passed only when there are some."""
     if backend == "ref":
-        return _ref_backend(ckpt, token_ids, modes, want_dumps)
+        return _ref_backend(ckpt, token_ids, modes, want_dumps, images)
     found = [ep for ep in entry_points(group=BACKEND_GROUP) if ep.name == backend]
     if not found:
         raise FormatError(f"--backend {backend!r}: expected one of {backends()}")
@@ -74,10 +87,12 @@ def run_reference(ckpt, token_ids: list[int], backend: str = "ref", modes: Modes
         fn = found[0].load()
     except ImportError as e:
         raise FormatError(f"--backend {backend}: unavailable ({e})") from None
-    return fn(ckpt, token_ids, modes, want_dumps)
+    return fn(ckpt, token_ids, modes, want_dumps, images=list(images)) if images else \
+        fn(ckpt, token_ids, modes, want_dumps)
 
 
-def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes()) -> dict[str, np.ndarray]:
+def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes(), token_ids=None,
+                          images=()) -> dict[str, np.ndarray]:
     """Reference value of each dumped tensor computed from the engine's own input to that step, so
     that an error is charged to the step that made it, not to every later one: layer i's mixer from
     the engine's input to layer i (embeddings or layers.{i-1}.after_moe); its router from the
@@ -87,15 +102,23 @@ def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes()) -> dict
     are the reference's router probabilities of those experts, renormalised); the final norm from
     the engine's last after_moe; logits from its final_hidden. Steps whose input was not dumped are
     skipped. Runs ref.model's own steps (Model.layer(i).mixer_step / moe_step, final_norm, lm_head;
-    ref backend)."""
+    ref backend). Image prompts (token_ids and their images): the vision encoder's blocks from the
+    engine's input to each (vision.patch_embed + vision.pos_embed, or vision.blocks.{i-1}), the merger
+    from its last block, the embeddings with the engine's merged rows in the image pads; the layers at
+    the prompt's 3-D positions."""
     from ref.model import Model
     m = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale)
     out: dict[str, np.ndarray] = {}
+    positions = None
+    if images:
+        out.update(_recompute_vision(m, eng_dumps, token_ids, images))
+        positions = m.prompt_inputs(token_ids, images)[1] if token_ids is not None else None
     h_in = eng_dumps.get("embeddings")
     for i in range(m.cfg.num_hidden_layers):
         layer = m.layer(i)
         if h_in is not None:
-            out[f"layers.{i}.after_mixer"] = layer.mixer_step(h_in)[0]
+            at = None if positions is None else positions[:, :len(h_in)]
+            out[f"layers.{i}.after_mixer"] = layer.mixer_step(h_in, positions=at)[0]
         a = eng_dumps.get(f"layers.{i}.after_mixer", out.get(f"layers.{i}.after_mixer"))
         if a is not None:
             after_moe, logits, ids, weights = layer.moe_step(a, eng_dumps.get(f"layers.{i}.topk_ids"))
@@ -106,6 +129,27 @@ def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes()) -> dict
         out["final_hidden"] = m.final_norm(h_in)
     if eng_dumps.get("final_hidden") is not None:
         out["logits"] = m.lm_head(eng_dumps["final_hidden"])
+    return out
+
+
+def _recompute_vision(m, eng_dumps: dict, token_ids, images) -> dict[str, np.ndarray]:
+    """The vision steps recomputed from the engine's own inputs to them (see recompute_from_engine)."""
+    vm, out = m.vision, {}
+    grids = [im.grid for im in images]
+    x = None
+    if "vision.patch_embed" in eng_dumps and "vision.pos_embed" in eng_dumps:
+        x = np.asarray(eng_dumps["vision.patch_embed"]) + np.asarray(eng_dumps["vision.pos_embed"])
+    for i in range(vm.cfg.depth):
+        if x is not None:
+            out[f"vision.blocks.{i}"] = vm.block_step(i, x, grids)
+        x = eng_dumps.get(f"vision.blocks.{i}")
+    if x is not None:
+        out["vision.merger"] = vm.merger_step(np.asarray(x))
+    rows, emb = eng_dumps.get("vision.merger"), eng_dumps.get("embeddings")
+    if rows is not None and emb is not None and token_ids is not None:
+        ids = np.asarray(token_ids)
+        if int(np.sum(ids == m.ckpt.config.special_tokens["image_token_id"])) == len(rows):
+            out["embeddings"] = m.embed(ids, np.asarray(rows, m.p.dtype))[:len(emb)]
     return out
 
 
@@ -127,15 +171,16 @@ def _hints(v: dict, modes: Modes) -> list[str]:
 def _prefix_of(ref_dumps: dict, eng_dumps: dict, T: int) -> dict:
     """The reference dumps cut to the tokens the engine dumped (its prefill may cover only the first
     T' <= T tokens, e.g. the prompt of a response that also holds generated tokens). Checks shapes."""
-    lengths = {np.shape(v)[0] if np.ndim(v) else 0 for v in eng_dumps.values()}
-    if len(lengths) != 1 or not 0 < min(lengths) <= T:
+    lengths = {np.shape(v)[0] if np.ndim(v) else 0 for k, v in eng_dumps.items() if not k.startswith("vision.")}
+    if len(lengths) > 1 or (lengths and not 0 < min(lengths) <= T):
         raise FormatError(f"engine dumps: token counts {sorted(lengths)}, expected one count <= {T}")
-    n = lengths.pop()
-    ref_dumps = {k: v[:n] for k, v in ref_dumps.items()}
+    n = lengths.pop() if lengths else T
+    ref_dumps = {k: v if k.startswith("vision.") else v[:n] for k, v in ref_dumps.items()}
     for name in sorted(set(eng_dumps) & set(ref_dumps)):
         if np.shape(eng_dumps[name]) != ref_dumps[name].shape:
+            what = "for the images' patches" if name.startswith("vision.") else f"for its {n} tokens"
             raise FormatError(f"engine dump '{name}': shape {tuple(np.shape(eng_dumps[name]))}, expected "
-                              f"{tuple(ref_dumps[name].shape)} for its {n} tokens")
+                              f"{tuple(ref_dumps[name].shape)} {what}")
     return ref_dumps
 
 
@@ -144,8 +189,9 @@ def _prefix_of(ref_dumps: dict, eng_dumps: dict, T: int) -> dict:
 def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs | None = None,
                eng_logits: np.ndarray | None = None, eng_dumps: dict | None = None, *, backend: str = "ref",
                modes: Modes = Modes(), thresholds: Thresholds = Thresholds(), lint: bool = True,
-               lint_block_scales: bool = False, ignored_dumps=()) -> dict:
-    """Compare what an engine produced with the reference. -> the full report (JSON-able dict)."""
+               lint_block_scales: bool = False, ignored_dumps=(), images=()) -> dict:
+    """Compare what an engine produced with the reference. -> the full report (JSON-able dict).
+    images: the prompt's images (ref.image.PreprocessedImage, or files), one image-pad run each."""
     if token_ids is None:
         if eng is None:
             raise FormatError("no token ids: give --token-ids or --prompt (or an --engine-json that holds them)")
@@ -155,12 +201,16 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
         raise FormatError(f"engine JSON covers {len(eng.token_ids)} tokens that differ from the {len(token_ids)} given")
     if eng_logits is None and eng_dumps and "logits" in eng_dumps:
         eng_logits = np.asarray(eng_dumps["logits"], np.float64)
-    ref_logits, ref_dumps = run_reference(ckpt, token_ids, backend, modes, want_dumps=bool(eng_dumps))
+    token_ids, images = prompt_images(ckpt, token_ids, list(images))
+    if eng is not None and eng.token_ids != token_ids:
+        raise FormatError(f"engine JSON covers {len(eng.token_ids)} tokens, the prompt with its images "
+                          f"{len(token_ids)}")
+    ref_logits, ref_dumps = run_reference(ckpt, token_ids, backend, modes, want_dumps=bool(eng_dumps), images=images)
     positions = compare_positions(ref_logits, token_ids, eng, eng_logits, thresholds.top_k)
     layers = []
     if eng_dumps:
         ref_dumps = _prefix_of(ref_dumps, eng_dumps, len(token_ids))
-        local = recompute_from_engine(ckpt, eng_dumps, modes)
+        local = recompute_from_engine(ckpt, eng_dumps, modes, token_ids, images)
         layers = compare_layers(ref_dumps, eng_dumps, local, thresholds, ckpt.config.text.num_experts)
     if not positions and not layers:
         raise FormatError("nothing to compare: the engine output holds no logprobs, logits or dump the "
@@ -174,7 +224,8 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     return {
         "reference": {"model": str(ckpt.directory), "backend": backend, "precision": modes.precision,
                       "activations": modes.activations, "act_scale": modes.act_scale},
-        "engine": {"source": source, "tokens": len(token_ids), "k": k, "dropped": dropped},
+        "engine": {"source": source, "tokens": len(token_ids), "k": k, "dropped": dropped,
+                   "images": [im.source for im in images]},
         "token_ids": token_ids,
         "thresholds": {"max_kl": thresholds.max_kl, "max_kl_pos": thresholds.max_kl_pos,
                        "min_top1": thresholds.min_top1, "layer_rtol": thresholds.layer_rtol,
@@ -210,6 +261,10 @@ def build_parser() -> ArgumentParser:
     ids = ap.add_argument_group("token ids (when the engine output does not hold them)")
     ids.add_argument("--token-ids", help="comma- or space-separated ids, or @FILE holding them")
     ids.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer")
+    ids.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template (one user turn, "
+                     "the images first)")
+    ids.add_argument("--image", action="append", default=[], metavar="FILE",
+                     help="an image of the prompt (repeatable, in prompt order)")
     ref = ap.add_argument_group("reference")
     ref.add_argument("--backend", default="ref", choices=backends(), help="ref (NumPy) or jax (jaxrun; f32/bf16) "
                      "(default ref)")
@@ -237,10 +292,16 @@ def build_parser() -> ArgumentParser:
 def _token_ids_arg(args, ckpt) -> list[int] | None:
     if args.token_ids and args.prompt:
         raise FormatError("give --token-ids or --prompt, not both")
+    if args.chat and not args.prompt:
+        raise FormatError("--chat needs --prompt")
     if args.token_ids:
         return parse_token_ids(args.token_ids)
     if args.prompt:
-        return _tokenizer(ckpt).encode(args.prompt)
+        tok = _tokenizer(ckpt)
+        if args.chat:
+            from ref.image_prompt import user_message
+            return tok.encode(tok.apply_chat_template([user_message(args.prompt, len(args.image))]))
+        return tok.encode(args.prompt)
     return None
 
 
@@ -270,11 +331,25 @@ def run(args) -> dict:
     for path in (args.json, args.plot):
         check_output_path(path)
     ckpt = open_checkpoint(args.model)
-    token_ids = _token_ids_arg(args, ckpt)
+    images = []
+    if args.image:                                  # read and checked before anything is asked of an engine
+        from ref.vision_model import preprocess_for, require_vision_tower
+        require_vision_tower(ckpt)
+        images = [preprocess_for(ckpt, f) for f in args.image]
+    token_ids = None if args.server and images else _token_ids_arg(args, ckpt)   # the server's template gives them
+    if token_ids is not None and images:
+        token_ids, _ = prompt_images(ckpt, token_ids, images)
     eng = None
     if args.engine_json:
         eng = io.read_engine_json(io.load_json_file(args.engine_json), _lookup(ckpt), token_ids, args.choice,
                                   where=args.engine_json)
+    elif args.server and images:
+        if not args.prompt or args.token_ids or args.server_api != "openai":
+            raise FormatError("--server with --image needs --prompt (the images and the text go in one chat turn of "
+                              "the OpenAI API)")
+        raw = io.query_server_chat(args.server, args.prompt, [io.image_data_url(f) for f in args.image], args.top_k,
+                                   args.server_model)
+        eng = io.read_engine_json(raw, _lookup(ckpt), None, where=args.server)
     elif args.server:
         if token_ids is None:
             raise FormatError("--server needs --token-ids or --prompt")
@@ -287,7 +362,7 @@ def run(args) -> dict:
                       if args.engine_dumps else (None, []))
     return crosscheck(ckpt, token_ids, eng, eng_logits, dumps, backend=args.backend, modes=modes,
                       thresholds=thresholds, lint=not args.no_lint, lint_block_scales=args.lint_block_scales,
-                      ignored_dumps=ignored)
+                      ignored_dumps=ignored, images=images)
 
 
 def _main(argv) -> int:

@@ -17,7 +17,7 @@ Token strings become ids from `token_id:N` (vLLM `return_tokens_as_token_ids`), 
 field, or through the checkpoint tokenizer's vocabulary (raw piece, then byte-level BPE spelling).
 
 Logits: .npy, .npz or .safetensors [T, V]. Layer dumps: .safetensors or .npz with the names
-`ref.run --dump-layers` writes, or an alias (see `DUMP_ALIASES`).
+`ref.run --dump-layers` writes, or an alias (see `DUMP_ALIASES`, `VISION_DUMP_ALIASES`).
 """
 from __future__ import annotations
 
@@ -450,17 +450,31 @@ DUMP_ALIASES: dict[str, tuple[str, ...]] = {
     "topk_ids": ("topk_ids", "moe_topk_idx", "topk_idx", "selected_experts", "topk_indices"),
     "topk_weights": ("topk_weights", "moe_topk_weights", "routing_weights", "topk_probs"),
 }
+# The vision encoder (ref.run --dump-layers with --image): its output rows, blocks and input embeddings,
+# also under transformers' module names (model.visual.*, visual.*).
+VISION_DUMP_ALIASES: dict[str, tuple[str, ...]] = {
+    "vision.merger": ("vision.merger", "visual.merger", "model.visual.merger", "image_embeds"),
+    "vision.patch_embed": ("vision.patch_embed", "visual.patch_embed", "model.visual.patch_embed"),
+    "vision.pos_embed": ("vision.pos_embed", "visual.pos_embed", "model.visual.pos_embed"),
+}
+_VISION_BLOCK_RE = re.compile(r"^(?:model\.)?(?:vision|visual)\.blocks\.(\d+)$")
 _LAYER_RE = re.compile(r"^(?:model\.(?:language_model\.)?)?(?:layers\.|layer_?)(\d+)\.(.+)$")
 _HS_RE = re.compile(r"^hidden_states\.(\d+)$")
 _GLOBAL = {alias: canon for canon in ("embeddings", "final_hidden", "logits") for alias in DUMP_ALIASES[canon]}
 _PER_LAYER = {alias: canon for canon in ("after_mixer", "after_moe", "router_logits", "topk_ids", "topk_weights")
               for alias in DUMP_ALIASES[canon]}
+_VISION = {alias: canon for canon, aliases in VISION_DUMP_ALIASES.items() for alias in aliases}
 
 
 def canonical_dump_name(name: str, num_layers: int) -> str | None:
     """Engine dump name -> canonical name, or None when it is not one we compare."""
     if name in _GLOBAL:
         return _GLOBAL[name]
+    if name in _VISION:
+        return _VISION[name]
+    m = _VISION_BLOCK_RE.match(name)
+    if m:
+        return f"vision.blocks.{int(m.group(1))}"
     m = _LAYER_RE.match(name)
     if m and m.group(2) in _PER_LAYER:
         return f"layers.{int(m.group(1))}.{_PER_LAYER[m.group(2)]}"
@@ -532,6 +546,35 @@ def server_model(base: str, timeout: float = 60.0) -> str:
         return obj["data"][0]["id"]
     except (KeyError, IndexError, TypeError):
         raise FormatError(f"{base}/v1/models: no model listed; pass --server-model") from None
+
+
+def image_data_url(path: str | Path) -> str:
+    """An image file as a data URL (data:image/<format>;base64,...), the way OpenAI-compatible servers
+    take images in chat content parts; the format is Pillow's reading of the file."""
+    import base64
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        data = Path(path).read_bytes()
+        fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
+    except (OSError, UnidentifiedImageError) as e:
+        raise FormatError(f"{path}: cannot read the image ({getattr(e, 'strerror', None) or e})") from None
+    return f"data:image/{fmt};base64,{base64.b64encode(data).decode()}"
+
+
+def query_server_chat(base: str, text: str, image_urls: list[str], top_k: int, model: str | None = None,
+                      timeout: float = 600.0) -> Any:
+    """Ask a live OpenAI-compatible server for the prompt logprobs of a chat turn with images: one user
+    message of image_url parts (data URLs, in order) then the text, POST /v1/chat/completions with
+    vLLM's prompt_logprobs and return_token_ids (the server's own template and image-pad expansion give
+    the token ids) and one greedy token; returns the raw JSON."""
+    base = base.rstrip("/")
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls] + [{"type": "text", "text": text}]
+    body = {"model": model or server_model(base, timeout), "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": top_k, "prompt_logprobs": top_k,
+            "return_token_ids": True, "return_tokens_as_token_ids": True}
+    return _post(f"{base}/v1/chat/completions", body, timeout)
 
 
 def query_server(base: str, token_ids: list[int], top_k: int, api: str = "openai", model: str | None = None,

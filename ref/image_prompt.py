@@ -35,10 +35,11 @@ def merged_counts(grids: Sequence[Grid], merge_size: int) -> list[int]:
     return [t * (h // merge_size) * (w // merge_size) for t, h, w in grids]
 
 
-def expand_image_pads(ids: Sequence[int], counts: Sequence[int], image_token_id: int) -> list[int]:
+def expand_image_pads(ids: Sequence[int], counts: Sequence[int], image_token_id: int,
+                      names: Sequence[str] = ()) -> list[int]:
     """Each run of image-pad tokens, in order, becomes counts[i] pads: a single pad is expanded, a run
-    of exactly counts[i] is kept. ValueError names the image (1-based) and both counts, or the number
-    of runs and images when they differ."""
+    of exactly counts[i] is kept. ValueError names the image (1-based, and names[i] when given) and
+    both counts, or the number of runs and images when they differ."""
     ids = [int(i) for i in ids]
     runs = pad_runs(ids, image_token_id)
     if len(runs) != len(counts):
@@ -46,8 +47,9 @@ def expand_image_pads(ids: Sequence[int], counts: Sequence[int], image_token_id:
     out, prev = [], 0
     for i, ((lo, hi), n) in enumerate(zip(runs, counts)):
         if hi - lo not in (1, n):
-            raise ValueError(f"image {i + 1} of {len(counts)}: the prompt has {hi - lo} image-pad tokens for it "
-                             f"but the image is {n} tokens")
+            name = f" ({names[i]})" if i < len(names) else ""
+            raise ValueError(f"image {i + 1} of {len(counts)}{name}: the prompt has {hi - lo} image-pad tokens for "
+                             f"it but the image is {n} tokens")
         out += ids[prev:lo] + [image_token_id] * n
         prev = hi
     return out + ids[prev:]
@@ -116,6 +118,15 @@ def mrope_positions(ids: Sequence[int], image_token_id: int, image_grids: Sequen
             raise ValueError(f"{len(grids)} {what}(s) were given but the prompt has {used[token]} placeholder(s)")
     positions = np.concatenate(parts, axis=1).astype(np.int64)
     return positions, int(positions.max()) + 1 - len(ids)
+
+
+def user_message(text: str, n_images: int = 0) -> dict:
+    """One user turn for a chat template: the text alone, or the images' content parts (in order)
+    followed by the text, as OpenAI-style chat requests put them; the Qwen3.5 template writes each
+    {"type": "image"} part as <|vision_start|><|image_pad|><|vision_end|>."""
+    if not n_images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
 def positions_after(start: int, T: int, rope_delta: int) -> np.ndarray:

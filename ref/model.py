@@ -4,6 +4,11 @@
 the memory-mapped checkpoint (ref.weights wires them to ref.layers' functions) and runs every sequence
 of the batch through the layer. The maths lives in ref.layers; this module runs the layers in order
 and keeps the caches.
+
+Image prompts (spec/model.md §9.6-9.7, §9.10): `images` (in prompt order) go with the token ids; the
+vision encoder (ref.vision_model, its blocks streamed like the decoder's layers) gives the rows that
+replace the image-pad embeddings, attention takes the 3-D mRoPE positions, and the Cache carries
+`rope_delta`, so every later token (decode, a continued prefill) sits at cache length + rope_delta.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import numpy as np
 
 from ref import layers as L
 from ref.config import FULL
+from ref.image_prompt import mrope_positions, scatter_image_rows
 from ref.modes import Modes
 from ref.weights import Weights
 
@@ -24,10 +30,12 @@ from ref.weights import Weights
 @dataclass(frozen=True)
 class Cache:
     """Everything a sequence needs to continue: tokens seen, per-layer state (KVCache for full
-    attention, DeltaNetState for linear attention), final hidden [H] of the last token (for MTP)."""
+    attention, DeltaNetState for linear attention), final hidden [H] of the last token (for MTP), and
+    the mRoPE offset of every later token (image prompts; 0 for text): token s sits at s + rope_delta."""
     pos: int
     layers: tuple
     hidden: np.ndarray
+    rope_delta: int = 0
 
 
 class Model:
@@ -51,26 +59,41 @@ class Model:
     # -------------------------------------------------------------------------------------------
     # Public API
 
-    def prefill(self, token_ids, cache: Cache | None = None, dumps: dict | None = None):
+    def prefill(self, token_ids, cache: Cache | None = None, dumps: dict | None = None, images=None):
         """Run `token_ids` (after `cache`, if given) -> (logits [T, V], new cache). `dumps`, if a
-        dict, receives the per-layer tensors named in the contract (see spec/model.md)."""
-        (logits, _, new), = self._forward([token_ids], [cache], [dumps])
+        dict, receives the per-layer tensors named in the contract (see spec/model.md), and with
+        images the vision encoder's (vision.*). `images`: the images of the image-pad runs in
+        token_ids, in order (see image_prompt; T counts the expanded pads)."""
+        (logits, _, new), = self._forward([token_ids], [cache], [dumps], [images])
         return logits, new
+
+    def image_prompt(self, token_ids, images) -> tuple[list[int], list]:
+        """Token ids with one image-pad run per image (a single pad, expanded here, or already the
+        image's merged-token count) and the images (files, bytes, Pillow images, PreprocessedImage)
+        -> (expanded ids, preprocessed images); see ref.vision_model.image_prompt."""
+        from ref.vision_model import image_prompt
+        return image_prompt(self.ckpt, token_ids, images)
+
+    @cached_property
+    def vision(self):
+        """The checkpoint's vision encoder (ref.vision_model.VisionModel) in this model's precision."""
+        from ref.vision_model import VisionModel
+        return VisionModel(self.ckpt, self.p.name)
 
     def decode(self, token_id: int, cache: Cache):
         """One token after `cache` -> (logits [V], new cache)."""
         logits, new = self.prefill([token_id], cache)
         return logits[0], new
 
-    def logits(self, token_ids) -> np.ndarray:
+    def logits(self, token_ids, images=None) -> np.ndarray:
         """Teacher-forced logits [T, V]."""
-        return self.prefill(token_ids)[0]
+        return self.prefill(token_ids, images=images)[0]
 
-    def prefill_batch(self, seqs, caches=None, dumps=None):
+    def prefill_batch(self, seqs, caches=None, dumps=None, images=None):
         """Several sequences of different lengths through each layer together (weights read once)
-        -> (list of logits [T_j, V], list of caches)."""
+        -> (list of logits [T_j, V], list of caches). images: per sequence its images, or None."""
         caches = caches or [None] * len(seqs)
-        out = self._forward(seqs, caches, dumps or [None] * len(seqs))
+        out = self._forward(seqs, caches, dumps or [None] * len(seqs), images or [None] * len(seqs))
         return [o[0] for o in out], [o[2] for o in out]
 
     def decode_batch(self, token_ids, caches):
@@ -78,11 +101,11 @@ class Model:
         logits, caches = self.prefill_batch([[t] for t in token_ids], caches)
         return np.stack([x[0] for x in logits]), caches
 
-    def generate(self, token_ids, max_new_tokens: int, stop_ids=()) -> list[int]:
+    def generate(self, token_ids, max_new_tokens: int, stop_ids=(), images=None) -> list[int]:
         """Greedy continuation (argmax, ties to the lower id); stops after a token in stop_ids."""
         if max_new_tokens <= 0:
             return []
-        logits, cache = self.prefill(token_ids)
+        logits, cache = self.prefill(token_ids, images=images)
         return self.continue_greedy(logits[-1], cache, max_new_tokens, stop_ids)
 
     def continue_greedy(self, last_logits: np.ndarray, cache: Cache, max_new_tokens: int, stop_ids=()) -> list[int]:
@@ -97,24 +120,26 @@ class Model:
             nxt = int(np.argmax(last))
         return out
 
-    def mtp_logits(self, token_ids, hidden: np.ndarray | None = None) -> np.ndarray:
+    def mtp_logits(self, token_ids, hidden: np.ndarray | None = None, images=None) -> np.ndarray:
         """Teacher-forced MTP head: row t (t < T-1) predicts token t+2 from the main model's final
-        hidden (after the final norm) at t and the embedding of token t+1, at RoPE position t.
-        `hidden` [T, H] defaults to the main model's own. -> [T-1, V]."""
+        hidden (after the final norm) at t and the embedding of token t+1 (an image row where token
+        t+1 is an image pad, as vLLM's multimodal MTP embeds it), at the main model's position of
+        token t. `hidden` [T, H] defaults to the main model's own. -> [T-1, V]."""
         c, p = self.cfg, self.p
-        ids = self._check_ids(token_ids)
-        if len(ids) < 2:
-            raise ValueError(f"MTP needs at least 2 tokens, got {len(ids)}")
         if not self.ckpt.has("mtp.fc.weight"):
             raise ValueError("checkpoint has no MTP head (mtp.fc.weight)")
+        ids, positions, _, rows = self.prompt_inputs(token_ids, images)
+        if len(ids) < 2:
+            raise ValueError(f"MTP needs at least 2 tokens, got {len(ids)}")
         if hidden is None:
-            (_, hidden, _), = self._forward([ids], [None], [None])
+            (_, hidden, _), = self._forward([ids], [None], [None], [images])
         T, w = len(ids) - 1, self.weights
         m = w.tables["mtp"]
-        x = L.mtp_input(w.embedding(ids[1:]), np.asarray(hidden, p.dtype)[:T], w.vector(m["pre_fc_norm_embedding"]),
+        embeds = self.embed(ids, rows)
+        x = L.mtp_input(embeds[1:], np.asarray(hidden, p.dtype)[:T], w.vector(m["pre_fc_norm_embedding"]),
                         w.vector(m["pre_fc_norm_hidden"]), w.linear(m["fc"]), c.rms_norm_eps, p)
         layer = self.layer("mtp")
-        h = layer.moe_step(layer.mixer_step(x)[0])[0]
+        h = layer.moe_step(layer.mixer_step(x, positions=positions[:, :T])[0])[0]
         return self.lm_head(L.rms_norm(h, w.vector(m["norm"]), c.rms_norm_eps, p))
 
     # -------------------------------------------------------------------------------------------
@@ -135,16 +160,42 @@ class Model:
         """final_hidden [T, H] -> logits [T, V] (lm_head is read in row blocks, never converted whole)."""
         return L.linear(self.p.act(x), self.weights.linear(self.weights.tables["lm_head"]), self.p)
 
+    def prompt_inputs(self, token_ids, images=None, start: int = 0, rope_delta: int = 0, dumps: dict | None = None):
+        """One sequence's input after `start` cached tokens whose mRoPE offset is rope_delta ->
+        (ids [T], positions [3, T], the offset after it, image rows [M, H] or None). With images, the
+        pads are expanded, the encoder runs (its dumps into `dumps`) and the positions are
+        get_rope_index's, continuing the cached ones (their counter stands at start + rope_delta)."""
+        if not images:
+            ids = self._check_ids(token_ids)
+            return ids, L.text_positions(start + rope_delta, len(ids)), rope_delta, None
+        ids, pre = self.image_prompt(token_ids, images)
+        ids = self._check_ids(ids)
+        rows = self.vision.encode(pre, dumps)
+        v = self.vision.cfg
+        positions, delta = mrope_positions(ids, self.ckpt.config.special_tokens["image_token_id"],
+                                           [im.grid for im in pre], v.spatial_merge_size)
+        return ids, positions + start + rope_delta, rope_delta + delta, rows
+
+    def embed(self, ids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Embedding rows of ids [T] -> [T, H], the image-pad rows replaced by the encoder's rows, in order."""
+        h = self.weights.embedding(ids)
+        if rows is None:
+            return h
+        return scatter_image_rows(h, ids, self.ckpt.config.special_tokens["image_token_id"], self.p.act(rows))
+
     # -------------------------------------------------------------------------------------------
     # The streaming forward pass
 
-    def _forward(self, seqs, caches, dumps):
+    def _forward(self, seqs, caches, dumps, images=None):
         """-> per sequence (logits [T, V], final hidden [T, H], new Cache)."""
         c = self.cfg
-        seqs = [self._check_ids(s) for s in seqs]
-        bounds = np.cumsum([0] + [len(s) for s in seqs])
+        images = images or [None] * len(seqs)
         starts = [cache.pos if cache is not None else 0 for cache in caches]
-        h = self.weights.embedding(np.concatenate(seqs))                        # [sum T, H]
+        prompts = [self.prompt_inputs(s, im, start, cache.rope_delta if cache is not None else 0, d)
+                   for s, im, start, cache, d in zip(seqs, images, starts, caches, dumps)]
+        seqs = [ids for ids, *_ in prompts]
+        bounds = np.cumsum([0] + [len(s) for s in seqs])
+        h = np.concatenate([self.embed(ids, rows) for ids, _, _, rows in prompts])  # [sum T, H]
         self._dump(dumps, bounds, "embeddings", h)
         states: list[list] = [[] for _ in seqs]
         for i, kind in enumerate(c.layer_types):
@@ -153,7 +204,7 @@ class Model:
             parts = []
             for j, cache in enumerate(caches):
                 a, st = layer.mixer_step(h[bounds[j]:bounds[j + 1]], cache.layers[i] if cache is not None else None,
-                                         starts[j])
+                                         positions=prompts[j][1])
                 parts.append(a)
                 states[j].append(st)
             after_mixer = np.concatenate(parts)
@@ -170,7 +221,8 @@ class Model:
         out = []
         for j, s in enumerate(seqs):
             lo, hi = bounds[j], bounds[j + 1]
-            out.append((logits[lo:hi], final[lo:hi], Cache(starts[j] + len(s), tuple(states[j]), final[hi - 1])))
+            out.append((logits[lo:hi], final[lo:hi],
+                        Cache(starts[j] + len(s), tuple(states[j]), final[hi - 1], prompts[j][2])))
         return out
 
     def _check_ids(self, token_ids) -> np.ndarray:
@@ -209,13 +261,17 @@ class Layer:
         self.model, self.index = model, layer
         self.tensors = model.weights.layer_tables(layer)
 
-    def mixer_step(self, h: np.ndarray, state=None, start: int = 0):
+    def mixer_step(self, h: np.ndarray, state=None, start: int = 0, positions: np.ndarray | None = None):
         """The layer's input h [T, H] -> (after_mixer = h + mixer(input_layernorm(h)) [T, H], the
         mixer's new state). `state`: the layer's KVCache (full attention) or DeltaNetState (linear
-        attention) after the `start` tokens before h, or None for none (start 0)."""
+        attention) after the `start` tokens before h, or None for none (start 0). `positions` [3, T]:
+        the tokens' mRoPE positions (image prompts, Model._prompt), default text positions from start."""
         m = self.model
         norm = m.weights.vector(self.tensors["input_layernorm"])
-        return L.pre_norm_residual(m.p.act(h), norm, m.cfg.rms_norm_eps, lambda x: self._mixer(x, state, start), m.p)
+        if positions is None:
+            positions = L.text_positions(start, h.shape[0])
+        return L.pre_norm_residual(m.p.act(h), norm, m.cfg.rms_norm_eps, lambda x: self._mixer(x, state, positions),
+                                   m.p)
 
     def moe_step(self, a: np.ndarray, topk_ids: np.ndarray | None = None):
         """after_mixer a [T, H] -> (after_moe = a + moe(post_attention_layernorm(a)) [T, H],
@@ -228,15 +284,15 @@ class Layer:
 
     @cached_property
     def _mixer(self):
-        """(x [T, H], state, start) -> (y, state) with this layer's weights."""
+        """(x [T, H], state, positions [3, T]) -> (y, state) with this layer's weights."""
         m, c, w = self.model, self.model.cfg, self.model.weights
         if self.kind == FULL:
             prm = w.attention(self.tensors["self_attn"])
-            return lambda x, cache, start: L.gated_attention(
-                x, prm, c.num_attention_heads, c.num_key_value_heads, L.text_positions(start, x.shape[0]), m.rope,
-                c.rms_norm_eps, cache, m.p)
+            return lambda x, cache, positions: L.gated_attention(
+                x, prm, c.num_attention_heads, c.num_key_value_heads, positions, m.rope, c.rms_norm_eps, cache, m.p)
         prm = w.deltanet(self.tensors["linear_attn"])
-        return lambda x, state, start: L.gated_deltanet(x, prm, c.linear_num_key_heads, c.rms_norm_eps, state, m.p)
+        return lambda x, state, positions: L.gated_deltanet(x, prm, c.linear_num_key_heads, c.rms_norm_eps, state,
+                                                            m.p)
 
     @cached_property
     def _moe(self):

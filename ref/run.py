@@ -1,8 +1,15 @@
 """python -m ref.run: teacher-forced logits, layer dumps and greedy tokens from the NumPy reference.
 
-Bad input (unreadable model, token ids outside the vocabulary, empty prompt, bad option) prints one
-line on stderr and exits 2 without writing any output file; an interrupt prints one line and exits
-130. Progress goes to stderr: a bar over the layers run (--verbose: a line per layer, --quiet: none).
+Image prompts: `--image FILE` (repeatable), in the order of the images in the prompt. With --chat
+each image becomes an image content part before the text (the template writes
+<|vision_start|><|image_pad|><|vision_end|>); a raw --prompt or --token-ids holds the image pads
+itself, one pad per image (expanded here) or already the image's merged-token count.
+
+Bad input (unreadable model, token ids outside the vocabulary, empty prompt, bad option, an image
+that cannot be read or used, more or fewer images than the prompt's placeholders, images for a
+checkpoint without a vision tower) prints one line on stderr and exits 2 without writing any output
+file; an interrupt prints one line and exits 130. Progress goes to stderr: a bar over the layers run
+(--verbose: a line per layer, --quiet: none).
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ref.cli import ArgumentParser, UsageError, atomic_write, check_output_path, check_token_ids, \
-    exit_on_interrupt, parse_token_ids, run_main  # noqa: E402
+    exit_on_interrupt, parse_token_ids, prompt_images, run_main  # noqa: E402
+from ref.image_prompt import user_message  # noqa: E402
 from ref.model import Model  # noqa: E402
 from ref.modes import add_mode_arguments, modes_from_args  # noqa: E402
 
@@ -32,6 +40,8 @@ def _parser() -> ArgumentParser:
     src.add_argument("--token-ids", help="token ids, comma- or space-separated, or @FILE")
     src.add_argument("--prompt", help="text, encoded with the checkpoint's tokenizer")
     ap.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template (one user turn)")
+    ap.add_argument("--image", action="append", default=[], metavar="FILE",
+                    help="an image of the prompt (repeatable, in prompt order)")
     ap.add_argument("--logits-out", type=Path, help="write teacher-forced logits [T, vocab] to this .npy")
     add_mode_arguments(ap)
     ap.add_argument("--dump-layers", type=Path, help="write per-layer tensors to this .safetensors")
@@ -44,7 +54,8 @@ def _parser() -> ArgumentParser:
     return ap
 
 
-def _token_ids(args, ckpt) -> tuple[list[int], object]:
+def _token_ids(args, ckpt) -> tuple[list[int], object, list]:
+    """-> (prompt ids, pads expanded; the tokenizer or None; the preprocessed images)."""
     tok = None
     if args.chat and args.token_ids is not None:
         raise UsageError("--chat needs --prompt")
@@ -56,10 +67,11 @@ def _token_ids(args, ckpt) -> tuple[list[int], object]:
         tok = _tokenizer(ckpt)
         text = args.prompt
         if args.chat:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            text = tok.apply_chat_template([user_message(text, len(args.image))], add_generation_prompt=True)
         ids = list(tok.encode(text))
     check_token_ids(ids, ckpt.config.text.vocab_size)
-    return ids, tok
+    ids, images = prompt_images(ckpt, ids, args.image)
+    return ids, tok, images
 
 
 def _tokenizer(ckpt):
@@ -74,7 +86,7 @@ def run(args) -> None:
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     ckpt = open_checkpoint(args.model)
-    ids, tok = _token_ids(args, ckpt)
+    ids, tok, images = _token_ids(args, ckpt)
     limit = ckpt.config.text.max_position_embeddings
     if len(ids) + args.max_new_tokens > limit:
         raise UsageError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds the model's context "
@@ -86,10 +98,10 @@ def run(args) -> None:
                disable=args.quiet or args.verbose)      # the prefill, then a step per token after the first
     progress = say if args.verbose else lambda msg: bar.update()
     model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale, progress=progress)
-    say(f"{len(ids)} tokens, {modes.describe()}")
+    say(f"{len(ids)} tokens" + (f" ({len(images)} image(s))" if images else "") + f", {modes.describe()}")
     t0 = time.perf_counter()
     dumps = {} if args.dump_layers else None
-    logits, cache = model.prefill(ids, dumps=dumps)
+    logits, cache = model.prefill(ids, dumps=dumps, images=images)
     say(f"prefill done in {time.perf_counter() - t0:.1f}s")
     if args.max_new_tokens and tok is None:
         try:

@@ -4,8 +4,8 @@
     attention within each image, GELU-tanh MLP) -> patch merger (LayerNorm, 2x2 groups, GELU-erf MLP)
 
 Nothing here knows where weights come from (ref.vision_model reads them from a checkpoint). Weights
-use the nn.Linear layout [out, in] and are in the compute dtype, or memory-mapped BF16 that
-ref.layers.linear converts a block of rows at a time. `p.act(x)` marks each point where Hugging
+use the nn.Linear layout [out, in] and are in the compute dtype, or stored BF16 that ref.layers.linear
+converts a block of rows at a time (ref.weights.StreamedWeight). `p.act(x)` marks each point where Hugging
 Face's bf16 path stores a bf16 tensor (see ref.layers.Precision).
 
 Shapes: N patches of all images together (rows in spatial-merge-block order, image after image),
@@ -68,8 +68,9 @@ def _unrounded(p: Precision) -> Precision:
 
 
 def linear(x: np.ndarray, prm: Linear, p: Precision = F64) -> np.ndarray:
-    """x [..., in] @ weight.T + bias -> [..., out], rounded once (bias included)."""
-    w = prm.weight if prm.weight.ndim == 2 else prm.weight.reshape(prm.weight.shape[0], -1)
+    """x [..., in] @ weight.T + bias -> [..., out], rounded once (bias included). The weight is an
+    array (the patch embedding's may be [D, C, T, P, P]) or a 2-D ref.weights.StreamedWeight."""
+    w = prm.weight if len(prm.weight.shape) == 2 else prm.weight.reshape(prm.weight.shape[0], -1)
     return p.act(L.linear(x, w, _unrounded(p)) + prm.bias)
 
 

@@ -5,9 +5,13 @@
     rows = vm.encode(images)                                           # [sum of merged tokens, text hidden]
 
 Weights stay memory-mapped: each block's tensors are read when the block runs; BF16 linears reach
-ref.layers.linear still memory-mapped and are converted a block of rows at a time. BF16 values are
-exact in every compute dtype; tensors stored in another float dtype are stored as the compute dtype
-(bf16 mode: rounded to bf16, as Hugging Face loads them).
+ref.layers.linear as ref.weights.StreamedWeight (converted a block of rows at a time, never whole).
+Every other tensor is converted by ref.weights.Weights.array, the one conversion of the reference
+(BF16 exact in every compute dtype; other float dtypes stored as the compute dtype, bf16 mode:
+rounded to bf16, as Hugging Face loads them).
+
+`image_prompt(ckpt, ids, images)` is the prompt side every front end shares: the images preprocessed
+with the checkpoint's settings and the prompt's image pads expanded to their merged-token counts.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import numpy as np
 from ref import vision as V
 from ref.errors import CheckpointError, ConfigError
 from ref.image import PreprocessedImage, preprocess
+from ref.image_prompt import expand_image_pads, merged_counts
 from ref.layers import Precision
+from ref.weights import Weights, stored_weight
 
 PREFIX = "model.visual."
 
@@ -35,12 +41,8 @@ class VisionModel:
             from ref.checkpoint import open_checkpoint
             ckpt = open_checkpoint(ckpt)
         self.ckpt, self.p = ckpt, Precision(precision)
-        cfg = ckpt.config
-        if cfg.vision is None or not ckpt.has(PREFIX + "patch_embed.proj.weight"):
-            raise CheckpointError(f"{ckpt.directory}: the checkpoint has no vision tower "
-                                  f"({'no vision_config in config.json' if cfg.vision is None else PREFIX + '*'})")
-        self.cfg = cfg.vision
-        _check_vision(self.cfg, ckpt.directory / "config.json")
+        self.cfg = require_vision_tower(ckpt)
+        self.weights = Weights(ckpt, self.p)
         self.act = V.ACTIVATIONS[self.cfg.hidden_act]
 
     # ---- public API -------------------------------------------------------------------------------
@@ -48,10 +50,7 @@ class VisionModel:
     def preprocess(self, source, name: str | None = None) -> PreprocessedImage:
         """An image file (path or encoded bytes) or Pillow image -> PreprocessedImage, with the
         checkpoint's preprocessor_config.json (ImageError for an image that cannot be used)."""
-        if self.ckpt.config.preprocessor is None:
-            raise CheckpointError(f"{self.ckpt.directory}: no preprocessor_config.json (the image processor's "
-                                  f"settings) in the checkpoint")
-        return preprocess(source, self.ckpt.config.preprocessor, name)
+        return preprocess_for(self.ckpt, source, name)
 
     def merged_tokens(self, image: PreprocessedImage) -> int:
         """How many image-pad tokens the image takes in the prompt."""
@@ -76,6 +75,17 @@ class VisionModel:
                                 self._array(PREFIX + "pos_embed.weight"), self.blocks(), self.merger(), v.num_heads,
                                 v.spatial_merge_size, v.rope_theta, self.act, self.p, dumps)
 
+    def block_step(self, i: int, x: np.ndarray, grids) -> np.ndarray:
+        """Block i alone on its input x [N, D] (e.g. an engine's dumped vision.blocks.{i-1}) for images
+        with patch grids `grids` -> [N, D]."""
+        v, p = self.cfg, self.p
+        cos, sin = V.vision_rope_cos_sin(grids, v.spatial_merge_size, v.head_dim, v.rope_theta, p)
+        return V.vision_block(p.act(x), self.block(i), v.num_heads, cos, sin, V.cu_seqlens(grids), self.act, p)
+
+    def merger_step(self, x: np.ndarray) -> np.ndarray:
+        """The patch merger alone on the last block's output x [N, D] -> [N / m^2, O]."""
+        return V.patch_merger(self.p.act(x), self.merger(), self.cfg.spatial_merge_size, self.p)
+
     # ---- weights --------------------------------------------------------------------------------
 
     def patch_embed(self) -> V.Linear:
@@ -97,18 +107,51 @@ class VisionModel:
 
     def _linear(self, module: str) -> V.Linear:
         w = self.ckpt.tensor(PREFIX + module + ".weight")
-        weight = w if w.dtype == ml_dtypes.bfloat16 else self._convert(w)  # BF16: converted by row blocks
+        w = w.reshape(w.shape[0], -1)                                # the patch embedding: [D, C*T*P*P]
+        weight = stored_weight(w, self.p) if w.dtype == ml_dtypes.bfloat16 else self.weights.array(w)
         return V.Linear(weight, self._array(PREFIX + module + ".bias"))
 
     def _norm(self, module: str) -> V.LayerNorm:
         return V.LayerNorm(self._array(PREFIX + module + ".weight"), self._array(PREFIX + module + ".bias"))
 
     def _array(self, name: str) -> np.ndarray:
-        return self._convert(self.ckpt.tensor(name))
+        return self.weights.array(self.ckpt.tensor(name))
 
-    def _convert(self, x: np.ndarray) -> np.ndarray:
-        """A stored tensor in the compute dtype (BF16 exactly; other dtypes stored as the model would)."""
-        return x.astype(self.p.dtype) if x.dtype == ml_dtypes.bfloat16 else self.p.act(x)
+
+def require_vision_tower(ckpt):
+    """The checkpoint's VisionConfig, checked; CheckpointError (one line) when it has no vision tower."""
+    cfg = ckpt.config
+    if cfg.vision is None or not ckpt.has(PREFIX + "patch_embed.proj.weight"):
+        raise CheckpointError(f"{ckpt.directory}: the checkpoint has no vision tower "
+                              f"({'no vision_config in config.json' if cfg.vision is None else 'no ' + PREFIX + '*'})")
+    _check_vision(cfg.vision, ckpt.directory / "config.json")
+    return cfg.vision
+
+
+def preprocess_for(ckpt, source, name: str | None = None) -> PreprocessedImage:
+    """One image (path, encoded bytes, Pillow image; a PreprocessedImage is taken as it is) with the
+    checkpoint's preprocessor_config.json."""
+    if isinstance(source, PreprocessedImage):
+        return source
+    if ckpt.config.preprocessor is None:
+        raise CheckpointError(f"{ckpt.directory}: no preprocessor_config.json (the image processor's "
+                              f"settings) in the checkpoint")
+    return preprocess(source, ckpt.config.preprocessor, name)
+
+
+def image_prompt(ckpt, token_ids, images) -> tuple[list[int], list[PreprocessedImage]]:
+    """A prompt's token ids, where each image is one run of image-pad tokens (a single pad, expanded
+    here, or a run already of the image's merged-token count), and its images in prompt order (files,
+    encoded bytes, Pillow images or PreprocessedImage) -> (expanded ids, preprocessed images).
+    CheckpointError without a vision tower, ImageError for an unusable image, ValueError (one line
+    naming the image and both counts) when the prompt's placeholders do not fit the images."""
+    v = require_vision_tower(ckpt)
+    image_token = ckpt.config.special_tokens.get("image_token_id")
+    if image_token is None:
+        raise CheckpointError(f"{ckpt.directory}: config.json has no image_token_id")
+    pre = [preprocess_for(ckpt, im) for im in images]
+    counts = merged_counts([im.grid for im in pre], v.spatial_merge_size)
+    return expand_image_pads(token_ids, counts, image_token, [im.source for im in pre]), pre
 
 
 def _check_vision(v, source: Path) -> None:

@@ -80,6 +80,12 @@ SNAPSHOT = {
     ".mtp.pre_fc_norm_hidden": ((), ()),
     ".norm": ((), ()),
 }
+# the vision tower: replicated in both layouts
+SNAPSHOT |= {f"{m}.{w}": ((), ()) for m in (
+    ".visual.patch_embed.proj", ".visual.blocks[*].norm1", ".visual.blocks[*].attn.qkv", ".visual.blocks[*].attn.proj",
+    ".visual.blocks[*].norm2", ".visual.blocks[*].mlp.linear_fc1", ".visual.blocks[*].mlp.linear_fc2",
+    ".visual.merger.norm", ".visual.merger.linear_fc1", ".visual.merger.linear_fc2") for w in ("weight", "bias")}
+SNAPSHOT[".visual.pos_embed.weight"] = ((), ())
 
 
 def _pattern(path: str) -> str:

@@ -483,7 +483,7 @@ def test_bad_requests_get_openai_error_bodies(env, path, body, status, param):
 
 def test_error_messages_say_why(env):
     msg = env.post("/v1/chat/completions", {"model": MODEL, **IMAGE})[1]["error"]["message"]
-    assert msg == "messages[0].content[0]: image input not supported by this model/server yet"
+    assert msg == "messages[0].content[0]: image input not supported by this model/server (no vision tower)"
     msg = env.post("/v1/completions", {"prompt": [1, 2], "max_tokens": CTX - 1})[1]["error"]["message"]
     assert f"maximum context length is {CTX} tokens and your request has 2 input tokens" in msg
     code, obj = env.post("/v1/completions", None, raw=b'{"prompt": "hi", ')
