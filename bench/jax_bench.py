@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from timing import best_of
+
 
 def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> None:
     from jaxrun.load import load
@@ -66,16 +68,6 @@ def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> N
     bench_bounds(cfg, runner.params, best["p"], best["d"], rp, rd)
 
 
-def _best(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def work_per_token(cfg, params) -> tuple[float, float]:
     """(prefill FLOPs, decode bytes) per token. Decode reads every dense weight once (as held) and the
     k routed experts' packed bytes per layer. Prefill does 2 FLOPs per weight of the layers' dense
@@ -104,10 +96,10 @@ def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> Non
     import jax.numpy as jnp
     a = jnp.ones((1024, 1024), jnp.float32)
     mm = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
-    peak = 2 * 1024 ** 3 / _best(lambda: mm(a).block_until_ready())
+    peak = 2 * 1024 ** 3 / best_of(lambda: mm(a).block_until_ready())
     big = jnp.ones((64, 1 << 20), jnp.float32)                            # 256 MB, far beyond the caches
     total = jax.jit(lambda b: jnp.sum(b))
-    read = big.nbytes / _best(lambda: total(big).block_until_ready())
+    read = big.nbytes / best_of(lambda: total(big).block_until_ready())
     flops, nbytes = work_per_token(cfg, params)
     pb, db = peak / flops, read / nbytes
     print(f"  bounds     : f32 matmul {peak / 1e9:.0f} GFLOP/s -> prefill <= {pb:.0f} tok/s ({flops / 1e6:.0f} MFLOP/token); "

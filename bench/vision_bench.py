@@ -21,16 +21,7 @@ import time
 
 import numpy as np
 
-
-def _best(fn, repeat: int = 3) -> float:
-    """Best of `repeat` timed calls after one warm-up call (shared machines are noisy)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from timing import best_of
 
 
 def encoder_flops(v, n: int) -> tuple[float, float]:
@@ -60,14 +51,14 @@ def bench_ref(v, pixels, grid, blocks: int) -> tuple[float, float]:
     patch = lin(D, pixels.shape[1])
     table = rng.standard_normal((v.num_position_embeddings, D))
     grids = [grid]
-    rest = _best(lambda: V.vision_encoder(pixels, grids, patch, table, [], merger, v.num_heads, m, v.rope_theta,
+    rest = best_of(lambda: V.vision_encoder(pixels, grids, patch, table, [], merger, v.num_heads, m, v.rope_theta,
                                           V.ACTIVATIONS[v.hidden_act], p), repeat=1)
     x = rng.standard_normal((len(pixels), D))
     cos, sin = V.vision_rope_cos_sin(grids, m, v.head_dim, v.rope_theta, p)
     bounds = V.cu_seqlens(grids)
     run = lambda: [V.vision_block(x, block, v.num_heads, cos, sin, bounds, V.ACTIVATIONS[v.hidden_act], p)
                    for _ in range(blocks)]
-    return rest, _best(run, repeat=1) / blocks
+    return rest, best_of(run, repeat=1) / blocks
 
 
 def bench_jax(v, pixels, grid, blocks: int) -> tuple[float, float, float]:
@@ -103,8 +94,8 @@ def bench_jax(v, pixels, grid, blocks: int) -> tuple[float, float, float]:
     x = jnp.asarray(np.random.default_rng(1).standard_normal((n, v.hidden_size)), jnp.float32)
     inside = jax.jit(stack).lower(x, visual.blocks[:blocks]).compile()
     compile_s = time.perf_counter() - t0
-    rest = _best(lambda: outside(visual._replace(blocks=()), padded, layout).block_until_ready())
-    per = _best(lambda: inside(x, visual.blocks[:blocks]).block_until_ready()) / blocks
+    rest = best_of(lambda: outside(visual._replace(blocks=()), padded, layout).block_until_ready(), repeat=3)
+    per = best_of(lambda: inside(x, visual.blocks[:blocks]).block_until_ready(), repeat=3) / blocks
     return rest, per, compile_s
 
 
@@ -114,9 +105,9 @@ def matmul_bounds() -> tuple[float, float]:
     import jax.numpy as jnp
     a = jnp.ones((1024, 1024), jnp.float32)
     mm = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
-    xla = 2 * 1024 ** 3 / _best(lambda: mm(a).block_until_ready(), repeat=5)
+    xla = 2 * 1024 ** 3 / best_of(lambda: mm(a).block_until_ready(), repeat=5)
     b = np.ones((1024, 1024))
-    blas = 2 * 1024 ** 3 / _best(lambda: b @ b, repeat=5)
+    blas = 2 * 1024 ** 3 / best_of(lambda: b @ b, repeat=5)
     return xla, blas
 
 

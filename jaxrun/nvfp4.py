@@ -7,7 +7,6 @@ integers, and hands matmuls the values times 2^EXACT_SHIFT (all normal) to be sc
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax

@@ -165,13 +165,17 @@ def read(path: Path) -> tuple[str, dict, dict, dict]:
     return meta["function"], inputs, json.loads(meta["scalars"]), outputs
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ref.layer_vectors", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    args = ap.parse_args(argv)
-    for path in write(args.out):
+def vectors_main(prog: str, description: str, write_to, default_dir: Path, argv=None) -> int:
+    """The generators' CLI: `python -m PROG [--out DIR]` writes every case, one path per line on stderr."""
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    ap.add_argument("--out", type=Path, default=default_dir)
+    for path in write_to(ap.parse_args(argv).out):
         print(path, file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    return vectors_main("ref.layer_vectors", __doc__.splitlines()[0], write, DEFAULT_DIR, argv)
 
 
 if __name__ == "__main__":

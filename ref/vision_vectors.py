@@ -7,7 +7,6 @@ transformers itself are in spec/vectors/vision_hf/ (spec/vectors/make_hf_vision_
 """
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from ref.config import PreprocessorConfig, parse_preprocessor_config, preprocess
 from ref.errors import ImageError
 from ref.image import patchify, preprocess, smart_resize
 from ref.image_prompt import expand_image_pads, mrope_positions
-from ref.layer_vectors import read, save_case  # noqa: F401  (read: for the tests' convenience)
+from ref.layer_vectors import read, save_case, vectors_main  # noqa: F401  (read: for the tests' convenience)
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "vision"
 IMAGE, VIDEO, START, END = 248056, 248057, 248053, 248054  # Qwen3.5's token ids
@@ -157,12 +156,7 @@ def write(directory: Path = DEFAULT_DIR) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ref.vision_vectors", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    args = ap.parse_args(argv)
-    for path in write(args.out):
-        print(path, file=sys.stderr)
-    return 0
+    return vectors_main("ref.vision_vectors", __doc__.splitlines()[0], write, DEFAULT_DIR, argv)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,15 @@ def edit_json(path: Path, fn: Callable[[dict], None]) -> None:
     raw = json.loads(path.read_text())
     fn(raw)
     path.write_text(json.dumps(raw))
+
+
+def edited_copy(src: Path, dst: Path, edits=None, config=None, quant=None) -> Path:
+    """A copy of checkpoint `src` at `dst` with tensor edits and config.json / hf_quant_config.json edits."""
+    d = copy_checkpoint(src, dst)
+    if edits:
+        edit_tensors(d, edits)
+    if config:
+        edit_json(d / "config.json", config)
+    if quant:
+        edit_json(d / "hf_quant_config.json", quant)
+    return d

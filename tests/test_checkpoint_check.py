@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from ckpt_edit import copy_checkpoint, edit_json, edit_tensors, shard_of
+from ckpt_edit import copy_checkpoint, edit_json, edit_tensors, edited_copy, shard_of
 from ref.checkpoint import open_checkpoint
 from ref.checkpoint_check import Finding, lint, main, validate
 
@@ -42,14 +42,7 @@ def test_module_entry_point(tiny_checkpoint, tmp_path):
 
 
 def _broken(src, tmp_path, edits=None, config=None, quant=None):
-    d = copy_checkpoint(src, tmp_path / "c")
-    if edits:
-        edit_tensors(d, edits)
-    if config:
-        edit_json(d / "config.json", config)
-    if quant:
-        edit_json(d / "hf_quant_config.json", quant)
-    return d
+    return edited_copy(src, tmp_path / "c", edits, config, quant)
 
 
 def _nan_bytes(old):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from engine_bodies import completion_response
 from ref import crosscheck as X
-from ref import divergence as D
 from ref import layers as L
 from ref.checkpoint import open_checkpoint
 from ref.model import Model
@@ -144,7 +144,7 @@ def test_faithful_engine_topk_json_passes(ckpt, ids):
     """Only an engine's top-5 logprobs, in vLLM's prompt_logprobs shape."""
     from ref import engine_io as io
     logits, _ = engine(ckpt, ids, precision="bf16")
-    rec = io.read_engine_json(vllm_response(ids, logits, 5))
+    rec = io.read_engine_json(completion_response(ids, logits, 5))
     rep = X.crosscheck(ckpt, None, rec, lint=False)
     assert rep["verdict"]["ok"] and rep["summary"]["kl_kind"] == "topk" and rep["engine"]["k"] == 5
 
@@ -205,24 +205,6 @@ def test_w4a4_max_over_experts_scale_is_flagged(ckpt, ids):
 
 # ---------------------------------------------------------------- CLI: live server, files, exit codes
 
-def vllm_response(ids, logits, k):
-    """A vLLM /v1/completions body with prompt_logprobs=k and return_token_ids for engine logits."""
-    lp = D.log_softmax(logits)
-    pl = [None]
-    for t in range(1, len(ids)):
-        order = D.top_ids(lp[t - 1], lp.shape[1])
-        rank = {int(i): r + 1 for r, i in enumerate(order)}
-        d = {str(ids[t]): {"logprob": float(lp[t - 1, ids[t]]), "rank": rank[ids[t]], "decoded_token": None}}
-        for i in order[:k]:
-            d.setdefault(str(int(i)), {"logprob": float(lp[t - 1, i]), "rank": rank[int(i)], "decoded_token": None})
-        pl.append(d)
-    nxt = int(np.argmax(lp[-1]))
-    return {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": "tiny",
-            "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None,
-                         "token_ids": [nxt], "prompt_logprobs": pl, "prompt_token_ids": list(ids)}],
-            "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids) + 1, "completion_tokens": 1}}
-
-
 @pytest.fixture
 def server():
     """127.0.0.1 server (ephemeral port) answering /v1/completions with whatever body is set."""
@@ -252,7 +234,7 @@ def test_cli_server_pass_and_diverge(ckpt, ids, server, tmp_path, capsys):
     url, handler = server
     argv = ["--model", str(ckpt.directory), "--server", url, "--server-model", "tiny", "--top-k", "5",
             "--token-ids", ",".join(map(str, ids))]
-    handler.body = vllm_response(ids, engine(ckpt, ids, precision="bf16")[0], 5)
+    handler.body = completion_response(ids, engine(ckpt, ids, precision="bf16")[0], 5)
     out = tmp_path / "rep.json"
     assert X.main(argv + ["--json", str(out)]) == 0
     text = capsys.readouterr().out
@@ -261,7 +243,7 @@ def test_cli_server_pass_and_diverge(ckpt, ids, server, tmp_path, capsys):
     assert rep["verdict"]["ok"] and len(rep["positions"]) == T - 1 and rep["engine"]["k"] == 5
     assert isinstance(rep["lint"], list)
     with deltanet_bug(ckpt, 1, state_not_carried):
-        handler.body = vllm_response(ids, engine(ckpt, ids, precision="bf16")[0], 5)
+        handler.body = completion_response(ids, engine(ckpt, ids, precision="bf16")[0], 5)
     assert X.main(argv) == 1
     assert capsys.readouterr().out.splitlines()[-1].startswith("DIVERGES")
 

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from engine_bodies import chat_response
+
 from ref import crosscheck as X
 from ref import layers as L
-from ref import divergence as D
 from ref import model as ref_model_module
 from ref import vision as V
 from ref.checkpoint import open_checkpoint
@@ -86,23 +87,6 @@ def test_text_positions_for_image_tokens_are_charged_to_the_first_attention_laye
     assert not rep["verdict"]["ok"]
     assert rep["verdict"]["first_divergent"]["name"] == f"layers.{first}.after_mixer", X.format_report(rep)
     assert all(not row.get("flagged") for row in rep["layers"] if row["name"].startswith("vision."))
-
-
-def chat_response(ids, logits, k):
-    """A vLLM /v1/chat/completions body with prompt_logprobs=k and return_token_ids."""
-    lp = D.log_softmax(logits)
-    pl = [None]
-    for t in range(1, len(ids)):
-        order = D.top_ids(lp[t - 1], lp.shape[1])
-        rank = {int(i): r + 1 for r, i in enumerate(order)}
-        d = {str(ids[t]): {"logprob": float(lp[t - 1, ids[t]]), "rank": rank[ids[t]], "decoded_token": None}}
-        for i in order[:k]:
-            d.setdefault(str(int(i)), {"logprob": float(lp[t - 1, i]), "rank": rank[int(i)], "decoded_token": None})
-        pl.append(d)
-    return {"id": "chatcmpl-0", "object": "chat.completion", "created": 0, "model": "tiny",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": "length", "token_ids": [int(np.argmax(lp[-1]))]}],
-            "prompt_logprobs": pl, "prompt_token_ids": [int(i) for i in ids]}
 
 
 def test_cli_engine_json_and_files(ckpt, prompt, tmp_path, capsys):

@@ -3,7 +3,6 @@ scheduler and runner) and the real `openai` client. Greedy results equal jaxrun.
 else runs; cancelled streams free their slots; ref.crosscheck --server agrees with the engine; SIGINT
 ends the server with status 0."""
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,7 +11,6 @@ import threading
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ckpt_edit import copy_checkpoint, edit_json, edit_tensors
+from ckpt_edit import copy_checkpoint, edit_json, edit_tensors, edited_copy
 from nvfp4_oracle import ct_weight, e2m1_value, e4m3_value, fp8_per_tensor_byte
 from ref import nvfp4
 from ref.checkpoint import DenseWeight, FP8Weight, NVFP4Weight, open_checkpoint
@@ -42,14 +42,7 @@ def run_check(d, capsys):
 
 
 def _copy(src, tmp_path, edits=None, config=None, quant=None):
-    d = copy_checkpoint(src, tmp_path / "c")
-    if edits:
-        edit_tensors(d, edits)
-    if config:
-        edit_json(d / "config.json", config)
-    if quant:
-        edit_json(d / "hf_quant_config.json", quant)
-    return d
+    return edited_copy(src, tmp_path / "c", edits, config, quant)
 
 
 # ---- writing, reading, decoding ----------------------------------------------------------------
