@@ -7,7 +7,8 @@ jaxrun.generate on the same model in the same run.
 Starts `python -m jaxrun.serve` on a free 127.0.0.1 port (the `small` synthetic checkpoint by default,
 written once under $XDG_CACHE_HOME/qwen35-nvfp4-spec/small), then for each client count runs that many
 clients at once, each sending its requests one after another (random prompts, greedy, ignore_eos) and
-reading the stream. Prints output tokens/s in aggregate, time to first token and inter-token latency
+reading the stream, after a warm-up request (the server compiles each prompt bucket on first use). Prints
+output tokens/s in aggregate, time to first token and inter-token latency
 (p50 / p90 / p99 over every token seen), and the ratio of the aggregate rate to batch-1
 jaxrun.generate's decode rate measured in the same run (the batching gain).
 """
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     base = generate_rate(model, prompts[0], a.new_tokens)
     proc, url = start_server(model, a.slots, 4 * (a.prompt_tokens + a.new_tokens))
     try:
+        run_clients(url, model, 2, 1, prompts, a.new_tokens)           # warm-up: compiles the prompts' bucket
         rows = [run_clients(url, model, n, a.requests_per_client, prompts, a.new_tokens)
                 for n in map(int, a.clients.split(","))]
     finally:
