@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -51,7 +52,7 @@ BACKEND_GROUP = "qwen35_nvfp4_spec.reference_backends"
 
 def _ref_backend(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool):
     from ref.model import Model
-    model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale)
+    model = Model(ckpt, **asdict(modes))
     dumps = {} if want_dumps else None
     logits, _ = model.prefill(list(token_ids), dumps=dumps)
     return np.asarray(logits, np.float64), dumps
@@ -89,7 +90,7 @@ def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes()) -> dict
     skipped. Runs ref.model's own steps (Model.layer(i).mixer_step / moe_step, final_norm, lm_head;
     ref backend)."""
     from ref.model import Model
-    m = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale)
+    m = Model(ckpt, **asdict(modes))
     out: dict[str, np.ndarray] = {}
     h_in = eng_dumps.get("embeddings")
     for i in range(m.cfg.num_hidden_layers):
@@ -106,6 +107,20 @@ def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes()) -> dict
         out["final_hidden"] = m.final_norm(h_in)
     if eng_dumps.get("final_hidden") is not None:
         out["logits"] = m.lm_head(eng_dumps["final_hidden"])
+    return out
+
+
+def quantized_input_steps(ckpt, modes: Modes) -> set[str]:
+    """The dumped steps whose GEMMs quantize their inputs under `modes` (their own local-error bounds:
+    Thresholds.quant_rtol): layers.{i}.after_mixer / after_moe."""
+    from ref import layers as L
+    from ref.weights import Weights
+    w = Weights(ckpt, L.Precision(modes.precision), modes.activations, modes.act_scale)
+    out = set()
+    for i in range(ckpt.config.text.num_hidden_layers):
+        mixer, moe = w.quantized_input_steps(i)
+        out |= {f"layers.{i}.after_mixer"} if mixer else set()
+        out |= {f"layers.{i}.after_moe"} if moe else set()
     return out
 
 
@@ -161,7 +176,8 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     if eng_dumps:
         ref_dumps = _prefix_of(ref_dumps, eng_dumps, len(token_ids))
         local = recompute_from_engine(ckpt, eng_dumps, modes)
-        layers = compare_layers(ref_dumps, eng_dumps, local, thresholds, ckpt.config.text.num_experts)
+        layers = compare_layers(ref_dumps, eng_dumps, local, thresholds, ckpt.config.text.num_experts,
+                                quantized_input_steps(ckpt, modes))
     if not positions and not layers:
         raise FormatError("nothing to compare: the engine output holds no logprobs, logits or dump the "
                           "reference also has")
@@ -172,13 +188,10 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     source = "engine " + " + ".join(parts) if eng is None else " + ".join(parts)
     k, dropped = (eng.k, eng.dropped) if eng is not None else (thresholds.top_k, 0)
     return {
-        "reference": {"model": str(ckpt.directory), "backend": backend, "precision": modes.precision,
-                      "activations": modes.activations, "act_scale": modes.act_scale},
+        "reference": {"model": str(ckpt.directory), "backend": backend, **asdict(modes), "modes": modes.describe()},
         "engine": {"source": source, "tokens": len(token_ids), "k": k, "dropped": dropped},
         "token_ids": token_ids,
-        "thresholds": {"max_kl": thresholds.max_kl, "max_kl_pos": thresholds.max_kl_pos,
-                       "min_top1": thresholds.min_top1, "layer_rtol": thresholds.layer_rtol,
-                       "token_rtol": thresholds.token_rtol},
+        "thresholds": {k: v for k, v in asdict(thresholds).items() if k != "top_k"},
         "positions": positions, "summary": summary, "layers": layers, "ignored_dumps": list(ignored_dumps),
         "lint": _lint(ckpt, lint_block_scales) if lint else [], "hints": _hints(v, modes), "verdict": v,
     }

@@ -20,8 +20,7 @@ def _fmt(x, spec=".2e"):
 def format_report(rep: dict, max_rows: int = 40) -> str:
     """Readable terminal report: header, per-position table, per-layer table, lint, verdict."""
     out = [f"crosscheck: {rep['engine']['source']} ({rep['engine']['tokens']} tokens, "
-           f"top-{rep['engine']['k']}) vs {rep['reference']['backend']} {rep['reference']['precision']} "
-           f"{rep['reference']['activations']}"]
+           f"top-{rep['engine']['k']}) vs {rep['reference']['backend']} {rep['reference']['modes']}"]
     rows = rep["positions"]
     if rows:
         shown = rows
