@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +44,7 @@ def main() -> None:
                         runs.append(faithful_metrics(ckpt, modes, ids))
             print(f"{' = '.join(names)} ({modes.describe()}), {len(runs)} runs")
             for label, th in (("measured", thresholds_from(runs)), ("held", get_profile(names[0]).thresholds)):
-                print(f"  {label:<9} " + ", ".join(f"{k} {v:.3g}" for k, v in asdict(th).items()
-                                                  if k != "top_k" and v is not None))
+                print(f"  {label:<9} {th!r}")
         print(f"{time.perf_counter() - t0:.0f} s")
 
 

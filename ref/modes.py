@@ -85,14 +85,11 @@ class _ListProfiles(argparse.Action):
         parser.exit(0)
 
 
-def add_mode_arguments(parser: argparse.ArgumentParser, precisions=PRECISIONS, default_precision: str | None = "f64",
-                       profile_precision: bool = True):
+def add_mode_arguments(parser: argparse.ArgumentParser, precisions=PRECISIONS, default_precision: str | None = "f64"):
     """The mode flags, with their help, on any CLI: --engine-profile and --list-profiles, then
     --precision, --activations, --act-scale, --kv-cache-dtype, --kv-engine, --kv-prefill and
     --state-dtype, which override the profile's fields when given (their defaults apply only where
-    neither a flag nor the profile sets a field: modes_from_args). profile_precision False: the
-    profile's precision is the engine's, not this run's (ref.crosscheck's reference keeps
-    --precision)."""
+    neither a flag nor the profile sets a field: modes_from_args)."""
     from ref.profiles import PROFILES
     default = f"default {default_precision}" if default_precision else "default f32 on CPU, bf16 on GPU"
     parser.add_argument("--engine-profile", metavar="NAME", choices=list(PROFILES),
@@ -101,9 +98,8 @@ def add_mode_arguments(parser: argparse.ArgumentParser, precisions=PRECISIONS, d
     parser.add_argument("--list-profiles", action=_ListProfiles,
                         help="print the engine profiles, what each sets and where it comes from, and exit")
     parser.add_argument("--precision", choices=precisions,
-                        help=f"compute precision ({default}); bf16 rounds where HF's bf16 path rounds"
-                             + ("" if profile_precision else "; a profile's precision is the engine's and does "
-                                                             "not change this"))
+                        help=f"compute precision ({default}, or the profile's); bf16 rounds where HF's bf16 path "
+                             f"rounds")
     parser.add_argument("--activations", choices=ACTIVATIONS,
                         help="w4a4: quantize the GEMM inputs of every quantized linear (routed experts, NVFP4 "
                              "and FP8 dense linears) as the engines do (default w4a16: activations kept in the "
@@ -123,7 +119,7 @@ def add_mode_arguments(parser: argparse.ArgumentParser, precisions=PRECISIONS, d
     parser.add_argument("--state-dtype", choices=STATE_DTYPES,
                         help="the DeltaNet recurrent state as stored between forward calls (SGLang "
                              "--mamba-ssm-dtype) (default float32)")
-    parser.set_defaults(_mode_default_precision=default_precision, _mode_profile_precision=profile_precision)
+    parser.set_defaults(_mode_default_precision=default_precision)
 
 
 def modes_from_args(args, default_precision: str | None = None) -> Modes:
@@ -135,8 +131,6 @@ def modes_from_args(args, default_precision: str | None = None) -> Modes:
     name = getattr(args, "engine_profile", None)
     if name is not None:
         fields = {f: getattr(get_profile(name).modes, f) for f in MODE_FIELDS}
-        if not getattr(args, "_mode_profile_precision", True):
-            del fields["precision"]
     fields.update({f: getattr(args, f) for f in MODE_FIELDS if getattr(args, f, None) is not None})
     if "precision" not in fields:
         precision = default_precision or getattr(args, "_mode_default_precision", None)

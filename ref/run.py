@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7)
@@ -70,7 +71,7 @@ def run(args) -> None:
     ids, tok = _token_ids(args, ckpt)
     say = lambda msg: print(f"[ref.run] {msg}", file=sys.stderr, flush=True)
     modes = modes_from_args(args)
-    model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale, progress=say)
+    model = Model(ckpt, **asdict(modes), progress=say)
     say(f"{len(ids)} tokens, {modes.describe()}")
     t0 = time.perf_counter()
     dumps = {} if args.dump_layers else None
