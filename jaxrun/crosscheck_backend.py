@@ -2,6 +2,8 @@
 group "qwen35_nvfp4_spec.reference_backends" (pyproject.toml), so ref never imports jaxrun."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from jaxrun.load import load
@@ -21,7 +23,7 @@ def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool)
         raise FormatError("--engine-dumps needs --backend ref (jaxrun writes no layer dumps)")
     mesh = make_mesh()
     jck, params = load(str(ckpt.directory), mesh, modes.precision, progress=False)
-    runner = Runner(params, jck.config.text, mesh, modes.precision, modes.activations, modes.act_scale)
+    runner = Runner(params, jck.config.text, mesh, **asdict(modes))
     T = len(token_ids)
     tokens = np.zeros((1, bucket(T)), np.int32)                     # right-padded to jaxrun's shape bucket
     tokens[0, :T] = token_ids

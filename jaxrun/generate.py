@@ -3,8 +3,11 @@
     python -m jaxrun.generate --prompt "Why is the sky blue?"            # built-in tiny synthetic model
     python -m jaxrun.generate --model DIR|REPO --prompt TEXT [--raw] [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop TEXT ...] [--devices N]
-        [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
-        [--act-scale per-expert|max] [--mtp | --speculative [K]] [--hide-thinking] [--json] [--check]
+        [--dense replicated|sharded] [--engine-profile NAME] [--precision f32|bf16] [--activations w4a16|w4a4]
+        [--act-scale per-expert|max] [--kv-cache-dtype auto|fp8_e4m3|nvfp4] [--kv-engine vllm|sglang]
+        [--kv-prefill cache|fresh] [--state-dtype float32|bfloat16] [--mtp | --speculative [K]]
+        [--hide-thinking] [--json] [--check]
+    python -m jaxrun.generate --list-profiles
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
 
 Without --model, a tiny random-weight checkpoint (ref.synth preset "tiny") is written once to
@@ -23,6 +26,11 @@ prompt_token_ids, token_ids (generated), text, finish_reason ("stop" | "length")
 CUDA quantizer, with each expert's input scales, or the layer's largest with --act-scale max);
 the default w4a16 keeps activations in the compute dtype.
 
+--engine-profile NAME runs the modes an engine configuration runs (ref.profiles; --list-profiles
+prints them): its precision, activations and act-scale rule, KV-cache dtype and store rule, the K/V a
+prefill attends to and the DeltaNet state dtype; the mode flags given override its fields. The KV cache
+is then held on the device in its stored form (FP8 codes, or packed NVFP4 codes and block scales).
+
 --mtp runs the checkpoint's MTP head beside the model: its greedy draft of each next token, and how
 many drafts the model's own choice then matched (the acceptance a speculative decoder would see),
 go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is skipped.
@@ -34,8 +42,8 @@ to K + 1 tokens. The text is that of plain greedy decoding, or distributed as pl
 summary line and --json (speculative) report the figures engines log: drafts accepted of proposed,
 the acceptance rate per draft position, and the mean acceptance length (tokens per step).
 
---check recomputes each produced sequence with ref.model (float64, the same --activations and
---act-scale; with --mtp also the MTP head's logits) and reports, per generated token, max |Δ logit|,
+--check recomputes each produced sequence with ref.model (float64, the same modes; with --mtp also
+the MTP head's logits) and reports, per generated token, max |Δ logit|,
 KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bounds of jaxrun.check.
 
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
@@ -47,11 +55,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
     run_main
-from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
+from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
 
 PROG = "jaxrun.generate"
 
@@ -209,12 +218,12 @@ def _context(a, ckpt, prompts) -> int:
     return ctx
 
 
-def _check_checkpoint(a, ckpt) -> None:
+def _check_checkpoint(a, ckpt, modes) -> None:
     """What the flags need of the checkpoint, read from its index (before any weight is read)."""
     if (a.mtp or a.speculative) and not ckpt.has("mtp.fc.weight"):
         flag = "--speculative" if a.speculative else "--mtp"
         raise UsageError(f"{flag}: {ckpt.directory} has no MTP head (mtp.fc.weight)")
-    if a.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
+    if modes.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
         raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
 
 
@@ -248,17 +257,18 @@ def run(a) -> int:
     if a.compile_cache != "off":                  # compiles of 1 s or more are kept (JAX's default threshold)
         cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
         jax.config.update("jax_compilation_cache_dir", cache)
-    precision = a.precision or default_precision()
+    modes = modes_from_args(a, default_precision())
+    precision = modes.precision
     ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
     tok = _tokenizer(ckpt, needed=a.token_ids is None)
     cfg = ckpt.config.text
     prompts = prompts_from(a, tok, cfg.vocab_size)
-    _check_checkpoint(a, ckpt)
+    _check_checkpoint(a, ckpt, modes)
     ctx = _context(a, ckpt, prompts)
     mesh = make_mesh(a.devices)
     check_experts(cfg.num_experts, mesh.size)
     ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
-    runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
+    runner = Runner(params, cfg, mesh, **asdict(modes))
     texts = [tok.decode(p) if tok else "" for p in prompts]
     stream = len(prompts) == 1 and not a.json
     displays = [Display(t, a.hide_thinking, sys.stdout.isatty()) for t in texts]
@@ -299,12 +309,12 @@ def run(a) -> int:
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
     print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
           f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
-          f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}"
+          f"{mesh.devices.flat[0].platform} device(s), {modes.describe()}, dense {a.dense}"
           + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
              if a.mtp and not a.speculative else "")
           + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
           file=sys.stderr)
-    if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
+    if a.check and not check(ckpt, results, modes):
         return 1
     return 0
 

@@ -46,7 +46,8 @@ def _residual_layer(h, lp: DecoderLayer, mixer: Callable, cfg: TextConfig, opts:
 def _layer_prefill(h, lp: DecoderLayer, cache, pos, lengths, rope, cfg: TextConfig, opts: Options):
     """One decoder layer over the next T tokens of each prompt (after `pos` cached ones) -> (h, cache)."""
     if lp.self_attn is not None:
-        mixer = lambda u: attention(u, pos, rope_at(rope, pos, u.shape[1]), lp.self_attn, cache, cfg, opts)
+        mixer = lambda u: attention(u, pos, rope_at(rope, pos, u.shape[1]), lp.self_attn, cache, cfg, opts,
+                                    fresh=opts.kv_prefill == "fresh")
     else:
         mixer = lambda u: gdn_prefill(u, lengths, lp.linear_attn, cache, cfg, opts)
     return _residual_layer(h, lp, mixer, cfg, opts)
