@@ -67,10 +67,10 @@ def run(args) -> None:
     check_output_path(args.dump_layers, ".safetensors")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    modes = modes_from_args(args)
     ckpt = open_checkpoint(args.model)
     ids, tok = _token_ids(args, ckpt)
     say = lambda msg: print(f"[ref.run] {msg}", file=sys.stderr, flush=True)
-    modes = modes_from_args(args)
     model = Model(ckpt, **asdict(modes), progress=say)
     say(f"{len(ids)} tokens, {modes.describe()}")
     t0 = time.perf_counter()
