@@ -196,7 +196,8 @@ def quantize_fp8(x, scale, rule: str = "divide"):
     """x [...] -> float8_e4m3fn [...] with one float32 scale, bit-identical to ref.fp8.quantize_fp8:
     "divide" e4m3_sat(f32(x / scale)) (vLLM's KV store), "reciprocal" e4m3_sat(f32(x * f32(1 / scale)))
     (static scaled_fp8_quant: W8A8 inputs), "sglang" bf16(f32(x) / f32(bf16(scale))) cast without
-    saturation (NaN above 464, keeping the sign as torch's cast does; SGLang's KV store). On CPU a subnormal float32 input reads as zero."""
+    saturation (NaN above 464, keeping the sign as torch's cast does; SGLang's KV store). On CPU a
+    subnormal float32 input reads as zero."""
     s = jnp.asarray(scale, jnp.float32)
     x = x.astype(jnp.float32)
     if rule == "sglang":

@@ -225,7 +225,8 @@ def declare(cfg: Config, formats: Formats) -> Params:
 
     def linear(tensor: layout.Tensor, out_axis: str, in_axis: str):
         module, (out, inp) = tensor.name[:-len(".weight")], tensor.shape
-        scalar = lambda part, value: Param((), np.float32, (), LinearPart(module, part), "constant", value)  # noqa: E731
+        def scalar(part, value):
+            return Param((), np.float32, (), LinearPart(module, part), "constant", value)
         inputs = module in formats.linear_input_scales
         if module in formats.fp8_linears:
             return FP8(Param((out, inp), jnp.float8_e4m3fn, (out_axis, in_axis), LinearPart(module, "weight"), "e4m3"),

@@ -243,7 +243,8 @@ def nvfp4_kv_without_global(k, v, k_scale, v_scale):
     """NVFP4 KV whose block scales are computed without the global (SFScaleVal 1 instead of 1 / kv_scale),
     read back with the KV scale as usual."""
     from ref import kvcache
-    read = lambda x, s: kvcache.dequantize_kv_nvfp4(*kvcache.quantize_kv_nvfp4(x, 1.0), s).astype(np.float32)  # noqa: E731
+    def read(x, scale):
+        return kvcache.dequantize_kv_nvfp4(*kvcache.quantize_kv_nvfp4(x, 1.0), scale).astype(np.float32)
     return read(k, k_scale), read(v, v_scale)
 
 
@@ -380,11 +381,13 @@ def test_cli_engine_profile_and_fit(ids, tiny_checkpoint, tmp_path, capsys):
     assert X.main(base + good + ["--engine-profile", "vllm-blackwell"]) == 0
     out = capsys.readouterr().out
     assert "bf16 w4a4 (max)" in out.splitlines()[0] and out.splitlines()[-1].startswith("PASS")
-    assert X.main(base + good + ["--fit-profiles", "hf-bf16", "vllm-blackwell", "--json", str(tmp_path / "f.json")]) == 0
+    fit = ["--fit-profiles", "hf-bf16", "vllm-blackwell", "--json", str(tmp_path / "f.json")]
+    assert X.main(base + good + fit) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("consistent with vllm-blackwell") and any("<-- best" in line for line in out)
     rep = json.loads((tmp_path / "f.json").read_text())
-    assert [r["profiles"] for r in rep["profiles"]] == [["hf-bf16"], ["vllm-blackwell"]] and rep["best"] == "vllm-blackwell"
+    assert [r["profiles"] for r in rep["profiles"]] == [["hf-bf16"], ["vllm-blackwell"]]
+    assert rep["best"] == "vllm-blackwell"
     bad = files(*one_token_prefill_bug(ckpt, "vllm-blackwell", ids, 1), "bad")
     assert X.main(base + bad + ["--fit-profiles"]) == 1
     line = capsys.readouterr().out.splitlines()[-1]

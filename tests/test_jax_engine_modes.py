@@ -183,7 +183,8 @@ def test_decode_step_reads_the_stored_cache_and_rounds_the_state(loaded):
     _, st = L.gated_deltanet(x[0, :t].astype(np.float64), dprm, cfg.linear_num_key_heads, cfg.rms_norm_eps)
     st = st._replace(recurrent=kvcache.store_state(st.recurrent, "bfloat16"))
     want, st = L.gated_deltanet(x[0, t:].astype(np.float64), dprm, cfg.linear_num_key_heads, cfg.rms_norm_eps, st)
-    assert caches[0].state.dtype == jnp.bfloat16 and np.abs(np.asarray(got)[0] - want).max() <= 1e-3 * np.abs(want).max()
+    assert caches[0].state.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(got)[0] - want).max() <= 1e-3 * np.abs(want).max()
     close = np.isclose(np.asarray(caches[0].state[0], np.float64), kvcache.store_state(st.recurrent, "bfloat16"),
                        rtol=2 ** -7, atol=0)
     assert close.mean() > 0.999
