@@ -334,6 +334,25 @@ def field_bug_engine(name, ckpt, ids):
     return one_token_prefill_bug(ckpt, profile, ids, layer)
 
 
+_REFERENCE_RUNS: dict = {}
+
+
+@pytest.fixture
+def shared_reference_runs(monkeypatch):
+    """The reference run of one (checkpoint, token ids, modes) made once for the module (the profile fits
+    of these tests repeat them; the engines' own edits never touch the reference)."""
+    run = X.run_reference
+
+    def memo(ckpt, token_ids, backend="ref", modes=Modes(), want_dumps=False):
+        key = (str(ckpt.directory), tuple(token_ids), backend, modes, want_dumps)
+        if key not in _REFERENCE_RUNS:
+            _REFERENCE_RUNS[key] = run(ckpt, token_ids, backend, modes, want_dumps)
+        logits, dumps = _REFERENCE_RUNS[key]
+        return logits.copy(), None if dumps is None else dict(dumps)
+    monkeypatch.setattr(X, "run_reference", memo)
+
+
+@pytest.mark.usefixtures("shared_reference_runs")
 @pytest.mark.parametrize("name", list(FIELD_BUGS))
 def test_field_bug_is_flagged_at_its_layer_and_explained_by_no_profile(name, ids, request):
     """Under the profile the engine otherwise runs, the bug is the first divergent step, at its layer;
@@ -351,6 +370,7 @@ def test_field_bug_is_flagged_at_its_layer_and_explained_by_no_profile(name, ids
     assert f"first diverging step layers.{layer}.{step}" in rep["verdict"]["line"], format_fit(rep)
 
 
+@pytest.mark.usefixtures("shared_reference_runs")
 @pytest.mark.parametrize("fixture, profile", [("tiny_checkpoint", "hf-bf16"),
                                               ("tiny_checkpoint_mixed", "vllm-blackwell-nvfp4kv"),
                                               ("tiny_checkpoint", "sglang-fp8kv-bf16state")])
