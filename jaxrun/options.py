@@ -76,12 +76,6 @@ class Options:
                        kv_cache_dtype=modes.kv_cache_dtype, kv_engine=modes.kv_engine, kv_prefill=modes.kv_prefill,
                        state_dtype=modes.state_dtype)
 
-    @property
-    def modes(self) -> Modes:
-        """The numerical modes these options compute."""
-        return Modes(self.precision, self.activations, self.act_scale, self.kv_cache_dtype, self.kv_engine,
-                     self.kv_prefill, self.state_dtype)
-
     @staticmethod
     def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":
         """for_platform, with exact expert decoding where the concrete parameters need it."""

@@ -94,8 +94,9 @@ def fit_profiles(ckpt, token_ids=None, eng=None, eng_logits=None, eng_dumps=None
 
 def faithful_metrics(ckpt, modes: Modes, token_ids, reference_precision: str = "f64") -> dict:
     """One faithful run: the "engine" is ref.model in bf16 under `modes`, the reference ref.model at
-    reference_precision under the same modes; -> the metrics ref.crosscheck's verdict uses (mean_kl,
-    max_kl, top1, layer_err: largest local step error, token_err: its worst token)."""
+    reference_precision under the same modes; -> the metrics ref.crosscheck's verdict uses: mean_kl,
+    max_kl (worst position), top1, and steps {kind: (largest local step error, worst token)} per kind
+    of dumped step (ref.compare.STEP_KINDS)."""
     from ref.crosscheck import crosscheck
     from ref.model import Model
     dumps = {}
