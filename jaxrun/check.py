@@ -1,8 +1,10 @@
 """jaxrun's sequences recomputed with the reference, and the bounds they must meet (`generate --check`).
 Image prompts are recomputed with ref's own encoder and positions (the same images, preprocessed once).
 
-Each generated token's logits are compared with ref.model's teacher-forced logits of the same
-sequence (float64, the same activations mode and act-scale rule); with the MTP head, its drafts too:
+Each generated token's logits are compared with ref.model's logits of the same sequence (float64, the
+same modes otherwise: ref.modes), computed as jaxrun computed them: the prompt as one prefill, then a
+decode step per token (which the KV-cache and state modes distinguish from one long prefill); with the
+MTP head, its drafts too:
   f32:  max |Δ logit| <= F32_BOUND * max(1, max |ref logit|), and top-1 equal unless the ref's top-2
         gap is below 2 max |Δ| (a near tie);
   bf16: KL(ref || jaxrun) within bf16_bounds(activations) on average over a sequence's tokens and for
@@ -40,20 +42,35 @@ def compare(a, b, precision: str, activations: str = "w4a16") -> tuple[float, fl
     return d, kl, within
 
 
-def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: str = "per-expert", out=None,
-          images=None) -> bool:
-    """Recompute each Result's sequence with ref.model (float64, the same activation mode; the MTP head's
-    drafts too when kept); a line per token on `out`; True if within the bounds. images: per result
-    the images of its prompt (or None), recomputed by ref's own encoder."""
+def reference_logits(ref, prompt: list[int], tokens: list[int], images=None) -> np.ndarray:
+    """ref.model's logits predicting each of `tokens` after `prompt` [len(tokens), V]: one teacher-forced
+    prefill where that equals prefill + decode, else (a fresh prefill over a quantized KV cache, a
+    bf16 DeltaNet state) the prompt's last row of one prefill, then one decode step per token."""
+    m = ref.modes
+    if not ((m.kv_prefill == "fresh" and m.kv_cache_dtype != "auto") or m.state_dtype != "float32"):
+        return ref.logits(prompt + tokens[:-1], images=images)[len(prompt) - 1:]
+    logits, cache = ref.prefill(prompt, images=images)
+    rows = [logits[-1]]
+    for t in tokens[:-1]:
+        last, cache = ref.decode(t, cache)
+        rows.append(last)
+    return np.stack(rows)
+
+
+def check(ckpt, results, modes, out=None, images=None) -> bool:
+    """Recompute each Result's sequence with ref.model (float64, jaxrun's modes otherwise: ref.modes.Modes;
+    the MTP head's drafts too when kept); a line per token on `out`; True if within the bounds. images:
+    per result the images of its prompt (or None), recomputed by ref's own encoder."""
+    from dataclasses import asdict, replace
     from ref.model import Model
     out = out or sys.stderr
-    ref = Model(ckpt, "f64", activations=activations, act_scale=act_scale)
+    precision, activations = modes.precision, modes.activations
+    ref = Model(ckpt, **asdict(replace(modes, precision="f64")))
     images = images or [None] * len(results)
     ok = True
     for n, (r, ims) in enumerate(zip(results, images)):
         kls = []
-        full = ref.logits(r.prompt_token_ids + r.token_ids[:-1], images=ims)
-        rl = full[len(r.prompt_token_ids) - 1:]                          # [steps, V], predicts token_ids
+        rl = reference_logits(ref, r.prompt_token_ids, r.token_ids, ims)   # [steps, V], predicts token_ids
         for i, jl in enumerate(r.logits):
             a, b = rl[i], np.asarray(jl, np.float64)
             d, kl, bound = compare(a, b, precision, activations)
@@ -76,5 +93,5 @@ def check(ckpt, results, precision: str, activations: str = "w4a16", act_scale: 
                 ok &= good
                 print(f"check [{n}] mtp draft {i}: max|dlogit| {d:.3e}  KL {kl:.3e}"
                       f"{'' if good else '  <-- beyond bound'}", file=out)
-    print(f"check: {'PASS' if ok else 'FAIL'} ({precision} {activations} vs ref f64)", file=out)
+    print(f"check: {'PASS' if ok else 'FAIL'} ({modes.describe()} vs ref f64)", file=out)
     return ok

@@ -2,6 +2,8 @@
 group "qwen35_nvfp4_spec.reference_backends" (pyproject.toml), so ref never imports jaxrun."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from jaxrun.load import load
@@ -22,7 +24,7 @@ def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool,
         raise FormatError("--engine-dumps needs --backend ref (jaxrun writes no layer dumps)")
     mesh = make_mesh()
     jck, params = load(str(ckpt.directory), mesh, modes.precision, progress=False)
-    runner = Runner(params, jck.config, mesh, modes.precision, modes.activations, modes.act_scale)
+    runner = Runner(params, jck.config, mesh, **asdict(modes))
     T = len(token_ids)
     if images:                                                      # one prefill of the image prompt, every row kept
         job = Prefill(runner, [list(token_ids)], bucket(T), all_logits=True, images=[list(images)])

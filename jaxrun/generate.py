@@ -3,8 +3,11 @@
     python -m jaxrun.generate --prompt "Why is the sky blue?"            # built-in tiny synthetic model
     python -m jaxrun.generate --model DIR|REPO --prompt TEXT [--raw] [--max-new-tokens N]
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop TEXT ...] [--devices N]
-        [--dense replicated|sharded] [--precision f32|bf16] [--activations w4a16|w4a4]
-        [--act-scale per-expert|max] [--mtp | --speculative [K]] [--hide-thinking] [--json] [--check]
+        [--dense replicated|sharded] [--engine-profile NAME] [--precision f32|bf16] [--activations w4a16|w4a4]
+        [--act-scale per-expert|max] [--kv-cache-dtype auto|fp8_e4m3|nvfp4] [--kv-engine vllm|sglang]
+        [--kv-prefill cache|fresh] [--state-dtype float32|bfloat16] [--mtp | --speculative [K]]
+        [--hide-thinking] [--json] [--check]
+    python -m jaxrun.generate --list-profiles
     python -m jaxrun.generate --token-ids 1,2,3 ...     |     --batch-file FILE (one prompt per line)
     python -m jaxrun.generate --image ref/data/sample.png --prompt "Describe the image"
 
@@ -30,6 +33,11 @@ checkpoint without a tokenizer takes --token-ids and gives ids (text empty).
 CUDA quantizer, with each expert's input scales, or the layer's largest with --act-scale max);
 the default w4a16 keeps activations in the compute dtype.
 
+--engine-profile NAME runs the modes an engine configuration runs (ref.profiles; --list-profiles
+prints them): its precision, activations and act-scale rule, KV-cache dtype and store rule, the K/V a
+prefill attends to and the DeltaNet state dtype; the mode flags given override its fields. The KV cache
+is then held on the device in its stored form (FP8 codes, or packed NVFP4 codes and block scales).
+
 --mtp runs the checkpoint's MTP head beside the model: its greedy draft of each next token, and how
 many drafts the model's own choice then matched (the acceptance a speculative decoder would see),
 go to the summary line and to --json (mtp_draft_ids, mtp_accepted); no step is skipped.
@@ -41,8 +49,8 @@ to K + 1 tokens. The text is that of plain greedy decoding, or distributed as pl
 summary line and --json (speculative) report the figures engines log: drafts accepted of proposed,
 the acceptance rate per draft position, and the mean acceptance length (tokens per step).
 
---check recomputes each produced sequence with ref.model (float64, the same --activations and
---act-scale; with --mtp also the MTP head's logits) and reports, per generated token, max |Δ logit|,
+--check recomputes each produced sequence with ref.model (float64, the same modes; with --mtp also
+the MTP head's logits) and reports, per generated token, max |Δ logit|,
 KL(ref || jaxrun) and top-1 agreement; exit status 1 when beyond the bounds of jaxrun.check.
 
 --step-timeout S (default 600, 0 = off): once compiled, a step (the prefill, one decode or
@@ -60,12 +68,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
     prompt_images, run_main
 from ref.image_prompt import user_message
-from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
+from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
 
 PROG = "jaxrun.generate"
 STEP_TIMEOUT = 600.0  # seconds a compiled step may take before the watchdog ends the run
@@ -251,12 +260,12 @@ def _context(a, ckpt, prompts) -> int:
     return ctx
 
 
-def _check_checkpoint(a, ckpt) -> None:
+def _check_checkpoint(a, ckpt, modes) -> None:
     """What the flags need of the checkpoint, read from its index (before any weight is read)."""
     if (a.mtp or a.speculative) and not ckpt.has("mtp.fc.weight"):
         flag = "--speculative" if a.speculative else "--mtp"
         raise UsageError(f"{flag}: {ckpt.directory} has no MTP head (mtp.fc.weight)")
-    if a.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
+    if modes.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
         raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
 
 
@@ -291,20 +300,21 @@ def run(a) -> int:
     if a.compile_cache != "off":                  # compiles of 1 s or more are kept (JAX's default threshold)
         cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
         jax.config.update("jax_compilation_cache_dir", cache)
-    precision = a.precision or default_precision()
+    modes = modes_from_args(a, default_precision())
+    precision = modes.precision
     ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
     tok = _tokenizer(ckpt, needed=a.token_ids is None)
     cfg = ckpt.config.text
     prompts = prompts_from(a, tok, cfg.vocab_size)
     prompts[0], images = prompt_images(ckpt, prompts[0], a.image)     # --image goes with one prompt
-    _check_checkpoint(a, ckpt)
+    _check_checkpoint(a, ckpt, modes)
     ctx = _context(a, ckpt, prompts)
     mesh = make_mesh(a.devices)
     check_experts(cfg.num_experts, mesh.size)
     if not a.model and not a.quiet:
         note("the built-in tiny model has random weights: its text is noise (give --model for a real one)")
     ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
-    runner = Runner(params, ckpt.config, mesh, precision, a.activations, a.act_scale)
+    runner = Runner(params, ckpt.config, mesh, **asdict(modes))
     if not a.quiet:
         runner.on_compile = compile_progress
     texts = [tok.decode(p) if tok else "" for p in prompts]
@@ -353,13 +363,12 @@ def run(a) -> int:
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
     print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
           f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
-          f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}"
+          f"{mesh.devices.flat[0].platform} device(s), {modes.describe()}, dense {a.dense}"
           + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
              if a.mtp and not a.speculative else "")
           + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
           file=sys.stderr)
-    if a.check and not check(ckpt, results, precision, a.activations, a.act_scale,
-                             images=[images] * len(results) if images else None):
+    if a.check and not check(ckpt, results, modes, images=[images] * len(results) if images else None):
         return 1
     return 0
 

@@ -13,9 +13,11 @@ import numpy as np
 from jax import lax
 
 from jaxrun.matmul import HIGHEST, dot, linear
+from jaxrun.nvfp4 import block_values, pack_codes, quantize_activation, quantize_fp8, unpack_codes
 from jaxrun.options import Options
 from jaxrun.params import DeltaNetCache, GatedAttention, GatedDeltaNet, KVCache
 from ref.config import TextConfig
+from ref.kvcache import KV_FP8_RULES
 
 CHUNK = 64  # DeltaNet chunk length in prefill
 
@@ -213,8 +215,8 @@ def gdn_prefill(x, lengths, p: GatedDeltaNet, cache: DeltaNetCache, cfg: TextCon
     live = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]       # [B, T, 1]
     beta, g = jnp.where(live, beta, 0.0), jnp.where(live, g, 0.0)
     solve = unit_lower_solve if opts.triangular_solve == "substitution" else _unit_lower_lapack
-    o, state = chunked_delta_rule(q, k, v, beta, g, cache.state, min(T, CHUNK), solve)
-    return _output(o, z, p, cfg, opts), DeltaNetCache(conv_state, state)
+    o, state = chunked_delta_rule(q, k, v, beta, g, cache.state.astype(jnp.float32), min(T, CHUNK), solve)
+    return _output(o, z, p, cfg, opts), DeltaNetCache(conv_state, state.astype(cache.state.dtype))
 
 
 def gdn_step(x, p: GatedDeltaNet, cache: DeltaNetCache, cfg: TextConfig, opts: Options):
@@ -228,11 +230,11 @@ def gdn_step(x, p: GatedDeltaNet, cache: DeltaNetCache, cfg: TextConfig, opts: O
     conv = jnp.stack([jnp.einsum("bkc,ck->bc", window[:, t:t + K].astype(jnp.float32), w, precision=HIGHEST)
                       for t in range(T)], axis=1)                        # [B, T, C]
     q, k, v, beta, g = _gdn_inputs(jax.nn.silu(conv.astype(opts.dtype)), b, a, p, cfg)
-    state, outs, caches = cache.state, [], []
-    for t in range(T):
+    state, outs, caches = cache.state.astype(jnp.float32), [], []
+    for t in range(T):      # the state carried in float32 within the call; each token's stored in its dtype
         o, state = recurrent_delta_rule(q[:, t], k[:, t], v[:, t], beta[:, t], g[:, t], state)
         outs.append(o)
-        caches.append(DeltaNetCache(window[:, t + 1:t + K], state))
+        caches.append(DeltaNetCache(window[:, t + 1:t + K], state.astype(cache.state.dtype)))
     return _output(jnp.stack(outs, axis=1), z, p, cfg, opts), caches
 
 
@@ -248,10 +250,32 @@ def _attend(q, k, v, mask, opts: Options):
     return o.reshape(*o.shape[:2], -1)
 
 
-def attention(x, pos, cs, p: GatedAttention, cache: KVCache, cfg: TextConfig, opts: Options):
+def kv_store(x, scale, opts: Options):
+    """K or V [B, nKV, T, D] -> its stored form in opts.kv_cache_dtype (ref.kvcache): (values or codes,
+    block scales or None)."""
+    if opts.kv_cache_dtype == "auto":
+        return x, None
+    if opts.kv_cache_dtype == "fp8_e4m3":
+        return quantize_fp8(x, scale, KV_FP8_RULES[opts.kv_engine]), None
+    codes, scales = quantize_activation(x, scale)                        # vLLM: the engines' quantizer
+    return pack_codes(codes), scales
+
+
+def kv_read(stored, block_scales, scale, opts: Options):
+    """A stored K or V [B, nKV, S, ...] -> what attention reads: the values themselves ("auto"), or
+    float32 e4m3 * scale / e2m1 * block scale * scale, each rounded once (ref.kvcache)."""
+    if opts.kv_cache_dtype == "auto":
+        return stored
+    if opts.kv_cache_dtype == "fp8_e4m3":
+        return stored.astype(jnp.float32) * scale
+    return block_values(unpack_codes(stored), block_scales) * scale
+
+
+def attention(x, pos, cs, p: GatedAttention, cache: KVCache, cfg: TextConfig, opts: Options, fresh: bool = False):
     """T new tokens at positions pos .. pos+T-1 after the cached ones: x [B, T, H] (normed), pos [B],
-    cs [B, T, 2, rd] their RoPE -> (out [B, T, H], the cache with their keys and values written).
-    Each token attends to the cache up to its own position (causal; the cache beyond is masked)."""
+    cs [B, T, 2, rd] their RoPE -> (out [B, T, H], the cache with their keys and values written in its
+    stored form). Each token attends to the cache up to its own position (causal; the cache beyond is
+    masked), read back as stored; fresh (SGLang's ragged prefill): the new tokens' own K/V as computed."""
     B, T, _ = x.shape
     D, eps = cfg.head_dim, cfg.rms_norm_eps
     qg = linear(x, p.q_proj, opts).reshape(B, T, cfg.num_attention_heads, 2 * D)
@@ -259,10 +283,17 @@ def attention(x, pos, cs, p: GatedAttention, cache: KVCache, cfg: TextConfig, op
     k = rms_norm(linear(x, p.k_proj, opts).reshape(B, T, cfg.num_key_value_heads, D), p.k_norm, eps)
     v = linear(x, p.v_proj, opts).reshape(B, T, cfg.num_key_value_heads, D)
     q, k = apply_rope(q, cs), apply_rope(k, cs)
-    put = jax.vmap(lambda c, new, i: lax.dynamic_update_slice_in_dim(c, new, i, axis=1))
-    cache = KVCache(put(cache.k, jnp.swapaxes(k, 1, 2).astype(cache.k.dtype), pos),
-                    put(cache.v, jnp.swapaxes(v, 1, 2).astype(cache.v.dtype), pos))   # [B, nKV, S, D]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)                  # [B, nKV, T, D]
+    put = jax.vmap(lambda c, new, i: lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), i, axis=1))
+    (k_stored, k_blocks), (v_stored, v_blocks) = kv_store(k, p.k_scale, opts), kv_store(v, p.v_scale, opts)
+    cache = KVCache(put(cache.k, k_stored, pos), put(cache.v, v_stored, pos),
+                    None if k_blocks is None else put(cache.k_block_scales, k_blocks, pos),
+                    None if v_blocks is None else put(cache.v_block_scales, v_blocks, pos))
+    k_all = kv_read(cache.k, cache.k_block_scales, p.k_scale, opts)     # [B, nKV, S, D]
+    v_all = kv_read(cache.v, cache.v_block_scales, p.v_scale, opts)
+    if fresh and opts.kv_cache_dtype != "auto":
+        k_all, v_all = put(k_all, k, pos), put(v_all, v, pos)
     at = pos[:, None] + jnp.arange(T)                                    # [B, T]
-    mask = jnp.arange(cache.k.shape[2])[None, None, :] <= at[:, :, None]  # [B, T, S]
-    o = _attend(q.reshape(B, T, cfg.num_key_value_heads, -1, D), cache.k, cache.v, mask, opts)
+    mask = jnp.arange(k_all.shape[2])[None, None, :] <= at[:, :, None]  # [B, T, S]
+    o = _attend(q.reshape(B, T, cfg.num_key_value_heads, -1, D), k_all, v_all, mask, opts)
     return linear(o * jax.nn.sigmoid(gate), p.o_proj, opts), cache

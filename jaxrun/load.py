@@ -15,17 +15,26 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxrun.options import compute_dtype
-from jaxrun.params import (ExpertInputScales, ExpertPart, Formats, LinearPart, Param, Params, Tensor, declare,
+from jaxrun.params import (ExpertInputScales, ExpertPart, Formats, KVScale, LinearPart, Param, Params, Tensor, declare,
                            resolve_dtype)
 from jaxrun.sharding import check_experts, param_specs, shardings
-from ref.checkpoint import Checkpoint, NVFP4Weight, open_checkpoint
+from ref.checkpoint import Checkpoint, FP8Weight, NVFP4Weight, open_checkpoint
 
-_PARTS = {"weight": "packed", "weight_scale": "weight_scale", "weight_scale_2": "weight_scale_2"}  # NVFP4Weight
+_PARTS = {NVFP4Weight: {"weight": "packed", "weight_scale": "weight_scale", "weight_scale_2": "weight_scale_2",
+                        "input_scale": "input_scale"},
+          FP8Weight: {"weight": "weight_e4m3", "weight_scale": "weight_scale", "input_scale": "input_scale"}}
 
 
 def _part(w, part: str):
-    """A part of ref.checkpoint's DenseWeight / NVFP4Weight by the checkpoint's tensor suffix."""
-    return getattr(w, _PARTS[part]) if isinstance(w, NVFP4Weight) else w.weight
+    """A part of ref.checkpoint's DenseWeight / NVFP4Weight / FP8Weight by the checkpoint's tensor suffix.
+    An NVFP4 linear's input_global_scale is the activation quantizer's G: compressed-tensors' stored one,
+    else fp32(1 / input_scale) (ModelOpt)."""
+    if isinstance(w, NVFP4Weight) and part == "input_global_scale":
+        g = w.input_global_scale
+        return np.asarray(np.float32(1) / w.input_scale if g is None else g, np.float32).reshape(())
+    if type(w) in _PARTS:
+        return getattr(w, _PARTS[type(w)][part])
+    return w.weight
 
 
 def reader(ckpt: Checkpoint, param: Param, dtype):
@@ -41,6 +50,8 @@ def reader(ckpt: Checkpoint, param: Param, dtype):
             return np.stack([np.asarray(_part(getattr(ckpt.expert(src.layer, e), src.proj.removesuffix("_proj")),
                                               src.part)[idx[1:]], want) for e in rows])
         return experts
+    if isinstance(src, KVScale):
+        return lambda idx: np.asarray(ckpt.kv_scales(src.layer)["kv".index(src.kind)], want)[idx]
     if isinstance(src, ExpertInputScales):
         gate_up = ckpt.expert_input_scales(src.layer)                    # [E]: max(gate, up), read once
 

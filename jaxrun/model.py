@@ -69,7 +69,7 @@ def _layer_prefill(h, lp: DecoderLayer, cache, pos, lengths, cs, cfg: TextConfig
     """One decoder layer over the next T tokens of each prompt (after `pos` cached ones; RoPE cs
     [B, T, 2, rd]) -> (h, cache)."""
     if lp.self_attn is not None:
-        mixer = lambda u: attention(u, pos, cs, lp.self_attn, cache, cfg, opts)
+        mixer = lambda u: attention(u, pos, cs, lp.self_attn, cache, cfg, opts, fresh=opts.kv_prefill == "fresh")
     else:
         mixer = lambda u: gdn_prefill(u, lengths, lp.linear_attn, cache, cfg, opts)
     return _residual_layer(h, lp, mixer, cfg, opts)

@@ -140,10 +140,11 @@ def nvfp4_matrix(q, s, s2, dt, exact: bool):
 _R6 = np.float32(1) / np.float32(E2M1_MAX)
 
 
-def quantize_activation(x, input_scale):
+def quantize_activation(x, input_scale, global_scale=None):
     """The engines' activation quantizer, as ref.nvfp4.quantize_activation(x, input_scale,
-    sign="cuda"): x [..., K] -> (E2M1 codes uint8 [..., K] unpacked, E4M3 block scales [..., K/16]).
-    float32 steps in the same order: G = 1/input_scale, vmax = max|x| over the block (NaN skipped),
+    sign="cuda", global_scale): x [..., K] -> (E2M1 codes uint8 [..., K] unpacked, E4M3 block scales
+    [..., K/16]). float32 steps in the same order: G = global_scale if given (compressed-tensors'
+    stored multiplier), else 1/input_scale, vmax = max|x| over the block (NaN skipped),
     scale = e4m3 saturating(G * (vmax * (1/6))), out = 1/(scale * (1/G)) (0 for a zero scale), codes
     = round-to-nearest-even of x * out with saturation, the sign bit copied (NaN -> 7). On CPU a
     subnormal x reads as zero."""
@@ -151,7 +152,8 @@ def quantize_activation(x, input_scale):
     a = jnp.abs(xb)
     nan = jnp.isnan(a)
     vmax = jnp.where(jnp.all(nan, axis=-1), jnp.nan, jnp.max(jnp.where(nan, -jnp.inf, a), axis=-1))
-    g = jnp.float32(1) / jnp.asarray(input_scale, jnp.float32)
+    g = (jnp.float32(1) / jnp.asarray(input_scale, jnp.float32) if global_scale is None
+         else jnp.asarray(global_scale, jnp.float32))
     scale = jnp.minimum(g * (vmax * _R6), jnp.float32(E4M3_MAX)).astype(jnp.float8_e4m3fn)  # NaN stays NaN
     s = scale.astype(jnp.float32)
     out = jnp.where(s != 0, jnp.float32(1) / (s * (jnp.float32(1) / g)), jnp.float32(0))
@@ -162,9 +164,44 @@ def quantize_activation(x, input_scale):
     return codes.reshape(x.shape), scale
 
 
-def activation_values(x, input_scale):
+def activation_values(x, input_scale, global_scale=None):
     """x [..., K] quantized by quantize_activation, as float32 block values e2m1 * scale (exact; the
     global input_scale not applied) [..., K]."""
-    codes, scale = quantize_activation(x, input_scale)
+    codes, scale = quantize_activation(x, input_scale, global_scale)
+    return block_values(codes, scale)
+
+
+def block_values(codes, scale):
+    """Unpacked E2M1 codes [..., K] and their E4M3 block scales [..., K/16] -> e2m1 * scale, float32
+    [..., K] (exact)."""
     v = _e2m1_f32(codes.astype(jnp.uint32)).reshape(scale.shape + (BLOCK_SIZE,))
-    return (v * scale.astype(jnp.float32)[..., None]).reshape(x.shape)
+    return (v * scale.astype(jnp.float32)[..., None]).reshape(codes.shape)
+
+
+def pack_codes(codes):
+    """Unpacked E2M1 codes [..., K] -> bytes [..., K/2], element 2j in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_codes(packed):
+    """Bytes [..., K/2] -> unpacked E2M1 codes [..., K] (low nibble first)."""
+    return jnp.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 E4M3 with one scale per tensor (ref.fp8): W8A8 inputs and the FP8 KV cache
+
+def quantize_fp8(x, scale, rule: str = "divide"):
+    """x [...] -> float8_e4m3fn [...] with one float32 scale, bit-identical to ref.fp8.quantize_fp8:
+    "divide" e4m3_sat(f32(x / scale)) (vLLM's KV store), "reciprocal" e4m3_sat(f32(x * f32(1 / scale)))
+    (static scaled_fp8_quant: W8A8 inputs), "sglang" bf16(f32(x) / f32(bf16(scale))) cast without
+    saturation (NaN above 464, keeping the sign as torch's cast does; SGLang's KV store). On CPU a
+    subnormal float32 input reads as zero."""
+    s = jnp.asarray(scale, jnp.float32)
+    x = x.astype(jnp.float32)
+    if rule == "sglang":
+        y = (x / s.astype(jnp.bfloat16).astype(jnp.float32)).astype(jnp.bfloat16).astype(jnp.float32)
+        y = jnp.where(jnp.abs(y) > 464, jnp.copysign(jnp.float32(jnp.nan), y), jnp.clip(y, -E4M3_MAX, E4M3_MAX))
+        return y.astype(jnp.float8_e4m3fn)
+    y = x / s if rule == "divide" else x * (jnp.float32(1) / s)
+    return jnp.clip(y, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)   # NaN stays NaN

@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from jaxrun.nvfp4 import tiny_global
 from jaxrun.params import NVFP4, Experts
-from ref.modes import ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, Modes, check_choice
+from ref.modes import (ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, KV_CACHE_DTYPES, KV_ENGINES, KV_PREFILL, STATE_DTYPES,
+                       Modes, check_choice)
 
 SPARE_SLOTS = ("skip", "repeat")
 EXPERT_KERNELS = ("loop",)
@@ -41,11 +42,19 @@ class Options:
     expert_kernel: str = "loop"         # how many tokens run through the routed experts
     triangular_solve: str = "substitution"  # DeltaNet's chunk solve: forward substitution in XLA ops (CPU:
                                         # jaxlib's LAPACK solve can deadlock XLA's thread pool) or "lapack"
+    kv_cache_dtype: str = "auto"        # the attention caches' stored form (ref.modes): auto | fp8_e4m3 | nvfp4
+    kv_engine: str = "vllm"             # whose FP8 KV store rule
+    kv_prefill: str = "cache"           # a prefill's tokens attend to their stored K/V, or their "fresh" ones
+    state_dtype: str = "float32"        # the DeltaNet state as stored between forward calls
 
     def __post_init__(self):
         check_choice("precision", self.precision, JAX_PRECISIONS)
         check_choice("activations", self.activations, ACTIVATIONS)
         check_choice("act_scale", self.act_scale, ACT_SCALES)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_choice("kv_engine", self.kv_engine, KV_ENGINES)
+        check_choice("kv_prefill", self.kv_prefill, KV_PREFILL)
+        check_choice("state_dtype", self.state_dtype, STATE_DTYPES)
         check_choice("spare_slots", self.spare_slots, SPARE_SLOTS)
         check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
         check_choice("triangular_solve", self.triangular_solve, TRIANGULAR_SOLVES)
@@ -68,7 +77,8 @@ class Options:
         cpu = platform == "cpu"
         return Options(mesh, modes.precision, modes.activations, modes.act_scale, flushes_subnormals=cpu,
                        widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu,
-                       triangular_solve="substitution" if cpu else "lapack")
+                       triangular_solve="substitution" if cpu else "lapack", kv_cache_dtype=modes.kv_cache_dtype,
+                       kv_engine=modes.kv_engine, kv_prefill=modes.kv_prefill, state_dtype=modes.state_dtype)
 
     @staticmethod
     def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":

@@ -52,6 +52,13 @@ class ExpertInputScales(NamedTuple):
     layer: int | str
 
 
+class KVScale(NamedTuple):
+    """A full-attention layer's KV-cache scale, "k" or "v", as the engines settle it (Checkpoint.kv_scales:
+    the checkpoint's, or 1.0)."""
+    layer: int | str
+    kind: str
+
+
 @dataclass(frozen=True)
 class Param:
     shape: tuple[int, ...]
@@ -73,6 +80,15 @@ class NVFP4(NamedTuple):
     weight: Any             # uint8 [(E,) out, in/2], element 2j in the low nibble
     weight_scale: Any       # float8_e4m3fn [(E,) out, in/16]
     weight_scale_2: Any     # float32 [] (or [E])
+    input_scale: Any = None         # dense linears with calibrated inputs (W4A4): float32 [] dequant direction
+    input_global_scale: Any = None  # float32 [] the activation quantizer's G (compressed-tensors: as stored)
+
+
+class FP8(NamedTuple):
+    """A per-tensor FP8 linear (ModelOpt mixed precision, spec/nvfp4.md §11)."""
+    weight: Any             # float8_e4m3fn [out, in]
+    weight_scale: Any       # float32 []: w = e4m3 * weight_scale
+    input_scale: Any = None  # float32 [] static activation scale (W8A8), None when weight-only
 
 
 class Experts(NamedTuple):
@@ -115,6 +131,8 @@ class GatedAttention(NamedTuple):
     o_proj: Any             # [H, nH D]
     q_norm: Any             # float32 [D] (1 + w)
     k_norm: Any             # float32 [D]
+    k_scale: Any = None     # float32 [] KV-cache scales (quantized caches)
+    v_scale: Any = None
 
 
 class DecoderLayer(NamedTuple):
@@ -194,12 +212,17 @@ class Params(NamedTuple):
 
 class DeltaNetCache(NamedTuple):
     conv: Any               # [B, K-1, C] the last K-1 pre-conv inputs (compute dtype)
-    state: Any              # float32 [B, Hv, dk, dv]
+    state: Any              # [B, Hv, dk, dv] in the state dtype (float32, or bfloat16: SGLang --mamba-ssm-dtype)
 
 
 class KVCache(NamedTuple):
-    k: Any                  # [B, nKV, S, D] after norm and RoPE
-    v: Any                  # [B, nKV, S, D]
+    """Keys (after norm and RoPE) and values as the KV-cache dtype stores them: "auto" the compute dtype
+    [B, nKV, S, D]; "fp8_e4m3" e4m3 codes [B, nKV, S, D] (times the layer's k_scale / v_scale);
+    "nvfp4" packed E2M1 codes uint8 [B, nKV, S, D/2] and E4M3 block scales [B, nKV, S, D/16]."""
+    k: Any
+    v: Any
+    k_block_scales: Any = None
+    v_block_scales: Any = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,6 +238,8 @@ class Formats:
     expert_input_scales: frozenset = frozenset()
     mtp: bool = False
     vision: bool = False    # the checkpoint has the vision tower (model.visual.*)
+    fp8_linears: frozenset = frozenset()          # non-expert linears stored per-tensor FP8
+    linear_input_scales: frozenset = frozenset()  # those of the quantized linears with input scales
 
     @staticmethod
     def random(cfg: Config, mtp: bool = False, vision: bool = False) -> "Formats":
@@ -225,15 +250,18 @@ class Formats:
 
     @staticmethod
     def from_checkpoint(ckpt) -> "Formats":
-        from ref.checkpoint import NVFP4Weight
+        from ref.checkpoint import FP8Weight, NVFP4Weight
         cfg = ckpt.config
         mtp = ckpt.has("mtp.fc.weight")
         linears = [t.name[:-len(".weight")] for t in _tensors(layout.model_tensors(cfg)) if t.linear]
+        quantized = {m: ckpt.linear(m, prefetch=False) for m in linears if ckpt.has(m + ".weight_scale")}
         layers = [x for x in layout.expert_layers(cfg) if x != "mtp" or mtp]
         nvfp4 = [x for x in layers if isinstance(ckpt.expert(x, 0, prefetch=False).gate, NVFP4Weight)]
         vision = cfg.vision is not None and ckpt.has(VISUAL + "patch_embed.proj.weight")
-        return Formats(frozenset(m for m in linears if ckpt.has(m + ".weight_scale")), frozenset(nvfp4),
-                       frozenset(x for x in nvfp4 if ckpt.expert_input_scales(x) is not None), mtp, vision)
+        return Formats(frozenset(m for m, w in quantized.items() if isinstance(w, NVFP4Weight)), frozenset(nvfp4),
+                       frozenset(x for x in nvfp4 if ckpt.expert_input_scales(x) is not None), mtp, vision,
+                       frozenset(m for m, w in quantized.items() if isinstance(w, FP8Weight)),
+                       frozenset(m for m, w in quantized.items() if w.input_scale is not None))
 
 
 def _tensors(module):
@@ -251,13 +279,20 @@ def declare(cfg: Config, formats: Formats) -> Params:
 
     def linear(tensor: layout.Tensor, out_axis: str, in_axis: str):
         module, (out, inp) = tensor.name[:-len(".weight")], tensor.shape
+        def scalar(part, value):
+            return Param((), np.float32, (), LinearPart(module, part), "constant", value)
+        inputs = module in formats.linear_input_scales
+        if module in formats.fp8_linears:
+            return FP8(Param((out, inp), jnp.float8_e4m3fn, (out_axis, in_axis), LinearPart(module, "weight"), "e4m3"),
+                       scalar("weight_scale", inp ** -0.5 / 2), scalar("input_scale", 1 / 64) if inputs else None)
         if module not in formats.nvfp4_linears:
             return Dense(Param((out, inp), COMPUTE, (out_axis, in_axis), LinearPart(module, "weight"), "normal",
                                inp ** -0.5))
         return NVFP4(Param((out, inp // 2), np.uint8, (out_axis, in_axis), LinearPart(module, "weight"), "codes"),
                      Param((out, inp // 16), jnp.float8_e4m3fn, (out_axis, in_axis),
                            LinearPart(module, "weight_scale"), "block_scales"),
-                     Param((), np.float32, (), LinearPart(module, "weight_scale_2"), "constant", _global(inp)))
+                     scalar("weight_scale_2", _global(inp)), scalar("input_scale", 1 / 448) if inputs else None,
+                     scalar("input_global_scale", 448.0) if inputs else None)
 
     def vector(tensor: layout.Tensor, axis: str, init: str = "normal"):
         return Param(tensor.shape, np.float32, (axis,), Tensor(tensor.name), init, 0.1)
@@ -299,15 +334,17 @@ def declare(cfg: Config, formats: Formats) -> Params:
             A_log=vector(a["A_log"], "deltanet_heads", "log_uniform"),
             norm=vector(a["norm"], "head_dim", "one_plus"), out_proj=linear(a["out_proj"], "embed", "deltanet_in"))
 
-    def attention(a: dict) -> GatedAttention:
+    def attention(a: dict, layer) -> GatedAttention:
+        kv_scale = lambda kind: Param((), np.float32, (), KVScale(layer, kind), "constant", 1.0)  # noqa: E731
         return GatedAttention(*(linear(a[n], "attn_out", "embed") for n in ("q_proj", "k_proj", "v_proj")),
                               o_proj=linear(a["o_proj"], "embed", "attn_in"),
-                              q_norm=vector(a["q_norm"], "head_dim"), k_norm=vector(a["k_norm"], "head_dim"))
+                              q_norm=vector(a["q_norm"], "head_dim"), k_norm=vector(a["k_norm"], "head_dim"),
+                              k_scale=kv_scale("k"), v_scale=kv_scale("v"))
 
     def decoder_layer(d: dict, layer) -> DecoderLayer:
         return DecoderLayer(vector(d["input_layernorm"], "embed"),
                             deltanet(d["linear_attn"]) if "linear_attn" in d else None,
-                            attention(d["self_attn"]) if "self_attn" in d else None,
+                            attention(d["self_attn"], layer) if "self_attn" in d else None,
                             vector(d["post_attention_layernorm"], "embed"), moe(d["mlp"], layer))
 
     mtp = None
@@ -364,20 +401,34 @@ def declare_visual(cfg: Config) -> Visual:
                               linear("merger.linear_fc2", "vision_out", "vision_merged")))
 
 
-def declare_cache(cfg: TextConfig, B: int, max_len: int, kinds=None) -> tuple:
+def declare_cache(cfg: TextConfig, B: int, max_len: int, kinds=None, kv_cache_dtype: str = "auto",
+                  state_dtype: str = "float32") -> tuple:
     """The per-layer caches of B sequences and max_len positions (kinds: the layers' types, default the
-    main model's; the MTP head's is kinds=(FULL,)), zeros at the start of a sequence."""
+    main model's; the MTP head's is kinds=(FULL,)), zeros at the start of a sequence. The attention
+    caches hold K/V in kv_cache_dtype's stored form (KVCache), the DeltaNet state is state_dtype."""
     out = []
     for kind in kinds or cfg.layer_types:
         if kind == FULL:
-            kv = Param((B, cfg.num_key_value_heads, max_len, cfg.head_dim), COMPUTE,
-                       ("batch", "kv_heads", "cache_seq", "cache_head_dim"), None, "constant")
-            out.append(KVCache(kv, kv))
+            axes = ("batch", "kv_heads", "cache_seq", "cache_head_dim")
+            shape = (B, cfg.num_key_value_heads, max_len, cfg.head_dim)
+            if kv_cache_dtype == "auto":
+                kv = Param(shape, COMPUTE, axes, None, "constant")
+                out.append(KVCache(kv, kv))
+            elif kv_cache_dtype == "fp8_e4m3":
+                kv = Param(shape, jnp.float8_e4m3fn, axes, None, "constant")
+                out.append(KVCache(kv, kv))
+            elif kv_cache_dtype == "nvfp4":
+                codes = Param(shape[:-1] + (cfg.head_dim // 2,), np.uint8, axes, None, "constant")
+                scales = Param(shape[:-1] + (cfg.head_dim // 16,), jnp.float8_e4m3fn, axes, None, "constant")
+                out.append(KVCache(codes, codes, scales, scales))
+            else:
+                raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected auto, fp8_e4m3 or nvfp4")
         else:
+            state = {"float32": np.float32, "bfloat16": jnp.bfloat16}[state_dtype]
             out.append(DeltaNetCache(
                 Param((B, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), COMPUTE,
                       ("batch", "conv_window", "cache_channels"), None, "constant"),
-                Param((B, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim), np.float32,
+                Param((B, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim), state,
                       ("batch", "cache_heads", "cache_key_dim", "cache_value_dim"), None, "constant")))
     return tuple(out)
 
@@ -409,7 +460,7 @@ def _global(fan_in: int) -> float:
 def _init_leaf(key, p: Param, dtype):
     """One random leaf by its rule: "normal" N(0, scale^2), "one_plus" 1 + N(0, scale^2) (plain weights
     near 1), "log_uniform" log U(1, 16) (A_log), "constant", "codes" (random bytes), "block_scales"
-    (E4M3 of U(0.5, 2))."""
+    (E4M3 of U(0.5, 2)), "e4m3" (E4M3 of N(0, 4): FP8 weights)."""
     dt = resolve_dtype(p, dtype)
     if p.init in ("normal", "one_plus"):
         x = jax.random.normal(key, p.shape, jnp.float32) * p.scale
@@ -422,6 +473,8 @@ def _init_leaf(key, p: Param, dtype):
         return jax.random.randint(key, p.shape, 0, 256, jnp.int32).astype(jnp.uint8)
     if p.init == "block_scales":
         return jax.random.uniform(key, p.shape, jnp.float32, 0.5, 2.0).astype(jnp.float8_e4m3fn)
+    if p.init == "e4m3":
+        return jnp.clip(jax.random.normal(key, p.shape, jnp.float32) * 2, -448, 448).astype(jnp.float8_e4m3fn)
     raise ValueError(f"random init: no rule {p.init!r} for a leaf of shape {p.shape}")
 
 

@@ -159,13 +159,16 @@ class Runner:
     """Parameters placed on a mesh plus their compiled functions."""
 
     def __init__(self, params: Params, cfg, mesh, precision: str = "f32", activations: str = "w4a16",
-                 act_scale: str = "per-expert", options: Options | None = None):
+                 act_scale: str = "per-expert", options: Options | None = None, *, kv_cache_dtype: str = "auto",
+                 kv_engine: str = "vllm", kv_prefill: str = "cache", state_dtype: str = "float32"):
         """params: placed on `mesh` (jaxrun.load.load, or jaxrun.load.place for random ones); cfg: the
         TextConfig, or the whole Config (needed for image prompts: the vision config and the image-pad
         id). activations "w4a4": routed-expert GEMM inputs quantized as the engines do, with each
-        expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them.
+        expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them (and
+        quantized dense linears with input scales run W8A8 / W4A4). The KV-cache dtype and store rule,
+        the prefill's K/V and the DeltaNet state dtype as ref.modes says (Runner(..., **asdict(modes))).
         options: the backend choices (default: Options.build for the mesh's platform)."""
-        self.modes = Modes(precision, activations, act_scale)
+        self.modes = Modes(precision, activations, act_scale, kv_cache_dtype, kv_engine, kv_prefill, state_dtype)
         if activations == "w4a4" and any(layer.mlp.experts.input_scale is None for layer in params.layers):
             raise ValueError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
         self.config = cfg if isinstance(cfg, Config) else None
@@ -231,8 +234,11 @@ class Runner:
     def _spec(self, shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self.rep)
 
+    def _declared_cache(self, B: int, max_len: int, kinds=None):
+        return declare_cache(self.cfg, B, max_len, kinds, self.opts.kv_cache_dtype, self.opts.state_dtype)
+
     def _cache_spec(self, B: int, max_len: int, kinds=None):
-        shapes = abstract(declare_cache(self.cfg, B, max_len, kinds), self.opts.dtype)
+        shapes = abstract(self._declared_cache(B, max_len, kinds), self.opts.dtype)
         return jax.tree.map(lambda a: self._spec(a.shape, a.dtype), shapes)
 
     def _state_spec(self, B: int, max_len: int, mtp: bool, K: int) -> DecodeState:
@@ -248,7 +254,7 @@ class Runner:
 
     def zeros_fn(self, B: int, max_len: int, kinds=None):
         """Fresh caches (zeros) for B sequences, made on the devices."""
-        shapes = abstract(declare_cache(self.cfg, B, max_len, kinds), self.opts.dtype)
+        shapes = abstract(self._declared_cache(B, max_len, kinds), self.opts.dtype)
         fn = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         return self._compile(("zeros", B, max_len, kinds), fn, lambda: (), out_shardings=self.rep)
 

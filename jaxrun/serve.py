@@ -4,8 +4,14 @@ with continuous batching (jaxrun.scheduler), so that clients, eval harnesses and
 
     python -m jaxrun.serve                                   # built-in tiny synthetic model, 127.0.0.1:8000
     python -m jaxrun.serve --model DIR|REPO [--host H] [--port P] [--devices N] [--max-running-requests B]
-        [--max-context N] [--prefill-chunk C] [--precision f32|bf16] [--activations w4a16|w4a4]
-        [--act-scale per-expert|max] [--speculative [K]] [--served-model-name NAME]
+        [--max-context N] [--prefill-chunk C] [--engine-profile NAME] [--precision f32|bf16]
+        [--activations w4a16|w4a4] [--act-scale per-expert|max] [--kv-cache-dtype auto|fp8_e4m3|nvfp4]
+        [--kv-engine vllm|sglang] [--kv-prefill cache|fresh] [--state-dtype float32|bfloat16]
+        [--speculative [K]] [--served-model-name NAME]
+    python -m jaxrun.serve --list-profiles
+
+--engine-profile NAME serves under the modes an engine configuration runs (ref.profiles), so a client
+can compare jaxrun with that engine; the mode flags given override its fields.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming, logprobs, vLLM's prompt_logprobs
 and return_tokens_as_token_ids, reasoning_content, qwen3_coder tool calls, images as image_url content
@@ -18,9 +24,10 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import asdict
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, exit_on_interrupt, run_main
-from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
+from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
 
 PROG = "jaxrun.serve"
 
@@ -103,17 +110,18 @@ def run(a) -> int:
     cfg = ckpt.config.text
     if a.speculative and not ckpt.has("mtp.fc.weight"):
         raise UsageError(f"--speculative: {ckpt.directory} has no MTP head (mtp.fc.weight)")
-    if a.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
+    modes = modes_from_args(a, default_precision())
+    if modes.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
         raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
     tok = load_tokenizer(ckpt.directory) if (ckpt.directory / "tokenizer.json").is_file() else None
     context = min(a.max_context, cfg.max_position_embeddings)
-    precision = a.precision or default_precision()
+    precision = modes.precision
     mesh = make_mesh(a.devices)
     check_experts(cfg.num_experts, mesh.size)
-    print(f"{PROG}: loading {ckpt.directory} on {mesh.size} {mesh.devices.flat[0].platform} device(s), {precision}",
-          file=sys.stderr, flush=True)
+    print(f"{PROG}: loading {ckpt.directory} on {mesh.size} {mesh.devices.flat[0].platform} device(s), "
+          f"{modes.describe()}", file=sys.stderr, flush=True)
     _, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=False)
-    runner = Runner(params, ckpt.config, mesh, precision, a.activations, a.act_scale)
+    runner = Runner(params, ckpt.config, mesh, **asdict(modes))
     print(f"{PROG}: compiling ({a.max_running_requests} slots, context {context})", file=sys.stderr, flush=True)
     engine = Scheduler(runner, a.max_running_requests, context, a.speculative or 0, a.prefill_chunk).start()
     name = a.served_model_name or a.model or "jaxrun-tiny"

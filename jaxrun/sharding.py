@@ -71,7 +71,9 @@ def param_specs(declared, n: int, dense: str = "replicated"):
         if isinstance(node, NVFP4):                 # codes and block scales split alike
             w, s = logical_spec(node.weight, n, dense), logical_spec(node.weight_scale, n, dense)
             same = w if w == s else P()   # one of the two parts cannot be split: keep both whole
-            return NVFP4(same, same, logical_spec(node.weight_scale_2, n, dense))
+            scalars = jax.tree.map(lambda p: logical_spec(p, n, dense), node._replace(weight=None, weight_scale=None),
+                                   is_leaf=lambda x: isinstance(x, Param))
+            return scalars._replace(weight=same, weight_scale=same)
         return logical_spec(node, n, dense)
 
     return jax.tree.map(container, declared, is_leaf=lambda x: isinstance(x, (Param, NVFP4)))

@@ -47,6 +47,9 @@ class Thresholds:
     layer_rtol: float = 2.5e-2  # local relative error of one step (whole tensor)
     token_rtol: float = 0.1     # local relative error of one step at its worst token
     top_k: int = 10             # k of the top-k metrics (engine logits, --server)
+    # Bounds of the local error of one kind of step (STEP_KINDS), in place of layer_rtol / token_rtol:
+    # ((kind, whole tensor, worst token), ...). Engine profiles measure them (ref.profiles).
+    steps: tuple = ()
 
     def __post_init__(self):
         for name in ("max_kl", "max_kl_pos", "layer_rtol", "token_rtol"):
@@ -54,6 +57,20 @@ class Thresholds:
                 raise FormatError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
         if not 0 <= self.min_top1 <= 1 or self.top_k < 1:
             raise FormatError("--min-top1 must be in [0, 1] and --top-k >= 1")
+        for kind, rtol, token_rtol in self.steps:
+            if kind not in STEP_KINDS or not (rtol > 0 and token_rtol > 0):
+                raise FormatError(f"step bounds {(kind, rtol, token_rtol)}: expected a kind of {list(STEP_KINDS)} "
+                                  f"and two bounds > 0")
+
+    def step_bounds(self, kind: str | None) -> tuple[float, float]:
+        """(whole tensor, worst token) bounds of the local error of a step of this kind."""
+        return next(((r, t) for k, r, t in self.steps if k == kind), (self.layer_rtol, self.token_rtol))
+
+
+# The kinds of dumped step (ref.crosscheck.step_kinds): a full-attention or DeltaNet mixer, a MoE block,
+# the final norm and lm_head, and any step whose GEMMs quantize their inputs (W4A4 experts, W8A8 / W4A4
+# dense linears: a bf16 engine and a float64 reference round the same input differently, so codes flip).
+STEP_KINDS = ("attention", "deltanet", "moe", "head", "quantized")
 
 
 def compare_positions(ref_logits: np.ndarray, token_ids: list[int], eng: io.EngineLogprobs | None = None,
@@ -124,7 +141,8 @@ def _forward_order(name: str) -> tuple:
 
 
 def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local: dict[str, np.ndarray] | None = None,
-                   thresholds: Thresholds = Thresholds(), num_experts: int | None = None) -> list[dict]:
+                   thresholds: Thresholds = Thresholds(), num_experts: int | None = None,
+                   kinds: dict[str, str] | None = None) -> list[dict]:
     """Per dumped tensor, in forward order.
 
     Hidden states: rel_err and max_abs against the reference run (errors accumulated from every
@@ -132,7 +150,8 @@ def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local
     position local_worst_pos) against `local`, the reference step recomputed from the engine's own
     input (see recompute_from_engine; embeddings and the vision patch and position embeddings against
     the reference unless `local` has them); flagged when
-    local_err > thresholds.layer_rtol or local_tok_err > thresholds.token_rtol.
+    local_err > thresholds.layer_rtol or local_tok_err > thresholds.token_rtol, or the bounds of the
+    step's kind (`kinds`: name -> one of STEP_KINDS; Thresholds.steps).
     Routing: mismatch / local_mismatch, the share of expert choices not shared; topk_weights as
     rel_err of the [T, E] routing matrices. Routing rows are never flagged: near-ties legitimately
     flip, and real routing bugs show in router_logits and after_moe."""
@@ -165,8 +184,9 @@ def compare_layers(ref: dict[str, np.ndarray], eng: dict[str, np.ndarray], local
                 row["local_err"] = D.rel_err(local[name], e)
                 per_token = D.row_rel_err(local[name], e)
                 row["local_tok_err"], row["local_worst_pos"] = float(per_token.max()), int(per_token.argmax())
-                row["flagged"] = not (row["local_err"] <= thresholds.layer_rtol and
-                                      row["local_tok_err"] <= thresholds.token_rtol)
+                row["step"] = (kinds or {}).get(name)
+                rtol, token_rtol = thresholds.step_bounds(row["step"])
+                row["flagged"] = not (row["local_err"] <= rtol and row["local_tok_err"] <= token_rtol)
         rows.append(row)
     return rows
 

@@ -37,11 +37,24 @@ Examples:
       --engine-dumps dumps.safetensors --json report.json --plot report.png
   # an image prompt on a live server (chat with an image_url data URL)
   python -m ref.crosscheck --model DIR --server http://127.0.0.1:8000 --image cat.png --prompt "What is it?"
+
+  # against the modes an engine configuration runs (its profile's thresholds), or: which profile
+  # explains this engine, or is it a bug? (ref.profiles; --list-profiles)
+  python -m ref.crosscheck --model DIR --engine-json resp.json --engine-profile sglang-fp8kv
+  python -m ref.crosscheck --model DIR --engine-logits l.npy --engine-dumps d.safetensors --fit-profiles
+
+--engine-profile NAME sets every mode of the reference to the profile's (the explicit mode flags
+override its fields) and uses the profile's measured thresholds (explicit threshold flags override
+those). --fit-profiles [NAME ...] runs the reference under each profile (default: all) and reports
+the per-profile table, the profile that explains the engine best, and whether even that one leaves
+the engine beyond its thresholds (ref.profile_fit): exit 0 when some profile explains the engine, 1
+when none does.
 """
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict, replace
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -50,9 +63,10 @@ from ref import engine_io as io
 from ref.cli import ArgumentParser, HelpFormatter, atomic_write, check_output_path, exit_on_interrupt, \
     parse_token_ids, prompt_images, run_main
 from ref.compare import Thresholds, compare_layers, compare_positions, summarize, verdict
+from ref.config import FULL
 from ref.errors import CheckpointError, ConfigError, FormatError
 from ref.modes import Modes, add_mode_arguments, modes_from_args
-from ref.report import format_report, jsonable, plot_report, require_matplotlib
+from ref.report import format_fit, format_report, jsonable, plot_report, require_matplotlib
 
 PROG = "ref.crosscheck"
 BACKEND_GROUP = "qwen35_nvfp4_spec.reference_backends"
@@ -62,7 +76,7 @@ BACKEND_GROUP = "qwen35_nvfp4_spec.reference_backends"
 
 def _ref_backend(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool, images=()):
     from ref.model import Model
-    model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale)
+    model = Model(ckpt, **asdict(modes))
     dumps = {} if want_dumps else None
     logits, _ = model.prefill(list(token_ids), dumps=dumps, images=list(images) or None)
     return np.asarray(logits, np.float64), dumps
@@ -107,7 +121,7 @@ def recompute_from_engine(ckpt, eng_dumps: dict, modes: Modes = Modes(), token_i
     from its last block, the embeddings with the engine's merged rows in the image pads; the layers at
     the prompt's 3-D positions."""
     from ref.model import Model
-    m = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale)
+    m = Model(ckpt, **asdict(modes))
     out: dict[str, np.ndarray] = {}
     positions = None
     if images:
@@ -150,6 +164,21 @@ def _recompute_vision(m, eng_dumps: dict, token_ids, images) -> dict[str, np.nda
         ids = np.asarray(token_ids)
         if int(np.sum(ids == m.ckpt.config.special_tokens["image_token_id"])) == len(rows):
             out["embeddings"] = m.embed(ids, np.asarray(rows, m.p.dtype))[:len(emb)]
+    return out
+
+
+def step_kinds(ckpt, modes: Modes) -> dict[str, str]:
+    """The kind (ref.compare.STEP_KINDS) of each step a dump can hold, under `modes`: "quantized" for the
+    steps whose GEMMs quantize their inputs, else "attention" / "deltanet" (after_mixer), "moe"
+    (after_moe), "head" (final_hidden, logits)."""
+    from ref import layers as L
+    from ref.weights import Weights
+    w = Weights(ckpt, L.Precision(modes.precision), modes.activations, modes.act_scale)
+    out = {"final_hidden": "head", "logits": "head"}
+    for i, kind in enumerate(ckpt.config.text.layer_types):
+        mixer, moe = w.quantized_input_steps(i)
+        out[f"layers.{i}.after_mixer"] = "quantized" if mixer else ("attention" if kind == FULL else "deltanet")
+        out[f"layers.{i}.after_moe"] = "quantized" if moe else "moe"
     return out
 
 
@@ -211,7 +240,8 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     if eng_dumps:
         ref_dumps = _prefix_of(ref_dumps, eng_dumps, len(token_ids))
         local = recompute_from_engine(ckpt, eng_dumps, modes, token_ids, images)
-        layers = compare_layers(ref_dumps, eng_dumps, local, thresholds, ckpt.config.text.num_experts)
+        layers = compare_layers(ref_dumps, eng_dumps, local, thresholds, ckpt.config.text.num_experts,
+                                step_kinds(ckpt, modes))
     if not positions and not layers:
         raise FormatError("nothing to compare: the engine output holds no logprobs, logits or dump the "
                           "reference also has")
@@ -222,14 +252,11 @@ def crosscheck(ckpt, token_ids: list[int] | None = None, eng: io.EngineLogprobs 
     source = "engine " + " + ".join(parts) if eng is None else " + ".join(parts)
     k, dropped = (eng.k, eng.dropped) if eng is not None else (thresholds.top_k, 0)
     return {
-        "reference": {"model": str(ckpt.directory), "backend": backend, "precision": modes.precision,
-                      "activations": modes.activations, "act_scale": modes.act_scale},
+        "reference": {"model": str(ckpt.directory), "backend": backend, **asdict(modes), "modes": modes.describe()},
         "engine": {"source": source, "tokens": len(token_ids), "k": k, "dropped": dropped,
                    "images": [im.source for im in images]},
         "token_ids": token_ids,
-        "thresholds": {"max_kl": thresholds.max_kl, "max_kl_pos": thresholds.max_kl_pos,
-                       "min_top1": thresholds.min_top1, "layer_rtol": thresholds.layer_rtol,
-                       "token_rtol": thresholds.token_rtol},
+        "thresholds": {k: v for k, v in asdict(thresholds).items() if k != "top_k"},
         "positions": positions, "summary": summary, "layers": layers, "ignored_dumps": list(ignored_dumps),
         "lint": _lint(ckpt, lint_block_scales) if lint else [], "hints": _hints(v, modes), "verdict": v,
     }
@@ -269,17 +296,20 @@ def build_parser() -> ArgumentParser:
     ref.add_argument("--backend", default="ref", choices=backends(), help="ref (NumPy) or jax (jaxrun; f32/bf16) "
                      "(default ref)")
     add_mode_arguments(ref)
-    th = ap.add_argument_group("thresholds")
-    th.add_argument("--max-kl", type=float, default=d.max_kl, help=f"mean KL(ref||engine), nats (default {d.max_kl})")
-    th.add_argument("--max-kl-pos", type=float, default=d.max_kl_pos,
-                    help=f"KL at any one position (default {d.max_kl_pos})")
-    th.add_argument("--min-top1", type=float, default=d.min_top1, help=f"top-1 agreement, 0..1 (default {d.min_top1})")
-    th.add_argument("--layer-rtol", type=float, default=d.layer_rtol,
+    ref.add_argument("--fit-profiles", nargs="*", metavar="NAME",
+                     help="run the reference under each engine profile (default: all) and say which one "
+                          "explains the engine, or that none does")
+    th = ap.add_argument_group("thresholds (defaults: the engine profile's, or these)")
+    th.add_argument("--max-kl", type=float, help=f"mean KL(ref||engine), nats (default {d.max_kl})")
+    th.add_argument("--max-kl-pos", type=float, help=f"KL at any one position (default {d.max_kl_pos})")
+    th.add_argument("--min-top1", type=float, help=f"top-1 agreement, 0..1 (default {d.min_top1})")
+    th.add_argument("--layer-rtol", type=float,
                     help=f"relative error of one step (layer mixer, MoE, norm, lm_head), whole tensor "
-                         f"(default {d.layer_rtol})")
-    th.add_argument("--token-rtol", type=float, default=d.token_rtol,
-                    help=f"relative error of one step at its worst token (default {d.token_rtol})")
-    th.add_argument("--top-k", type=int, default=d.top_k, help=f"k for logits and --server (default {d.top_k})")
+                         f"(default {d.layer_rtol}); given, it bounds every kind of step")
+    th.add_argument("--token-rtol", type=float,
+                    help=f"relative error of one step at its worst token (default {d.token_rtol}); given, it "
+                         f"bounds every kind of step")
+    th.add_argument("--top-k", type=int, help=f"k for logits and --server (default {d.top_k})")
     out = ap.add_argument_group("output")
     out.add_argument("--json", help="write the full report as JSON to this file")
     out.add_argument("--plot", help="write per-position KL and per-layer error to this PNG (needs matplotlib)")
@@ -318,13 +348,32 @@ def _lookup(ckpt) -> io.TokenLookup:
     return io.vocab_lookup(tok.token_id)
 
 
+THRESHOLD_FLAGS = ("max_kl", "max_kl_pos", "min_top1", "layer_rtol", "token_rtol", "top_k")
+
+
+def threshold_overrides(args) -> dict:
+    """The Thresholds fields given on the command line (--layer-rtol / --token-rtol also replace the
+    per-kind step bounds)."""
+    given = {f: getattr(args, f) for f in THRESHOLD_FLAGS if getattr(args, f) is not None}
+    if "layer_rtol" in given or "token_rtol" in given:
+        given["steps"] = ()
+    return given
+
+
 def run(args) -> dict:
     from ref.checkpoint import open_checkpoint
+    from ref.profiles import get_profile
     if not (args.engine_json or args.engine_logits or args.engine_dumps or args.server):
         raise FormatError("nothing to compare: give --engine-json, --engine-logits, --engine-dumps or --server")
     if args.engine_json and args.server:
         raise FormatError("give --engine-json or --server, not both")
-    thresholds = Thresholds(args.max_kl, args.max_kl_pos, args.min_top1, args.layer_rtol, args.token_rtol, args.top_k)
+    fit = args.fit_profiles is not None
+    if fit and args.engine_profile:
+        raise FormatError("give --engine-profile or --fit-profiles, not both")
+    for name in args.fit_profiles or ():
+        get_profile(name)
+    base = get_profile(args.engine_profile).thresholds if args.engine_profile else Thresholds()
+    thresholds = replace(base, **threshold_overrides(args))
     modes = modes_from_args(args)
     if args.plot:
         require_matplotlib()
@@ -360,6 +409,11 @@ def run(args) -> dict:
     eng_logits = io.read_logits(args.engine_logits) if args.engine_logits else None
     dumps, ignored = (io.read_dumps(args.engine_dumps, ckpt.config.text.num_hidden_layers)
                       if args.engine_dumps else (None, []))
+    if fit:
+        from ref.profile_fit import fit_profiles
+        return fit_profiles(ckpt, token_ids, eng, eng_logits, dumps, names=args.fit_profiles, precision=args.precision,
+                            backend=args.backend, overrides=threshold_overrides(args), lint=not args.no_lint,
+                            lint_block_scales=args.lint_block_scales, ignored_dumps=ignored)
     return crosscheck(ckpt, token_ids, eng, eng_logits, dumps, backend=args.backend, modes=modes,
                       thresholds=thresholds, lint=not args.no_lint, lint_block_scales=args.lint_block_scales,
                       ignored_dumps=ignored, images=images)
@@ -368,12 +422,14 @@ def run(args) -> dict:
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     rep = run(args)
+    fit = "profiles" in rep
     if args.plot:
-        plot_report(rep, args.plot)
+        plot_report(rep["best_report"] if fit else rep, args.plot)
     if args.json:
         atomic_write(args.json, lambda f: json.dump(jsonable(rep), f, indent=1), binary=False)
-    print(format_report(rep))
+    print(format_fit(rep) if fit else format_report(rep))
     return 0 if rep["verdict"]["ok"] else 1
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,9 +270,14 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, p: Precision = F
 
 def gated_attention(x: np.ndarray, prm: AttentionParams, n_heads: int, n_kv_heads: int,
                     positions: np.ndarray, rope: Rope, eps: float,
-                    cache: KVCache | None = None, p: Precision = F64):
+                    cache: KVCache | None = None, p: Precision = F64,
+                    kv_store: Callable | None = None, fresh: bool = False):
     """Causal GQA softmax attention with a sigmoid output gate. x [T, H], positions [3, T]
-    -> (y [T, H], KVCache with S = cached + T entries)."""
+    -> (y [T, H], KVCache with S = cached + T entries).
+    kv_store(k, v) -> (k, v): what attention reads back from the KV cache for keys (after norm and
+    RoPE) and values [T, nKV, D] (None: kept as computed); the cache holds what it returns. fresh: the
+    new tokens attend to their own K/V as computed and to the cached ones as stored (SGLang's ragged
+    prefill); otherwise to their own as stored (written, then read)."""
     T, D = x.shape[0], prm.q_norm.shape[0]
     qg = linear(x, prm.q_proj, p).reshape(T, n_heads, 2 * D)
     q, gate = qg[..., :D], qg[..., D:].reshape(T, n_heads * D)
@@ -281,8 +286,12 @@ def gated_attention(x: np.ndarray, prm: AttentionParams, n_heads: int, n_kv_head
     q, k = rms_norm(q, prm.q_norm, eps, p), rms_norm(k, prm.k_norm, eps, p)
     cos, sin = rope_cos_sin(positions, rope, p)
     q, k = apply_rope(q, cos, sin, p), apply_rope(k, cos, sin, p)
+    k_stored, v_stored = (k, v) if kv_store is None else kv_store(k, v)
+    if not fresh:
+        k, v = k_stored, v_stored
     if cache is not None:
         k, v = np.concatenate([cache.k, k]), np.concatenate([cache.v, v])
+        k_stored, v_stored = np.concatenate([cache.k, k_stored]), np.concatenate([cache.v, v_stored])
     S, past = k.shape[0], k.shape[0] - T
     group = n_heads // n_kv_heads                                   # q-head h uses kv-head h // group
     kh = np.repeat(k, group, axis=1).transpose(1, 2, 0)             # [nH, D, S]
@@ -292,7 +301,7 @@ def gated_attention(x: np.ndarray, prm: AttentionParams, n_heads: int, n_kv_head
     w = p.act(softmax(np.where(causal, scores, -np.inf)))
     o = p.act(w @ vh).transpose(1, 0, 2).reshape(T, n_heads * D)
     o = p.act(o * p.act(sigmoid(gate)))
-    return linear(o, prm.o_proj, p), KVCache(k, v)
+    return linear(o, prm.o_proj, p), KVCache(k_stored, v_stored)
 
 
 # ------------------------------------------------------------------------------------------------

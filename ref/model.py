@@ -23,6 +23,7 @@ import numpy as np
 from ref import layers as L
 from ref.config import FULL
 from ref.image_prompt import mrope_positions, scatter_image_rows
+from ref.kvcache import store_state
 from ref.modes import Modes
 from ref.weights import Weights
 
@@ -41,17 +42,21 @@ class Cache:
 class Model:
     """Qwen3.5-MoE reference. precision 'f64' | 'f32' | 'bf16'; activations 'w4a16' (weights
     dequantized exactly) | 'w4a4' (routed-expert GEMM inputs quantized as the engines do, with the
-    per-expert input scale or the max over the layer's experts: act_scale 'per-expert' | 'max')."""
+    per-expert input scale or the max over the layer's experts: act_scale 'per-expert' | 'max'; the
+    inputs of quantized dense linears with input scales too: W8A8, W4A4). The engine-emulation modes
+    (ref.modes, spec/model.md §10): kv_cache_dtype 'auto' | 'fp8_e4m3' | 'nvfp4' with kv_engine's store
+    rule, kv_prefill 'cache' | 'fresh', state_dtype 'float32' | 'bfloat16'. Model(ckpt, **asdict(modes))."""
 
     def __init__(self, ckpt, precision: str = "f64", activations: str = "w4a16", act_scale: str = "per-expert",
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, *, kv_cache_dtype: str = "auto",
+                 kv_engine: str = "vllm", kv_prefill: str = "cache", state_dtype: str = "float32"):
         if isinstance(ckpt, (str, Path)):
             from ref.checkpoint import open_checkpoint
             ckpt = open_checkpoint(ckpt)
-        self.modes = Modes(precision, activations, act_scale)
+        self.modes = Modes(precision, activations, act_scale, kv_cache_dtype, kv_engine, kv_prefill, state_dtype)
         self.ckpt, self.cfg = ckpt, ckpt.config.text
         self.p = L.Precision(precision)
-        self.weights = Weights(ckpt, self.p, activations, act_scale)
+        self.weights = Weights(ckpt, self.p, activations, act_scale, kv_cache_dtype, kv_engine)
         self.progress = progress
         c = self.cfg
         self.rope = L.Rope(c.rotary_dim, c.rope_theta, tuple(c.mrope_section), c.mrope_interleaved)
@@ -81,8 +86,10 @@ class Model:
         return VisionModel(self.ckpt, self.p.name)
 
     def decode(self, token_id: int, cache: Cache):
-        """One token after `cache` -> (logits [V], new cache)."""
-        logits, new = self.prefill([token_id], cache)
+        """One token after `cache` -> (logits [V], new cache). A decode step, which differs from a
+        one-token prefill only under kv_prefill 'fresh' (a decode always reads its own K/V back from
+        the cache)."""
+        (logits, _, new), = self._forward([[token_id]], [cache], [None], decode=True)
         return logits[0], new
 
     def logits(self, token_ids, images=None) -> np.ndarray:
@@ -97,9 +104,9 @@ class Model:
         return [o[0] for o in out], [o[2] for o in out]
 
     def decode_batch(self, token_ids, caches):
-        """One token per sequence -> (logits [B, V], caches)."""
-        logits, caches = self.prefill_batch([[t] for t in token_ids], caches)
-        return np.stack([x[0] for x in logits]), caches
+        """One token per sequence (a decode step each) -> (logits [B, V], caches)."""
+        out = self._forward([[t] for t in token_ids], caches, [None] * len(token_ids), decode=True)
+        return np.stack([o[0][0] for o in out]), [o[2] for o in out]
 
     def generate(self, token_ids, max_new_tokens: int, stop_ids=(), images=None) -> list[int]:
         """Greedy continuation (argmax, ties to the lower id); stops after a token in stop_ids."""
@@ -186,8 +193,9 @@ class Model:
     # -------------------------------------------------------------------------------------------
     # The streaming forward pass
 
-    def _forward(self, seqs, caches, dumps, images=None):
-        """-> per sequence (logits [T, V], final hidden [T, H], new Cache)."""
+    def _forward(self, seqs, caches, dumps, images=None, decode: bool = False):
+        """-> per sequence (logits [T, V], final hidden [T, H], new Cache). decode: a decode step
+        (Layer.mixer_step)."""
         c = self.cfg
         images = images or [None] * len(seqs)
         starts = [cache.pos if cache is not None else 0 for cache in caches]
@@ -204,7 +212,7 @@ class Model:
             parts = []
             for j, cache in enumerate(caches):
                 a, st = layer.mixer_step(h[bounds[j]:bounds[j + 1]], cache.layers[i] if cache is not None else None,
-                                         positions=prompts[j][1])
+                                         starts[j], prompts[j][1], decode)
                 parts.append(a)
                 states[j].append(st)
             after_mixer = np.concatenate(parts)
@@ -261,17 +269,21 @@ class Layer:
         self.model, self.index = model, layer
         self.tensors = model.weights.layer_tables(layer)
 
-    def mixer_step(self, h: np.ndarray, state=None, start: int = 0, positions: np.ndarray | None = None):
+    def mixer_step(self, h: np.ndarray, state=None, start: int = 0, positions: np.ndarray | None = None,
+                   decode: bool = False):
         """The layer's input h [T, H] -> (after_mixer = h + mixer(input_layernorm(h)) [T, H], the
         mixer's new state). `state`: the layer's KVCache (full attention) or DeltaNetState (linear
-        attention) after the `start` tokens before h, or None for none (start 0). `positions` [3, T]:
-        the tokens' mRoPE positions (image prompts, Model._prompt), default text positions from start."""
+        attention) after the `start` tokens before h, or None for none (start 0); the state returned
+        is as the engine stores it (K/V in the KV-cache dtype, the DeltaNet state in state_dtype).
+        `positions` [3, T]: the tokens' mRoPE positions (image prompts, Model._prompt), default text
+        positions from start. decode: a decode step (attends to its own stored K/V even under
+        kv_prefill 'fresh')."""
         m = self.model
         norm = m.weights.vector(self.tensors["input_layernorm"])
         if positions is None:
             positions = L.text_positions(start, h.shape[0])
-        return L.pre_norm_residual(m.p.act(h), norm, m.cfg.rms_norm_eps, lambda x: self._mixer(x, state, positions),
-                                   m.p)
+        return L.pre_norm_residual(m.p.act(h), norm, m.cfg.rms_norm_eps,
+                                   lambda x: self._mixer(x, state, positions, decode), m.p)
 
     def moe_step(self, a: np.ndarray, topk_ids: np.ndarray | None = None):
         """after_mixer a [T, H] -> (after_moe = a + moe(post_attention_layernorm(a)) [T, H],
@@ -284,15 +296,24 @@ class Layer:
 
     @cached_property
     def _mixer(self):
-        """(x [T, H], state, positions [3, T]) -> (y, state) with this layer's weights."""
+        """(x [T, H], state, positions [3, T], decode) -> (y, state) with this layer's weights and the
+        run's KV-cache and state modes."""
         m, c, w = self.model, self.model.cfg, self.model.weights
         if self.kind == FULL:
-            prm = w.attention(self.tensors["self_attn"])
-            return lambda x, cache, positions: L.gated_attention(
-                x, prm, c.num_attention_heads, c.num_key_value_heads, positions, m.rope, c.rms_norm_eps, cache, m.p)
+            prm, store = w.attention(self.tensors["self_attn"]), w.kv_store(self.index)
+            fresh = m.modes.kv_prefill == "fresh"
+            return lambda x, cache, positions, decode: L.gated_attention(
+                x, prm, c.num_attention_heads, c.num_key_value_heads, positions, m.rope, c.rms_norm_eps, cache, m.p,
+                store, fresh and not decode)
         prm = w.deltanet(self.tensors["linear_attn"])
-        return lambda x, state, positions: L.gated_deltanet(x, prm, c.linear_num_key_heads, c.rms_norm_eps, state,
-                                                            m.p)
+        state_dtype = m.modes.state_dtype
+
+        def deltanet(x, state, positions, decode):
+            y, new = L.gated_deltanet(x, prm, c.linear_num_key_heads, c.rms_norm_eps, state, m.p)
+            if state_dtype != "float32":  # float32: the compute dtype's state as it is (float64 in f64)
+                new = new._replace(recurrent=store_state(new.recurrent, state_dtype))
+            return y, new
+        return deltanet
 
     @cached_property
     def _moe(self):

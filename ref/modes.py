@@ -70,18 +70,71 @@ class Modes:
         return text
 
 
+MODE_FIELDS = ("precision", "activations", "act_scale", "kv_cache_dtype", "kv_engine", "kv_prefill", "state_dtype")
+
+
+class _ListProfiles(argparse.Action):
+    """--list-profiles: print the engine profiles (what each sets, where it comes from) and exit 0."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ref.profiles import format_profiles
+        print(format_profiles())
+        parser.exit(0)
+
+
 def add_mode_arguments(parser: argparse.ArgumentParser, precisions=PRECISIONS, default_precision: str | None = "f64"):
-    """--precision, --activations and --act-scale, with their help, on any CLI."""
+    """The mode flags, with their help, on any CLI: --engine-profile and --list-profiles, then
+    --precision, --activations, --act-scale, --kv-cache-dtype, --kv-engine, --kv-prefill and
+    --state-dtype, which override the profile's fields when given (their defaults apply only where
+    neither a flag nor the profile sets a field: modes_from_args)."""
+    from ref.profiles import PROFILES
     default = f"default {default_precision}" if default_precision else "default f32 on CPU, bf16 on GPU"
-    parser.add_argument("--precision", choices=precisions, default=default_precision,
-                        help=f"compute precision ({default}); bf16 rounds where HF's bf16 path rounds")
-    parser.add_argument("--activations", choices=ACTIVATIONS, default="w4a16",
-                        help="w4a4: quantize every routed-expert GEMM input to NVFP4 as the engines do "
-                             "(default w4a16: activations kept in the compute dtype)")
-    parser.add_argument("--act-scale", choices=ACT_SCALES, default="per-expert",
-                        help="W4A4 input scale: each expert's own, or the layer's largest (default per-expert)")
+    parser.add_argument("--engine-profile", metavar="NAME", choices=list(PROFILES),
+                        help="the modes an engine configuration runs (--list-profiles); the flags below override "
+                             "its fields")
+    parser.add_argument("--list-profiles", action=_ListProfiles,
+                        help="print the engine profiles, what each sets and where it comes from, and exit")
+    parser.add_argument("--precision", choices=precisions,
+                        help=f"compute precision ({default}, or the profile's); bf16 rounds where HF's bf16 path "
+                             f"rounds")
+    parser.add_argument("--activations", choices=ACTIVATIONS,
+                        help="w4a4: quantize the GEMM inputs of every quantized linear (routed experts, NVFP4 "
+                             "and FP8 dense linears) as the engines do (default w4a16: activations kept in the "
+                             "compute dtype, FP8 linears W8A16)")
+    parser.add_argument("--act-scale", choices=ACT_SCALES,
+                        help="W4A4 routed-expert input scale: each expert's, or the layer's largest (default "
+                             "per-expert)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                        help="what the full-attention layers store in their KV cache (default auto: the "
+                             "compute dtype)")
+    parser.add_argument("--kv-engine", choices=KV_ENGINES,
+                        help="whose FP8 KV store rule: vllm (fp32 divide, saturating) or sglang (bf16 divide, "
+                             "NaN above 464) (default vllm)")
+    parser.add_argument("--kv-prefill", choices=KV_PREFILL,
+                        help="what a prefill's tokens attend to for themselves: cache (their stored K/V, as "
+                             "decode) or fresh (the computed K/V: SGLang's ragged prefill) (default cache)")
+    parser.add_argument("--state-dtype", choices=STATE_DTYPES,
+                        help="the DeltaNet recurrent state as stored between forward calls (SGLang "
+                             "--mamba-ssm-dtype) (default float32)")
+    parser.set_defaults(_mode_default_precision=default_precision)
 
 
-def modes_from_args(args, precision: str | None = None) -> Modes:
-    """The Modes of parsed --precision/--activations/--act-scale (precision overrides args.precision)."""
-    return Modes(precision or args.precision, args.activations, args.act_scale)
+def modes_from_args(args, default_precision: str | None = None) -> Modes:
+    """The Modes of a parsed command line: the fields of --engine-profile, overridden by each mode flag
+    given explicitly; a field set by neither takes its default (precision: `default_precision`, else
+    the CLI's default)."""
+    from ref.profiles import get_profile
+    fields = {}
+    name = getattr(args, "engine_profile", None)
+    if name is not None:
+        fields = {f: getattr(get_profile(name).modes, f) for f in MODE_FIELDS}
+    fields.update({f: getattr(args, f) for f in MODE_FIELDS if getattr(args, f, None) is not None})
+    if "precision" not in fields:
+        precision = default_precision or getattr(args, "_mode_default_precision", None)
+        if precision is None:
+            raise ValueError("no precision: give --precision")
+        fields["precision"] = precision
+    return Modes(**fields)

@@ -20,8 +20,7 @@ def _fmt(x, spec=".2e"):
 def format_report(rep: dict, max_rows: int = 40) -> str:
     """Readable terminal report: header, per-position table, per-layer table, lint, verdict."""
     out = [f"crosscheck: {rep['engine']['source']} ({rep['engine']['tokens']} tokens, "
-           f"top-{rep['engine']['k']}) vs {rep['reference']['backend']} {rep['reference']['precision']} "
-           f"{rep['reference']['activations']}"]
+           f"top-{rep['engine']['k']}) vs {rep['reference']['backend']} {rep['reference']['modes']}"]
     rows = rep["positions"]
     if rows:
         shown = rows
@@ -62,6 +61,27 @@ def format_report(rep: dict, max_rows: int = 40) -> str:
         out.append(f"lint: {line}")
     for line in rep.get("hints") or []:
         out.append(f"hint: {line}")
+    out.append(rep["verdict"]["line"])
+    return "\n".join(out)
+
+
+def format_fit(rep: dict) -> str:
+    """The --fit-profiles report: one row per profile (group), the lint lines and the verdict."""
+    out = [f"crosscheck --fit-profiles: {rep['engine']['source']} ({rep['engine']['tokens']} tokens) vs "
+           f"{rep['reference']['backend']}, reference precision {rep['reference']['precision']}",
+           f"{'profile':<34} {'mean KL':>9} {'worst KL':>9} {'top-1':>6} {'worst step':>10}  verdict"]
+    for r in rep["profiles"]:
+        s = r["summary"]
+        errs = [x["local_err"] for x in r["layers"] if "local_err" in x]
+        first = (r["verdict"]["first_divergent"] or {}).get("name")
+        mark = "  <-- best" if rep["best"] in r["profiles"] else ""
+        top1 = s.get("top1_agreement")
+        out.append(f"{' = '.join(r['profiles']):<34} {_fmt(s.get('mean_kl')):>9} {_fmt(s.get('max_kl')):>9} "
+                   f"{_fmt(None if top1 is None else 100 * top1, '.1f'):>6} {_fmt(max(errs) if errs else None):>10}  "
+                   f"{'PASS' if r['verdict']['ok'] else 'DIVERGES at ' + first if first else 'DIVERGES'}{mark}")
+        out.append(f"{'':<4}{r['modes']}")
+    for line in rep.get("lint") or []:
+        out.append(f"lint: {line}")
     out.append(rep["verdict"]["line"])
     return "\n".join(out)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7)
@@ -85,6 +86,7 @@ def run(args) -> None:
     check_output_path(args.dump_layers, ".safetensors")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    modes = modes_from_args(args)
     ckpt = open_checkpoint(args.model)
     ids, tok, images = _token_ids(args, ckpt)
     limit = ckpt.config.text.max_position_embeddings
@@ -92,12 +94,11 @@ def run(args) -> None:
         raise UsageError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds the model's context "
                          f"of {limit} positions")
     say = lambda msg: None if args.quiet else tqdm.write(f"[ref.run] {msg}", file=sys.stderr)
-    modes = modes_from_args(args)
     L = ckpt.config.text.num_hidden_layers
     bar = tqdm(total=L * max(1, args.max_new_tokens), unit="layer", desc="ref.run", file=sys.stderr,
                disable=args.quiet or args.verbose)      # the prefill, then a step per token after the first
     progress = say if args.verbose else lambda msg: bar.update()
-    model = Model(ckpt, modes.precision, activations=modes.activations, act_scale=modes.act_scale, progress=progress)
+    model = Model(ckpt, **asdict(modes), progress=progress)
     say(f"{len(ids)} tokens" + (f" ({len(images)} image(s))" if images else "") + f", {modes.describe()}")
     t0 = time.perf_counter()
     dumps = {} if args.dump_layers else None

@@ -7,7 +7,12 @@ from and how it reaches the compute dtype:
 - a linear weight stays as stored (memory-mapped BF16, or packed NVFP4) in a `StreamedWeight`, which
   ref.layers multiplies like an array (`x @ w.T`) while it converts one block of rows at a time into
   a reused buffer: no weight matrix is ever materialised whole in float64;
-- routed experts are read and dequantized only when some token is routed to them, one at a time.
+- routed experts are read and dequantized only when some token is routed to them, one at a time;
+- quantized dense linears (FP8 per tensor, NVFP4) are dequantized exactly (W8A16 / W4A16), or under
+  activations "w4a4" multiply the engines' quantized inputs (W8A8 with the static input_scale, W4A4
+  with the input global) when the checkpoint has input scales (spec/nvfp4.md §6, §11, §13);
+- each full-attention layer's KV store (kv_store) rounds K and V through the run's KV-cache dtype
+  with the layer's checkpoint scales (ref.kvcache, Checkpoint.kv_scales).
 Names come from ref.checkpoint_layout, the project's one table of tensor names.
 """
 from __future__ import annotations
@@ -18,9 +23,11 @@ import ml_dtypes
 import numpy as np
 
 from ref import checkpoint_layout as layout
+from ref import kvcache
 from ref import layers as L
-from ref.checkpoint import NVFP4Weight
-from ref.nvfp4 import dequantize
+from ref.checkpoint import FP8Weight, NVFP4Weight
+from ref.fp8 import dequantize_fp8, quantize_fp8
+from ref.nvfp4 import dequantize, quantize_activation
 
 ROW_BLOCK_BYTES = 1 << 23  # weight rows converted at a time (float64 bytes)
 
@@ -57,6 +64,25 @@ class StreamedWeight:
         return out
 
 
+class QuantizedInputWeight(StreamedWeight):
+    """A weight whose GEMM takes quantized inputs, as the engines' W8A8 / W4A4 kernels do: `x @ w.T`
+    quantizes x with `quantize(x)` -> its exact values (e4m3, or e2m1 * block scale), multiplies them
+    with the weight's stored values read by `read_rows` (e4m3 codes, or e2m1 * block scale) and scales
+    the sum once by the float32 `alpha` (input and weight scales)."""
+
+    def __init__(self, shape, read_rows, p: L.Precision, quantize: Callable[[np.ndarray], np.ndarray],
+                 alpha: np.float32):
+        super().__init__(shape, read_rows, p)
+        self.quantize, self.alpha = quantize, alpha
+
+    def right_product(self, x: np.ndarray) -> np.ndarray:
+        acc = super().right_product(self.quantize(x).astype(self.p.dtype))
+        return acc * self.p.dtype(self.alpha)
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("a weight that multiplies quantized inputs (W8A8 / W4A4) has no matrix of its own")
+
+
 class _Transposed:
     __array_ufunc__ = None
 
@@ -86,11 +112,48 @@ def nvfp4_weight(w: NVFP4Weight, p: L.Precision) -> StreamedWeight:
     return StreamedWeight(w.shape, read_rows, p)
 
 
-class Weights:
-    """A checkpoint's tensors in the form ref.layers takes them, for one precision and activations mode."""
+def fp8_weight(w: FP8Weight, p: L.Precision) -> StreamedWeight:
+    """A per-tensor FP8 weight, W8A16: rows dequantized exactly (e4m3 * weight_scale) and rounded once
+    to the compute dtype (bf16 mode: to bf16)."""
+    def read_rows(rows: slice, out: np.ndarray) -> np.ndarray:
+        out[...] = p.act(dequantize_fp8(w.weight_e4m3[rows], w.weight_scale))
+        return out
+    return StreamedWeight(w.shape, read_rows, p)
 
-    def __init__(self, ckpt, p: L.Precision, activations: str = "w4a16", act_scale: str = "per-expert"):
+
+def fp8_w8a8_weight(w: FP8Weight, p: L.Precision) -> QuantizedInputWeight:
+    """A per-tensor FP8 weight with a static input_scale, W8A8 (ref.fp8.fp8_linear): inputs quantized by
+    vLLM's static scaled_fp8_quant ("reciprocal"), the e4m3 products summed, alpha =
+    fp32(input_scale * weight_scale)."""
+    def read_rows(rows: slice, out: np.ndarray) -> np.ndarray:
+        np.copyto(out, w.weight_e4m3[rows].astype(np.float32))               # e4m3 values, exact
+        return out
+    quantize = lambda x: quantize_fp8(x, w.input_scale, "reciprocal").astype(np.float32)  # noqa: E731
+    return QuantizedInputWeight(w.shape, read_rows, p, quantize, np.float32(w.input_scale * w.weight_scale))
+
+
+def nvfp4_w4a4_weight(w: NVFP4Weight, p: L.Precision) -> QuantizedInputWeight:
+    """A dense NVFP4 weight with an input scale, W4A4 (ref.nvfp4.nvfp4_matmul): inputs quantized by the
+    engines' quantizer with G = the stored input_global_scale (compressed-tensors, vLLM's dense path)
+    or fp32(1 / input_scale) (ModelOpt); block values multiplied, alpha = fp32(input_scale *
+    weight_scale_2)."""
+    def read_rows(rows: slice, out: np.ndarray) -> np.ndarray:
+        return dequantize(w.packed[rows], w.weight_scale[rows], np.float32(1), dtype=out.dtype, out=out)
+
+    def quantize(x):
+        codes, scales = quantize_activation(x, w.input_scale, sign="cuda", global_scale=w.input_global_scale)
+        return dequantize(codes, scales, np.float32(1), dtype=np.float64)     # e2m1 * block scale, exact
+    return QuantizedInputWeight(w.shape, read_rows, p, quantize, np.float32(w.input_scale * w.weight_scale_2))
+
+
+class Weights:
+    """A checkpoint's tensors in the form ref.layers takes them, for one precision and activations mode
+    (and KV-cache dtype and store rule for the attention layers' kv_store)."""
+
+    def __init__(self, ckpt, p: L.Precision, activations: str = "w4a16", act_scale: str = "per-expert",
+                 kv_cache_dtype: str = "auto", kv_engine: str = "vllm"):
         self.ckpt, self.p, self.activations, self.act_scale = ckpt, p, activations, act_scale
+        self.kv_cache_dtype, self.kv_engine = kv_cache_dtype, kv_engine
         self.cfg = ckpt.config
         self.tables = layout.model_tensors(self.cfg)  # the names of every module's tensors
 
@@ -109,10 +172,14 @@ class Weights:
         return self.array(self.ckpt.tensor(t.name)).reshape(t.shape)
 
     def weight(self, w):
-        """A linear weight (ref.checkpoint's DenseWeight / NVFP4Weight) for ref.layers: BF16 and NVFP4
-        streamed by row blocks, anything else converted."""
+        """A linear weight (ref.checkpoint's DenseWeight / NVFP4Weight / FP8Weight) for ref.layers: BF16,
+        NVFP4 and FP8 streamed by row blocks (quantized inputs under "w4a4" when the weight has an input
+        scale), anything else converted."""
+        quantized_inputs = self.activations == "w4a4" and getattr(w, "input_scale", None) is not None
         if isinstance(w, NVFP4Weight):
-            return nvfp4_weight(w, self.p)
+            return nvfp4_w4a4_weight(w, self.p) if quantized_inputs else nvfp4_weight(w, self.p)
+        if isinstance(w, FP8Weight):
+            return fp8_w8a8_weight(w, self.p) if quantized_inputs else fp8_weight(w, self.p)
         if w.weight.dtype == ml_dtypes.bfloat16:
             return stored_weight(w.weight, self.p)
         return self.array(w.weight)
@@ -138,6 +205,34 @@ class Weights:
         """`self_attn` of a layer table (checkpoint_layout.gated_attention)."""
         return L.AttentionParams(*(self.linear(a[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
                                  q_norm=self.vector(a["q_norm"]), k_norm=self.vector(a["k_norm"]))
+
+    def kv_store(self, layer: int | str) -> Callable | None:
+        """(k, v) [T, nKV, D] -> what attention reads back from full-attention layer `layer`'s (or the
+        MTP layer's, "mtp") KV cache, in the compute dtype: stored in the run's KV-cache dtype with the
+        layer's scales (Checkpoint.kv_scales) by the run's store rule; None for "auto" (kept as computed)."""
+        if self.kv_cache_dtype == "auto":
+            return None
+        k_scale, v_scale, _ = self.ckpt.kv_scales(layer)
+        dtype, engine, p = self.kv_cache_dtype, self.kv_engine, self.p
+
+        def store(k: np.ndarray, v: np.ndarray):
+            return (kvcache.kv_read(k, k_scale, dtype, engine).astype(p.dtype),
+                    kvcache.kv_read(v, v_scale, dtype, engine).astype(p.dtype))
+        return store
+
+    def quantized_input_steps(self, layer: int | str) -> tuple[bool, bool]:
+        """(mixer, moe): whether the layer's mixer / MoE step runs a GEMM on quantized inputs in this
+        activations mode (W8A8 / W4A4 dense linears, W4A4 routed experts)."""
+        if self.activations != "w4a4":
+            return False, False
+        t = self.layer_tables(layer)
+        has_input_scale = lambda tensor: getattr(  # noqa: E731
+            self.ckpt.linear(tensor.name[:-len(".weight")], prefetch=False), "input_scale", None) is not None
+        mixer = next(v for k, v in t.items() if k in ("self_attn", "linear_attn"))
+        moe = t["mlp"]
+        dense_moe = [moe["gate"], moe["shared_expert_gate"], *moe["shared_expert"].values()]
+        return (any(has_input_scale(x) for x in mixer.values() if x.linear),
+                any(has_input_scale(x) for x in dense_moe) or self.ckpt.expert_input_scales(layer) is not None)
 
     def shared_expert(self, m: dict) -> L.SharedExpertParams:
         s = m["shared_expert"]

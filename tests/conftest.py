@@ -34,3 +34,19 @@ def tiny_checkpoint_fused(tmp_path_factory):
     """The same weights as tiny_checkpoint, in the fused 3-D expert layout."""
     from ref.synth import write_checkpoint
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_fused", "tiny", seed=0, expert_layout="fused")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_mixed(tmp_path_factory):
+    """NVIDIA's "-V2" layout (ref.synth --variant modelopt-mixed): FP8 dense linears with input scales,
+    NVFP4 experts, FP8 KV scales; the same weights as tiny_checkpoint."""
+    from ref.synth import write_checkpoint
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "mixed", "tiny", seed=0, variant="modelopt-mixed")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_ct(tmp_path_factory):
+    """compressed-tensors NVFP4 (ref.synth --variant compressed-tensors): quantized DeltaNet and attention
+    projections, inverted globals; the same weights as tiny_checkpoint."""
+    from ref.synth import write_checkpoint
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "ct", "tiny", seed=0, variant="compressed-tensors")

@@ -22,6 +22,7 @@ from ref.checkpoint import open_checkpoint
 from ref.model import Model
 from ref.errors import FormatError
 from ref.modes import Modes
+from ref.report import format_fit
 from ref.safetensors_io import SafetensorsFile, overwrite_tensor
 from ref.tokenizer import load_tokenizer
 
@@ -201,6 +202,218 @@ def test_w4a4_max_over_experts_scale_is_flagged(ckpt, ids):
     rep = check(ckpt, ids, logits, dumps, precision="bf16", activations="w4a4")
     assert not rep["verdict"]["ok"], X.format_report(rep)
     assert rep["verdict"]["first_divergent"]["name"] == "layers.0.after_moe", X.format_report(rep)
+
+
+# ---------------------------------------------------------------- engine profiles: faithful engines are explained,
+# bugs seen in the field are not (ref.profile_fit), and are flagged at their layer under the profile that fits
+
+def profile_engine(ckpt, profile, ids, edit=None):
+    """ref.model under an engine profile (bf16 and every mode), with `edit(model)` applied -> (logits, dumps)."""
+    from dataclasses import asdict
+    from ref.profiles import get_profile
+    m = Model(ckpt, **asdict(get_profile(profile).modes))
+    if edit is not None:
+        edit(m)
+    dumps = {}
+    logits, _ = m.prefill(ids, dumps=dumps)
+    return np.asarray(logits, np.float64), dumps
+
+
+def joined(parts):
+    """(logits, dumps) of consecutive forward calls of one sequence, as the engine reports them."""
+    return (np.concatenate([np.asarray(lg, np.float64) for lg, _ in parts]),
+            {k: np.concatenate([d[k] for _, d in parts]) for k in parts[0][1]})
+
+
+def kv_store_bug(layer, store):
+    """edit: the KV store of attention layer `layer` becomes store(k, v, k_scale, v_scale)."""
+    def edit(m):
+        right = m.weights.kv_store
+
+        def kv_store(i):
+            if i != layer:
+                return right(i)
+            k_scale, v_scale, _ = m.ckpt.kv_scales(i)
+            return lambda k, v: store(k, v, k_scale, v_scale)
+        m.weights.kv_store = kv_store
+    return edit
+
+
+def nvfp4_kv_without_global(k, v, k_scale, v_scale):
+    """NVFP4 KV whose block scales are computed without the global (SFScaleVal 1 instead of 1 / kv_scale),
+    read back with the KV scale as usual."""
+    from ref import kvcache
+    def read(x, scale):
+        return kvcache.dequantize_kv_nvfp4(*kvcache.quantize_kv_nvfp4(x, 1.0), scale).astype(np.float32)
+    return read(k, k_scale), read(v, v_scale)
+
+
+def fp8_k_scale_twice(k, v, k_scale, v_scale):
+    """FP8 KV whose keys are dequantized with k_scale and k_scale again (folded into the softmax scale too)."""
+    from ref import kvcache
+    k_read = kvcache.kv_read(k, k_scale, "fp8_e4m3") * np.float64(k_scale)
+    return k_read.astype(np.float32), kvcache.kv_read(v, v_scale, "fp8_e4m3").astype(np.float32)
+
+
+def gate_half_nvfp4(layer):
+    """edit: the sigmoid-gate rows of `layer`'s q_proj quantized to NVFP4 (weights, ModelOpt's recipe)
+    while the query rows stay BF16 (NVIDIA/Model-Optimizer#2091)."""
+    from ref import nvfp4
+
+    def edit(m):
+        attention, t = m.weights.attention, m.cfg
+
+        def wired(a):
+            prm = attention(a)
+            if not a["q_proj"].name.startswith(f"{m.ckpt.config.text_prefix}layers.{layer}."):
+                return prm
+            w = np.asarray(prm.q_proj, np.float64)
+            D = t.head_dim
+            rows = np.concatenate([np.arange(h * 2 * D + D, (h + 1) * 2 * D) for h in range(t.num_attention_heads)])
+            w[rows] = nvfp4.dequantize(*nvfp4.quantize_weight(w[rows]), dtype=np.float64)
+            return prm._replace(q_proj=m.p.act(w))
+        m.weights.attention = wired
+    return edit
+
+
+def stale_state_after_prefix_hit(ckpt, profile, ids, layer, P=48):
+    """An engine that serves ids[:P] from its prefix cache: the attention K/V of the prefix are right, but
+    DeltaNet layer `layer`'s state is the one left by the earlier request that went on past P
+    (modular/modular#6681)."""
+    from dataclasses import asdict, replace
+    from ref.profiles import get_profile
+    m = Model(ckpt, **asdict(get_profile(profile).modes))
+    first, second = {}, {}
+    head, cache = m.prefill(ids[:P], dumps=first)
+    _, later = m.prefill(np.random.default_rng(9).integers(0, 512, 20).tolist(), cache)
+    stale = tuple(later.layers[i] if i == layer else c for i, c in enumerate(cache.layers))
+    tail, _ = m.prefill(ids[P:], replace(cache, layers=stale), dumps=second)
+    return joined([(head, first), (tail, second)])
+
+
+def one_token_prefill_bug(ckpt, profile, ids, layer):
+    """An engine whose one-token prefill (after a cached prefix) runs DeltaNet layer `layer` as a fresh
+    sequence, without its state (vllm#42898: a CUDA-graph dispatch mismatch for one-token prefills)."""
+    from dataclasses import asdict
+    from ref.profiles import get_profile
+    m = Model(ckpt, **asdict(get_profile(profile).modes))
+
+    def drop_state(original, x, prm, n_k_heads, eps, state=None, *args, **kw):
+        return original(x, prm, n_k_heads, eps, None if x.shape[0] == 1 else state, *args, **kw)
+    first, second = {}, {}
+    head, cache = m.prefill(ids[:-1], dumps=first)
+    with deltanet_bug(ckpt, layer, drop_state):
+        tail, _ = m.prefill(ids[-1:], cache, dumps=second)
+    return joined([(head, first), (tail, second)])
+
+
+FIELD_BUGS = {
+    # name: (checkpoint fixture, the profile the engine otherwise runs, layer, step)
+    "nvfp4 kv block scales without the global": ("tiny_checkpoint_mixed", "vllm-blackwell-nvfp4kv", 3, "after_mixer"),
+    "fp8 kv scale applied twice": ("tiny_checkpoint_mixed", "vllm-blackwell-fp8kv", 3, "after_mixer"),
+    "sigmoid gate half of q_proj quantized": ("tiny_checkpoint", "hf-bf16", 3, "after_mixer"),
+    "tiled deltanet heads": ("tiny_checkpoint", "vllm-blackwell", 2, "after_mixer"),
+    "stale deltanet state after a prefix-cache hit": ("tiny_checkpoint", "sglang-fp8kv", 2, "after_mixer"),
+    "one-token prefill takes another path": ("tiny_checkpoint", "vllm-blackwell", 1, "after_mixer"),
+}
+
+
+def field_bug_engine(name, ckpt, ids):
+    _, profile, layer, _ = FIELD_BUGS[name]
+    if name == "nvfp4 kv block scales without the global":
+        return profile_engine(ckpt, profile, ids, kv_store_bug(layer, nvfp4_kv_without_global))
+    if name == "fp8 kv scale applied twice":
+        return profile_engine(ckpt, profile, ids, kv_store_bug(layer, fp8_k_scale_twice))
+    if name == "sigmoid gate half of q_proj quantized":
+        return profile_engine(ckpt, profile, ids, gate_half_nvfp4(layer))
+    if name == "tiled deltanet heads":
+        with deltanet_bug(ckpt, layer, tiled_heads):
+            return profile_engine(ckpt, profile, ids)
+    if name == "stale deltanet state after a prefix-cache hit":
+        return stale_state_after_prefix_hit(ckpt, profile, ids, layer)
+    return one_token_prefill_bug(ckpt, profile, ids, layer)
+
+
+_REFERENCE_RUNS: dict = {}
+
+
+@pytest.fixture
+def shared_reference_runs(monkeypatch):
+    """The reference run of one (checkpoint, token ids, modes) made once for the module (the profile fits
+    of these tests repeat them; the engines' own edits never touch the reference)."""
+    run = X.run_reference
+
+    def memo(ckpt, token_ids, backend="ref", modes=Modes(), want_dumps=False):
+        key = (str(ckpt.directory), tuple(token_ids), backend, modes, want_dumps)
+        if key not in _REFERENCE_RUNS:
+            _REFERENCE_RUNS[key] = run(ckpt, token_ids, backend, modes, want_dumps)
+        logits, dumps = _REFERENCE_RUNS[key]
+        return logits.copy(), None if dumps is None else dict(dumps)
+    monkeypatch.setattr(X, "run_reference", memo)
+
+
+@pytest.mark.usefixtures("shared_reference_runs")
+@pytest.mark.parametrize("name", list(FIELD_BUGS))
+def test_field_bug_is_flagged_at_its_layer_and_explained_by_no_profile(name, ids, request):
+    """Under the profile the engine otherwise runs, the bug is the first divergent step, at its layer;
+    fitted against every profile, none explains the engine, and the verdict names that step."""
+    from ref.profile_fit import fit_profiles
+    fixture, profile, layer, step = FIELD_BUGS[name]
+    ckpt = open_checkpoint(request.getfixturevalue(fixture))
+    logits, dumps = field_bug_engine(name, ckpt, ids)
+    rep = fit_profiles(ckpt, ids, eng_logits=logits, eng_dumps=dumps, lint=False)
+    row = next(r for r in rep["profiles"] if profile in r["profiles"])
+    first = row["verdict"]["first_divergent"]
+    assert first is not None and (first["name"], first["layer"]) == (f"layers.{layer}.{step}", layer), \
+        format_fit(rep)
+    assert not rep["consistent"] and rep["verdict"]["line"].startswith("no profile explains this: likely a bug")
+    assert f"first diverging step layers.{layer}.{step}" in rep["verdict"]["line"], format_fit(rep)
+
+
+@pytest.mark.usefixtures("shared_reference_runs")
+@pytest.mark.parametrize("fixture, profile", [("tiny_checkpoint", "hf-bf16"),
+                                              ("tiny_checkpoint_mixed", "vllm-blackwell-nvfp4kv"),
+                                              ("tiny_checkpoint", "sglang-fp8kv-bf16state")])
+def test_faithful_engine_is_explained_by_its_profile(fixture, profile, ids, request):
+    """An engine that runs a profile exactly is consistent with it: the best fit (ties: profiles whose
+    modes give the same output here, e.g. SGLang's fresh prefill and a bf16 KV cache)."""
+    from ref.profile_fit import fit_profiles
+    ckpt = open_checkpoint(request.getfixturevalue(fixture))
+    logits, dumps = profile_engine(ckpt, profile, ids)
+    rep = fit_profiles(ckpt, ids, eng_logits=logits, eng_dumps=dumps, lint=False)
+    assert rep["consistent"] and rep["verdict"]["line"].startswith("consistent with"), format_fit(rep)
+    best = min(r["score"] for r in rep["profiles"] if r["verdict"]["ok"])
+    assert any(profile in r["profiles"] and r["score"] == best for r in rep["profiles"]), format_fit(rep)
+    assert profile in rep["verdict"]["line"].split(":")[0]
+
+
+def test_cli_engine_profile_and_fit(ids, tiny_checkpoint, tmp_path, capsys):
+    """--engine-profile checks against the profile's modes and thresholds; --fit-profiles prints the
+    table and exits 0 for a faithful engine, 1 (naming the layer) for a bug; the JSON holds the table."""
+    ckpt = open_checkpoint(tiny_checkpoint)
+    base = ["--model", str(ckpt.directory), "--token-ids", ",".join(map(str, ids)), "--no-lint"]
+
+    def files(logits, dumps, tag):
+        np.save(tmp_path / f"{tag}.npy", logits)
+        save_file({k: np.ascontiguousarray(v) for k, v in dumps.items()}, str(tmp_path / f"{tag}.safetensors"))
+        return ["--engine-logits", str(tmp_path / f"{tag}.npy"), "--engine-dumps", str(tmp_path / f"{tag}.safetensors")]
+    good = files(*profile_engine(ckpt, "vllm-blackwell", ids), "good")
+    assert X.main(base + good + ["--engine-profile", "vllm-blackwell"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 w4a4 (max)" in out.splitlines()[0] and out.splitlines()[-1].startswith("PASS")
+    fit = ["--fit-profiles", "hf-bf16", "vllm-blackwell", "--json", str(tmp_path / "f.json")]
+    assert X.main(base + good + fit) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("consistent with vllm-blackwell") and any("<-- best" in line for line in out)
+    rep = json.loads((tmp_path / "f.json").read_text())
+    assert [r["profiles"] for r in rep["profiles"]] == [["hf-bf16"], ["vllm-blackwell"]]
+    assert rep["best"] == "vllm-blackwell"
+    bad = files(*one_token_prefill_bug(ckpt, "vllm-blackwell", ids, 1), "bad")
+    assert X.main(base + bad + ["--fit-profiles"]) == 1
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("no profile explains this") and "layers.1.after_mixer" in line
+    assert X.main(base + bad + ["--engine-profile", "vllm-blackwell", "--layer-rtol", "10", "--token-rtol", "10"]) == 0
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------- CLI: live server, files, exit codes

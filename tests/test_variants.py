@@ -26,13 +26,13 @@ L0, L3 = "model.language_model.layers.0", "model.language_model.layers.3"
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("v") / "mixed", "tiny", seed=0, variant="modelopt-mixed")
+def mixed(tiny_checkpoint_mixed):
+    return tiny_checkpoint_mixed
 
 
 @pytest.fixture(scope="module")
-def ct(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("v") / "ct", "tiny", seed=0, variant="compressed-tensors")
+def ct(tiny_checkpoint_ct):
+    return tiny_checkpoint_ct
 
 
 def run_check(d, capsys):
