@@ -343,10 +343,10 @@ def shared_reference_runs(monkeypatch):
     of these tests repeat them; the engines' own edits never touch the reference)."""
     run = X.run_reference
 
-    def memo(ckpt, token_ids, backend="ref", modes=Modes(), want_dumps=False):
-        key = (str(ckpt.directory), tuple(token_ids), backend, modes, want_dumps)
+    def memo(ckpt, token_ids, backend="ref", modes=Modes(), want_dumps=False, images=()):
+        key = (str(ckpt.directory), tuple(token_ids), backend, modes, want_dumps, tuple(map(id, images)))
         if key not in _REFERENCE_RUNS:
-            _REFERENCE_RUNS[key] = run(ckpt, token_ids, backend, modes, want_dumps)
+            _REFERENCE_RUNS[key] = run(ckpt, token_ids, backend, modes, want_dumps, images)
         logits, dumps = _REFERENCE_RUNS[key]
         return logits.copy(), None if dumps is None else dict(dumps)
     monkeypatch.setattr(X, "run_reference", memo)
