@@ -396,13 +396,13 @@ def run(args) -> dict:
         if not args.prompt or args.token_ids or args.server_api != "openai":
             raise FormatError("--server with --image needs --prompt (the images and the text go in one chat turn of "
                               "the OpenAI API)")
-        raw = io.query_server_chat(args.server, args.prompt, [io.image_data_url(f) for f in args.image], args.top_k,
+        raw = io.query_server_chat(args.server, args.prompt, [io.image_data_url(f) for f in args.image], thresholds.top_k,
                                    args.server_model)
         eng = io.read_engine_json(raw, _lookup(ckpt), None, where=args.server)
     elif args.server:
         if token_ids is None:
             raise FormatError("--server needs --token-ids or --prompt")
-        raw = io.query_server(args.server, token_ids, args.top_k, args.server_api, args.server_model)
+        raw = io.query_server(args.server, token_ids, thresholds.top_k, args.server_api, args.server_model)
         eng = io.read_engine_json(raw, _lookup(ckpt), token_ids, where=args.server)
     if eng is not None:
         token_ids = eng.token_ids

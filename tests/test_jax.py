@@ -23,6 +23,7 @@ from jaxrun.runner import Runner, speculative_stats
 from jaxrun.sampling import Sampling
 from jaxrun.sharding import make_mesh
 from ref.model import Model
+from ref.modes import Modes
 from ref.nvfp4 import dequantize, quantize_activation as ref_quantize_activation
 from ref.tokenizer import load_tokenizer
 
@@ -347,7 +348,7 @@ def test_cli_check_passes_in_every_mode(tiny_checkpoint, capsys, precision, acti
             "--precision", precision, "--activations", activations, "--act-scale", act_scale, "--check", "--quiet",
             "--json"]
     assert cli_main(argv) == 0, capsys.readouterr().err[-2000:]
-    assert f"check: PASS ({precision} {activations} vs ref f64)" in capsys.readouterr().err
+    assert f"check: PASS ({Modes(precision, activations, act_scale).describe()} vs ref f64)" in capsys.readouterr().err
 
 
 def test_caches_grow_with_the_sequence(runner, single):
