@@ -65,13 +65,17 @@ stderr and exits 2; an interrupt prints one line and exits 130.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before any library starts a thread: threads inherit the blocked signals
+    from ref.cli import exit_on_interrupt
+    exit_on_interrupt("jaxrun.generate")
+
 import json
 import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
+from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, parse_token_ids, \
     prompt_images, run_main
 from ref.image_prompt import user_message
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
@@ -378,5 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_interrupt(PROG)
     sys.exit(main())

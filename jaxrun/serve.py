@@ -22,11 +22,15 @@ in flight, exit 0 (a second signal exits at once). Bad flags or an unreadable mo
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before any library starts a thread: threads inherit the blocked signals
+    from ref.cli import exit_on_interrupt
+    exit_on_interrupt("jaxrun.serve")
+
 import os
 import sys
 from dataclasses import asdict
 
-from ref.cli import ArgumentParser, HelpFormatter, UsageError, exit_on_interrupt, run_main
+from ref.cli import ArgumentParser, HelpFormatter, UsageError, run_main
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
 
 PROG = "jaxrun.serve"
@@ -140,5 +144,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_interrupt(PROG)
     sys.exit(main())

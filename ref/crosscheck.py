@@ -52,6 +52,10 @@ when none does.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before any library starts a thread: threads inherit the blocked signals
+    from ref.cli import exit_on_interrupt
+    exit_on_interrupt("ref.crosscheck")
+
 import json
 import sys
 from dataclasses import asdict, replace
@@ -60,7 +64,7 @@ from importlib.metadata import entry_points
 import numpy as np
 
 from ref import engine_io as io
-from ref.cli import ArgumentParser, HelpFormatter, atomic_write, check_output_path, exit_on_interrupt, \
+from ref.cli import ArgumentParser, HelpFormatter, atomic_write, check_output_path, \
     parse_token_ids, prompt_images, run_main
 from ref.compare import Thresholds, compare_layers, compare_positions, summarize, verdict
 from ref.config import FULL
@@ -437,5 +441,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_interrupt(PROG)
     sys.exit(main())

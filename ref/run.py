@@ -18,15 +18,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7)
-    import os
+if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7),
+    import os              # and before any library starts a thread: threads inherit the blocked signals
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from ref.cli import exit_on_interrupt
+    exit_on_interrupt("ref.run")
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ref.cli import ArgumentParser, UsageError, atomic_write, check_output_path, check_token_ids, \
-    exit_on_interrupt, parse_token_ids, prompt_images, run_main  # noqa: E402
+    parse_token_ids, prompt_images, run_main  # noqa: E402
 from ref.image_prompt import user_message  # noqa: E402
 from ref.model import Model  # noqa: E402
 from ref.modes import add_mode_arguments, modes_from_args  # noqa: E402
@@ -131,5 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_interrupt(PROG)
     sys.exit(main())
