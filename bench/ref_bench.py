@@ -20,11 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as python -m ref.run (spec/model.md §7)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ref.parallel import configure_blas, workers  # noqa: E402
+
+configure_blas()  # as python -m ref.run (spec/model.md §7)
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ref.checkpoint import open_checkpoint  # noqa: E402
 from ref.config import FULL, LINEAR  # noqa: E402
@@ -143,9 +145,12 @@ def main(argv=None) -> int:
     c = ckpt.config.text
     print(f"{args.model}: {c.num_hidden_layers} layers {list(c.layer_types)}, hidden {c.hidden_size}, "
           f"{c.num_experts} experts top-{c.num_experts_per_tok}, precision {args.precision}", flush=True)
+    print(f"{workers()} worker thread(s), OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(OpenBLAS picks)')}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     model = Model(ckpt, precision=args.precision)
     rng = np.random.default_rng(0)
-    results = {"precision": args.precision}
+    results = {"precision": args.precision, "workers": workers(), "load_before": os.getloadavg()[0]}
     with MemorySampler() as mem:
         prompt = rng.integers(0, c.vocab_size, args.prompt_tokens).tolist()
         _, cache = model.prefill(prompt)

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7)
-    import os
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from ref.parallel import configure_blas
+    configure_blas()
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
