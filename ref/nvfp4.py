@@ -348,7 +348,8 @@ def _pair_table(g_bits, dtype):
     (one item of two dtype values), for the float32 global whose bits are g_bits."""
     g = np.uint32(g_bits).view(np.float32)
     factor = (_E4M3_BYTES * g).astype(np.float32).astype(dtype)          # [256] fp32(fp32(s) * g)
-    table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).view(_PAIR_ITEM[dtype]).reshape(65536)
+    with np.errstate(over="ignore"):                                     # float32 values past 3.4e38: inf
+        table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).view(_PAIR_ITEM[dtype]).reshape(65536)
     table.flags.writeable = False
     return table
 

@@ -30,7 +30,9 @@ def configure_blas() -> None:
 
 
 def workers() -> int:
-    """Threads a for_each uses: $REF_NUM_THREADS, else the CPUs this process may run on."""
+    """Threads a for_each uses: $REF_NUM_THREADS; else, when BLAS is told to run one thread
+    (OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is 1, as configure_blas sets it), the CPUs this process
+    may run on; else 1 (BLAS threads of its own beside ours would oversubscribe the cores)."""
     value = os.environ.get(ENV, "").strip()
     if value:
         try:
@@ -40,6 +42,8 @@ def workers() -> int:
         if n < 1:
             raise ValueError(f"{ENV} must be a positive integer, got {value!r}")
         return n
+    if "1" not in (os.environ.get("OPENBLAS_NUM_THREADS", "").strip(), os.environ.get("OMP_NUM_THREADS", "").strip()):
+        return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
