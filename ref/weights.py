@@ -6,7 +6,8 @@ from and how it reaches the compute dtype:
   them);
 - a linear weight stays as stored (memory-mapped BF16, or packed NVFP4) in a `StreamedWeight`, which
   ref.layers multiplies like an array (`x @ w.T`) while it converts one block of rows at a time into
-  a reused buffer: no weight matrix is ever materialised whole in float64;
+  a reused buffer (the blocks spread over ref.parallel's threads): no weight matrix is ever
+  materialised whole in float64;
 - routed experts are read and dequantized only when some token is routed to them, one at a time.
 Names come from ref.checkpoint_layout, the project's one table of tensor names.
 """
