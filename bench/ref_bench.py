@@ -20,11 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as python -m ref.run (spec/model.md §7)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ref.parallel import configure_blas, workers  # noqa: E402
+
+configure_blas()  # as python -m ref.run (spec/model.md §7)
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ref.checkpoint import open_checkpoint  # noqa: E402
 from ref.config import FULL, LINEAR  # noqa: E402
@@ -88,17 +90,18 @@ def timed_step(model: Model, ids, cache):
     marks = []
     model.progress = lambda msg: marks.append(time.perf_counter())
     dumps: dict = {}
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     _, new = model.prefill(ids, cache, dumps=dumps)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     model.progress = None
     per_layer = np.diff([t0] + marks).tolist()  # layer 0 includes the embedding lookup
-    return per_layer, t1 - marks[-1], t1 - t0, dumps, new
+    return per_layer, t1 - marks[-1], t1 - t0, c1 - c0, dumps, new
 
 
 def phase(ckpt, model, name, ids, cache) -> dict:
     c = ckpt.config.text
-    per_layer, head_s, total_s, dumps, _ = timed_step(model, ids, cache)
+    load = os.getloadavg()[0]
+    per_layer, head_s, total_s, cpu_s, dumps, _ = timed_step(model, ids, cache)
     rows = []
     for i, kind in enumerate(c.layer_types):
         arrays = touched_arrays(ckpt, i, dumps[f"layers.{i}.topk_ids"])
@@ -114,12 +117,15 @@ def phase(ckpt, model, name, ids, cache) -> dict:
         for kind, n in FULL_MODEL.items():
             vals = [r[key] for r in rows if r["kind"] == kind]
             est[key] += n * float(np.mean(vals)) if vals else 0.0
-    return {"phase": name, "tokens": len(ids), "total_seconds": total_s, "head_seconds": head_s,
+    return {"phase": name, "tokens": len(ids), "total_seconds": total_s, "cpu_seconds": cpu_s,
+            "load_average_before": load, "head_seconds": head_s,
             "head_bytes": head_bytes, "head_read_seconds": head_read, "layers": rows, "model_60_layers": est}
 
 
 def report(res: dict) -> None:
-    print(f"\n== {res['phase']}: {res['tokens']} token(s), {res['total_seconds']:.2f} s for this slice")
+    print(f"\n== {res['phase']}: {res['tokens']} token(s), {res['total_seconds']:.2f} s for this slice "
+          f"({res['cpu_seconds']:.2f} s of CPU time in this process; load average before "
+          f"{res['load_average_before']:.2f})")
     print(f"{'layer':>5} {'kind':<17} {'experts':>7} {'time s':>8} {'MB touched':>10} {'read s':>8} {'time/read':>9}")
     for r in res["layers"]:
         print(f"{r['layer']:>5} {r['kind']:<17} {r['experts']:>7} {r['seconds']:>8.3f} {r['bytes'] / 1e6:>10.1f} "
@@ -143,9 +149,12 @@ def main(argv=None) -> int:
     c = ckpt.config.text
     print(f"{args.model}: {c.num_hidden_layers} layers {list(c.layer_types)}, hidden {c.hidden_size}, "
           f"{c.num_experts} experts top-{c.num_experts_per_tok}, precision {args.precision}", flush=True)
+    print(f"{workers()} worker thread(s), OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(OpenBLAS picks)')}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     model = Model(ckpt, precision=args.precision)
     rng = np.random.default_rng(0)
-    results = {"precision": args.precision}
+    results = {"precision": args.precision, "workers": workers(), "load_before": os.getloadavg()[0]}
     with MemorySampler() as mem:
         prompt = rng.integers(0, c.vocab_size, args.prompt_tokens).tolist()
         _, cache = model.prefill(prompt)

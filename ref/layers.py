@@ -48,8 +48,13 @@ F64 = Precision("f64")
 # Elementwise helpers (compute dtype in, compute dtype out)
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e) for x >= 0, else e / (1 + e), with e = exp(-|x|) (no overflow either side)."""
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+    d = 1 + e
+    out = np.divide(e, d, out=e)                                    # x < 0
+    np.divide(1, d, out=d)
+    np.copyto(out, d, where=x >= 0)
+    return out.astype(x.dtype, copy=False)
 
 
 def silu(x: np.ndarray) -> np.ndarray:

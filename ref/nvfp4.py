@@ -17,7 +17,7 @@ from ref.errors import FormatError
 
 __all__ = ["encode_e2m1", "decode_e2m1", "pack_e2m1", "unpack_e2m1", "encode_e4m3", "decode_e4m3",
            "round_to_bf16", "quantize_weight", "quantize_weight_ct", "invert_global_scale", "dequantize",
-           "quantize_activation", "nvfp4_matmul", "round_scaled",
+           "row_decoder", "quantize_activation", "nvfp4_matmul", "round_scaled",
            "swizzle_scales", "unswizzle_scales", "FormatError", "BLOCK_SIZE", "E2M1_MAX", "E4M3_MAX",
            "E4M3_MIN_SUBNORMAL", "GLOBAL_DIVISOR", "NAN_CODE", "SIGN_RULES", "RECIPES",
            "SWIZZLE_ROWS", "SWIZZLE_COLS", "TIES_DOWN", "TIES_UP", "E2M1_VALUES", "E4M3"]
@@ -348,7 +348,8 @@ def _pair_table(g_bits, dtype):
     (one item of two dtype values), for the float32 global whose bits are g_bits."""
     g = np.uint32(g_bits).view(np.float32)
     factor = (_E4M3_BYTES * g).astype(np.float32).astype(dtype)          # [256] fp32(fp32(s) * g)
-    table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).view(_PAIR_ITEM[dtype]).reshape(65536)
+    with np.errstate(over="ignore"):                                     # float32 values past 3.4e38: inf
+        table = (_PAIRS.astype(dtype)[None] * factor[:, None, None]).view(_PAIR_ITEM[dtype]).reshape(65536)
     table.flags.writeable = False
     return table
 
@@ -364,17 +365,9 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32, out=None)
     """
     p, sb = _check_triplet(packed, weight_scale)
     g = _scalar_f32(weight_scale_2, "weight_scale_2")
-    dtype = np.dtype(dtype)
-    if dtype not in _PAIR_ITEM:
-        raise FormatError(f"dtype: expected float32 or float64, got {dtype}")
+    dtype = _decode_dtype(dtype)
     k = 2 * p.shape[-1]
-    shape = p.shape[:-1] + (k,)
-    if out is None:
-        out = np.empty(shape, dtype)
-    elif not (isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == shape
-              and out.flags.c_contiguous and out.flags.writeable):
-        raise FormatError(f"out: expected a writeable C-contiguous {dtype} array of shape {shape}, "
-                          f"got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    out = _check_out(out, p.shape[:-1] + (k,), dtype)
     item = _PAIR_ITEM[dtype]                                            # two values per item
     pairs_out = out.reshape(-1, k).view(item)                           # [R, K/2] pairs
     if sb.size < _SMALL_BLOCKS:                                         # per-block multiply
@@ -383,15 +376,73 @@ def dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32, out=None)
         blocks = out.reshape(sb.shape + (BLOCK_SIZE,))
         blocks *= (_E4M3_BYTES[sb] * g).astype(np.float32).astype(dtype)[..., None]
         return out
-    table = _pair_table(int(g.view(np.uint32)), dtype)                  # [65536] pairs
-    p2, s2 = p.reshape(pairs_out.shape), sb.reshape(-1, k // BLOCK_SIZE)
-    chunks = _row_chunks(p2.shape[0], k // 2)                           # ~_CHUNK pairs a step
-    idx = np.empty((chunks[0][1], k // 2), np.intp)                     # reused index buffer
-    for r0, r1 in chunks:
-        hi = np.repeat(s2[r0:r1].astype(np.uint16) << np.uint16(8), BLOCK_SIZE // 2, axis=-1)
-        np.bitwise_or(hi, p2[r0:r1], out=idx[:r1 - r0])                 # scale byte << 8 | byte
-        np.take(table, idx[:r1 - r0], out=pairs_out[r0:r1], mode="wrap")
+    _decode_pairs(p.reshape(pairs_out.shape), sb.reshape(-1, k // BLOCK_SIZE),
+                  _pair_table(int(g.view(np.uint32)), dtype), pairs_out)
     return out
+
+
+def row_decoder(packed, weight_scale, weight_scale_2, dtype=np.float64):
+    """dequantize for row ranges of one 2-D weight, checked and set up once: packed [N, K/2],
+    scales [N, K/16], global 0-d -> decode(rows: slice, out [n, K]) -> out, the exact values of
+    those rows (as dequantize) written into `out`, a writeable C-contiguous array of `dtype` (a
+    reused buffer). For a weight decoded a block of rows at a time, many times (ref.weights)."""
+    p, sb = _check_triplet(packed, weight_scale)
+    if p.ndim != 2:
+        raise FormatError(f"packed: expected a 2-D weight [N, K/2], got shape {p.shape}")
+    g = _scalar_f32(weight_scale_2, "weight_scale_2")
+    dtype = _decode_dtype(dtype)
+    table = _pair_table(int(g.view(np.uint32)), dtype)
+    k = 2 * p.shape[1]
+
+    def decode(rows: slice, out: np.ndarray) -> np.ndarray:
+        pr, sr = p[rows], sb[rows]
+        out = _check_out(out, (pr.shape[0], k), dtype)
+        _decode_pairs(pr, sr, table, out.view(_PAIR_ITEM[dtype]))
+        return out
+    return decode
+
+
+def _decode_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in _PAIR_ITEM:
+        raise FormatError(f"dtype: expected float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_out(out, shape, dtype):
+    """A fresh array, or `out` checked to be a writeable C-contiguous dtype array of that shape."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if not (isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == shape
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise FormatError(f"out: expected a writeable C-contiguous {dtype} array of shape {shape}, "
+                          f"got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    return out
+
+
+# scale byte s -> four uint16 lanes of (s << 8), whatever the byte order (all four lanes are equal)
+_HIGH_BYTE_LANES = np.uint64(0x0100010001000100)
+
+
+def _decode_pairs(p2, s2, table, pairs_out):
+    """Table decode: packed bytes p2 [R, K/2], scale bytes s2 [R, K/16] -> pairs_out [R, K/2] (one
+    item of two values per packed byte), about _CHUNK values a step. The table index of a packed
+    byte is (its block's scale byte << 8) | byte: the scale part is built eight bytes at a time (one
+    uint64 holds four lanes of s << 8; two of them cover a block's eight bytes), then or-ed with the
+    bytes straight into the index array."""
+    rows, half = p2.shape
+    nb = half // (BLOCK_SIZE // 2)                                      # blocks per row
+    chunks = _row_chunks(rows, half)
+    step = chunks[0][1] if chunks else 0
+    high = np.empty((step, nb, 2), np.uint64)                          # [r, K/16, 2]: s << 8, 8 lanes
+    idx = np.empty((step, half), np.intp)                              # [r, K/2] table indices
+    for r0, r1 in chunks:
+        n = r1 - r0
+        lanes = s2[r0:r1].astype(np.uint64) * _HIGH_BYTE_LANES          # [n, K/16]
+        high[:n, :, 0] = lanes
+        high[:n, :, 1] = lanes
+        np.bitwise_or(high[:n].view(np.uint16).reshape(n, half), p2[r0:r1], out=idx[:n])
+        np.take(table, idx[:n], out=pairs_out[r0:r1], mode="wrap")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 if __name__ == "__main__":  # before numpy loads OpenBLAS: one BLAS thread unless told otherwise (spec/model.md §7),
-    import os              # and before any library starts a thread: threads inherit the blocked signals
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from ref.parallel import configure_blas  # and before any library starts a thread: threads inherit
+    configure_blas()                         # the blocked signals
     from ref.cli import exit_on_interrupt
     exit_on_interrupt("ref.run")
 

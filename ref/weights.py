@@ -6,7 +6,8 @@ from and how it reaches the compute dtype:
   them);
 - a linear weight stays as stored (memory-mapped BF16, or packed NVFP4) in a `StreamedWeight`, which
   ref.layers multiplies like an array (`x @ w.T`) while it converts one block of rows at a time into
-  a reused buffer: no weight matrix is ever materialised whole in float64;
+  a reused buffer (the blocks spread over ref.parallel's threads): no weight matrix is ever
+  materialised whole in float64;
 - routed experts are read and dequantized only when some token is routed to them, one at a time;
 - quantized dense linears (FP8 per tensor, NVFP4) are dequantized exactly (W8A16 / W4A16), or under
   activations "w4a4" multiply the engines' quantized inputs (W8A8 with the static input_scale, W4A4
@@ -17,6 +18,7 @@ Names come from ref.checkpoint_layout, the project's one table of tensor names.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import ml_dtypes
@@ -25,17 +27,22 @@ import numpy as np
 from ref import checkpoint_layout as layout
 from ref import kvcache
 from ref import layers as L
+from ref import parallel
 from ref.checkpoint import FP8Weight, NVFP4Weight
 from ref.fp8 import dequantize_fp8, quantize_fp8
-from ref.nvfp4 import dequantize, quantize_activation
+from ref.nvfp4 import dequantize, quantize_activation, row_decoder
 
-ROW_BLOCK_BYTES = 1 << 23  # weight rows converted at a time (float64 bytes)
+ROW_BLOCK_BYTES = 1 << 23       # weight rows converted at a time (float64 bytes)
+FEW_ROWS_BLOCK_BYTES = 1 << 21  # at most this for fewer than MANY_ROWS input rows (decode): the block
+MANY_ROWS = 32                  # then stays in the core's cache from its conversion to its product
 
 
 class StreamedWeight:
     """A linear weight [out, in] as stored, multiplied a block of rows at a time: `x @ w.T` gives
     x [..., in] @ W.T -> [..., out] in the compute dtype (what ref.layers.linear writes), each block
-    converted by `read_rows(rows, out)` into one reused buffer."""
+    converted by `read_rows(rows, out)` into a buffer of the thread that multiplies it. The blocks
+    depend only on the shapes and run on ref.parallel's threads, so the result does not depend on
+    the number of threads."""
 
     __array_ufunc__ = None  # `x @ w.T` defers to _Transposed.__rmatmul__
 
@@ -52,15 +59,24 @@ class StreamedWeight:
         w = self.read_rows(slice(0, n), np.empty((n, k), self.p.dtype))
         return w if dtype is None else w.astype(dtype)
 
+    def block_rows(self, m: int) -> int:
+        """Weight rows per block for a product with m input rows."""
+        n, k = self.shape
+        size = ROW_BLOCK_BYTES if m >= MANY_ROWS else min(ROW_BLOCK_BYTES, FEW_ROWS_BLOCK_BYTES)
+        return min(n, max(1, size // (8 * k)))
+
     def right_product(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T in the compute dtype (unrounded)."""
         n, k = self.shape
-        rows = min(n, max(1, ROW_BLOCK_BYTES // (8 * k)))
+        rows = self.block_rows(int(np.prod(x.shape[:-1])))
         out = np.empty(x.shape[:-1] + (n,), self.p.dtype)
-        buf = np.empty((rows, k), self.p.dtype)  # one small buffer, reused: no fresh pages per block
-        for lo in range(0, n, rows):
-            block = slice(lo, lo + rows)
-            out[..., block] = x @ self.read_rows(block, buf[:min(rows, n - lo)]).T
+
+        def block(i: int) -> None:
+            lo, hi = i * rows, min(n, (i + 1) * rows)
+            w = _scratch(rows * k, self.p.dtype)[:(hi - lo) * k].reshape(hi - lo, k)
+            out[..., lo:hi] = x @ self.read_rows(slice(lo, hi), w).T
+
+        parallel.for_each(-(-n // rows), block)
         return out
 
 
@@ -81,6 +97,20 @@ class QuantizedInputWeight(StreamedWeight):
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("a weight that multiplies quantized inputs (W8A8 / W4A4) has no matrix of its own")
+
+
+_buffers = threading.local()
+
+
+def _scratch(size: int, dtype) -> np.ndarray:
+    """A 1-D buffer of at least `size` items of dtype, one per thread and dtype, reused (no fresh pages
+    per block)."""
+    key = np.dtype(dtype).str
+    pool = _buffers.__dict__.setdefault("by_dtype", {})
+    buf = pool.get(key)
+    if buf is None or buf.size < size:
+        buf = pool[key] = np.empty(size, dtype)
+    return buf[:size]
 
 
 class _Transposed:
@@ -104,12 +134,12 @@ def stored_weight(w: np.ndarray, p: L.Precision) -> StreamedWeight:
 def nvfp4_weight(w: NVFP4Weight, p: L.Precision) -> StreamedWeight:
     """An NVFP4 weight whose rows are dequantized when read: exactly in f64 and f32 (straight into the
     buffer), and in bf16 mode exactly then rounded once to bf16."""
-    def read_rows(rows: slice, out: np.ndarray) -> np.ndarray:
-        if p.name == "bf16":
+    if p.name == "bf16":
+        def read_rows(rows: slice, out: np.ndarray) -> np.ndarray:
             out[...] = p.act(dequantize(w.packed[rows], w.weight_scale[rows], w.weight_scale_2, dtype=np.float64))
             return out
-        return dequantize(w.packed[rows], w.weight_scale[rows], w.weight_scale_2, dtype=out.dtype, out=out)
-    return StreamedWeight(w.shape, read_rows, p)
+        return StreamedWeight(w.shape, read_rows, p)
+    return StreamedWeight(w.shape, row_decoder(w.packed, w.weight_scale, w.weight_scale_2, p.dtype), p)
 
 
 def fp8_weight(w: FP8Weight, p: L.Precision) -> StreamedWeight:
