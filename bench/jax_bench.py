@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,16 +77,21 @@ def _best(fn, repeat: int = 5) -> float:
     return min(times)
 
 
-def work_per_token(cfg, params) -> tuple[float, float]:
-    """(prefill FLOPs, decode bytes) per token. Decode reads every dense weight once (as held) and the
-    k routed experts' packed bytes per layer. Prefill does 2 FLOPs per weight of the layers' dense
-    matrices and of k experts (the lm_head only for the last token; attention scores and the DeltaNet
-    recurrence left out): lower bounds on the work."""
+class Work(NamedTuple):
+    flops: float         # prefill FLOPs per token: 2 per weight of the layers' dense matrices and of k experts
+                         # (the lm_head only for the last token; attention scores and the DeltaNet recurrence
+                         # left out): a lower bound
+    dense_bytes: int     # the dense matrices a decode step reads once, as held (the embedding table apart:
+                         # a step reads one row per token)
+    expert_bytes: int    # one routed expert's packed bytes (codes, scales, globals) summed over the layers
+
+
+def model_work(cfg, params) -> Work:
     import jax
     layer_weights, dense_bytes, expert_bytes = 0, 0, 0
     for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = jax.tree_util.keystr(path)
-        if name.startswith(".mtp"):                                      # not run by a plain decode step
+        if name.startswith((".mtp", ".embed_tokens")):                  # not read whole by a plain decode step
             continue
         nbytes = int(np.prod(a.shape)) * a.dtype.itemsize
         if ".experts." in name:
@@ -95,11 +101,18 @@ def work_per_token(cfg, params) -> tuple[float, float]:
             if name.startswith(".layers"):
                 layer_weights += int(np.prod(a.shape)) * (2 if a.dtype == np.uint8 else 1)
     routed = cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    return 2.0 * (layer_weights + routed), dense_bytes + expert_bytes * cfg.num_experts_per_tok / cfg.num_experts
+    return Work(2.0 * (layer_weights + routed), dense_bytes, expert_bytes // cfg.num_experts)
 
 
-def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> None:
-    """The machine's limits, measured now, as tokens/s bounds; each side as a fraction of them."""
+def step_bytes(work: Work, cfg, tokens: int) -> float:
+    """The bytes a decode step of `tokens` tokens must read: the dense weights once, and each layer's
+    distinct experts picked (k for one token; for more, the expected number under uniform routing)."""
+    k, E = cfg.num_experts_per_tok, cfg.num_experts
+    return work.dense_bytes + work.expert_bytes * E * (1 - (1 - k / E) ** tokens)
+
+
+def machine_bounds() -> tuple[float, float]:
+    """(float32 FLOP/s of an XLA 1024^3 matmul, bytes/s of an XLA sum over 256 MB), best of 5 each."""
     import jax
     import jax.numpy as jnp
     a = jnp.ones((1024, 1024), jnp.float32)
@@ -107,13 +120,18 @@ def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> Non
     peak = 2 * 1024 ** 3 / _best(lambda: mm(a).block_until_ready())
     big = jnp.ones((64, 1 << 20), jnp.float32)                            # 256 MB, far beyond the caches
     total = jax.jit(lambda b: jnp.sum(b))
-    read = big.nbytes / _best(lambda: total(big).block_until_ready())
-    flops, nbytes = work_per_token(cfg, params)
+    return peak, big.nbytes / _best(lambda: total(big).block_until_ready())
+
+
+def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> None:
+    """The machine's limits, measured now, as tokens/s bounds; each side as a fraction of them."""
+    peak, read = machine_bounds()
+    work = model_work(cfg, params)
+    flops, nbytes = work.flops, step_bytes(work, cfg, 1)
     pb, db = peak / flops, read / nbytes
     print(f"  bounds     : f32 matmul {peak / 1e9:.0f} GFLOP/s -> prefill <= {pb:.0f} tok/s ({flops / 1e6:.0f} MFLOP/token); "
           f"read {read / 1e9:.1f} GB/s -> decode <= {db:.0f} tok/s ({nbytes / 1e6:.1f} MB/token)")
-    print(f"  of bound   : jaxrun prefill {jp / pb:.0%} decode {jd / db:.0%}; ref prefill {rp / pb:.0%} decode {rd / db:.0%}; "
-          f"10x ref would be prefill {10 * rp / pb:.0%} decode {10 * rd / db:.0%} of the bound")
+    print(f"  of bound   : jaxrun prefill {jp / pb:.0%} decode {jd / db:.0%}; ref prefill {rp / pb:.0%} decode {rd / db:.0%}")
 
 
 def bench_footprint(n: int = 4) -> None:

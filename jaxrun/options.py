@@ -19,7 +19,8 @@ from jaxrun.params import NVFP4, Experts
 from ref.modes import ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, Modes, check_choice
 
 SPARE_SLOTS = ("skip", "repeat")
-EXPERT_KERNELS = ("loop",)
+EXPERT_KERNELS = ("sorted", "ragged")
+SLOT_KERNELS = ("dot", "fused")
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,15 @@ class Options:
     spare_slots: str = "skip"           # decode slots without an expert: skipped under a cond ("skip", CPU)
                                         # or recomputing a held expert with weight 0 ("repeat", GPU: a cond
                                         # waits for its predicate on the host)
-    decode_apart: bool = True           # the expert loop decodes each expert in a computation apart
-                                        # (a cond; XLA:CPU then copies the expert's slice out first)
-    expert_kernel: str = "loop"         # how many tokens run through the routed experts
+    decode_apart: bool = True           # routed experts are decoded from copies of their packed bytes
+                                        # (XLA:CPU decodes much slower fused with the slicing of the stack)
+    expert_kernel: str = "sorted"       # more than slot_tokens tokens (jaxrun.moe): "sorted", a loop over
+                                        # the experts with 2-D products (CPU); "ragged", chunks of experts
+                                        # decoded to the compute dtype and grouped products (accelerators)
+    slot_kernel: str = "dot"            # the decode slots' products: "dot" on the decoded weights (CPU);
+                                        # "fused", decoding fused into a multiply-reduce that reads only
+                                        # the packed bytes (accelerators: the step is memory-bound)
+    slot_tokens: int = 2                # up to this many tokens (a decode or speculative step) run as slots
 
     def __post_init__(self):
         check_choice("precision", self.precision, JAX_PRECISIONS)
@@ -45,6 +52,9 @@ class Options:
         check_choice("act_scale", self.act_scale, ACT_SCALES)
         check_choice("spare_slots", self.spare_slots, SPARE_SLOTS)
         check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        check_choice("slot_kernel", self.slot_kernel, SLOT_KERNELS)
+        if self.slot_tokens < 1:
+            raise ValueError(f"slot_tokens: expected at least 1, got {self.slot_tokens}")
 
     @property
     def dtype(self):
@@ -63,7 +73,8 @@ class Options:
         platform = platform or mesh.devices.flat[0].platform
         cpu = platform == "cpu"
         return Options(mesh, modes.precision, modes.activations, modes.act_scale, flushes_subnormals=cpu,
-                       widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu)
+                       widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu,
+                       expert_kernel="sorted" if cpu else "ragged", slot_kernel="dot" if cpu else "fused")
 
     @staticmethod
     def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":
