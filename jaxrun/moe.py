@@ -138,15 +138,25 @@ def _product(eq, w, a, opts: Options):
 # ------------------------------------------------------------------------------------------------
 # Decode slots
 
+def _fused_product(w, a, dt):
+    """Planes w (even, odd) [S, O, K/2] (rounded to dt first, as `linear` rounds weights) times input
+    planes a [S, N, K/2] -> [S, N, O] float32 as one multiply-reduce over both planes (a variadic
+    reduce: XLA fuses the decoding into it, so only the packed bytes are read, and XLA:CPU does not
+    hand it to a library as a plain sum)."""
+    f32 = lambda v: v.astype(dt).astype(jnp.float32)
+    prods = tuple(f32(wp)[:, None] * f32(ap)[:, :, None] for wp, ap in zip(w, a))
+    even, odd = lax.reduce(prods, (jnp.float32(0), jnp.float32(0)), lambda u, v: (u[0] + v[0], u[1] + v[1]), (3,))
+    return even + odd
+
+
 def _slot_ffn(x, d: Decoded, scales, opts: Options):
     """SwiGLU of every row x [N, H] through each of S decoded experts (d's leading axis S) -> [S, N, H]
     float32 (rounded to the compute dtype). scales: None or the experts' input scales [S, 2]."""
     dt = opts.dtype
     I = 2 * d.down[0].shape[-1]
     S = d.post_d.shape[0]
-    if opts.slot_kernel == "fused":                                      # a multiply-reduce over the packed bytes
-        f32 = lambda a: a.astype(dt).astype(jnp.float32)
-        mm = lambda w, a: sum(jnp.sum(f32(wp)[:, None] * f32(ap)[:, :, None], axis=-1) for wp, ap in zip(w, a))
+    if opts.slot_kernel == "fused":
+        mm = lambda w, a: _fused_product(w, a, dt)
     else:
         mm = lambda w, a: _product("sok,snk->sno", w, a, opts)
     sc = (lambda i: None) if scales is None else (lambda i: scales[:, i, None, None])

@@ -44,7 +44,9 @@ class Options:
     slot_kernel: str = "dot"            # the decode slots' products: "dot" on the decoded weights (CPU);
                                         # "fused", decoding fused into a multiply-reduce that reads only
                                         # the packed bytes (accelerators: the step is memory-bound)
-    slot_tokens: int = 2                # up to this many tokens (a decode or speculative step) run as slots
+    slot_tokens: int = 2                # up to this many tokens run as decode slots (a decode or speculative
+                                        # step; accelerators: batched decode steps too, each picked expert's
+                                        # packed bytes read once)
 
     def __post_init__(self):
         check_choice("precision", self.precision, JAX_PRECISIONS)
@@ -74,7 +76,8 @@ class Options:
         cpu = platform == "cpu"
         return Options(mesh, modes.precision, modes.activations, modes.act_scale, flushes_subnormals=cpu,
                        widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu,
-                       expert_kernel="sorted" if cpu else "ragged", slot_kernel="dot" if cpu else "fused")
+                       expert_kernel="sorted" if cpu else "ragged", slot_kernel="dot" if cpu else "fused",
+                       slot_tokens=2 if cpu else 8)
 
     @staticmethod
     def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":
