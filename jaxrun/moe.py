@@ -45,25 +45,31 @@ def route(x, p, cfg: TextConfig, opts: Options):
 # ------------------------------------------------------------------------------------------------
 # Experts' weights, decoded
 
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
 class Packed(NamedTuple):
-    """Selected experts' packed weights, ready to decode: per projection the codes, and either the
-    block factors f32(scale * global) (`factors`, the fast path) or the E4M3 scales and globals
+    """Selected experts' packed weights, ready to decode, per projection (gate, up, down): the codes,
+    and either the block factors f32(scale * global) (the fast path) or the E4M3 scales and globals
     (`exact`: decoded with integer products), and a factor per output row (`post`) so that the
-    weights are decode(...) * post. The gate rows, then the up rows."""
-    codes: tuple         # (gate/up [..., 2I, H/2], down [..., H, I/2]) uint8
-    factors: tuple       # (gate/up [..., 2I, H/16], down [..., H, I/16]) float32, or the E4M3 scales (exact)
-    globals_: tuple      # (gate/up [..., 2I], down [..., H]) float32 (used by the exact path only)
-    post: tuple          # (gate/up [..., 2I], down [..., H]) float32
+    weights are decode(...) * post."""
+    codes: tuple         # [..., out, in/2] uint8 each
+    factors: tuple       # [..., out, in/16] float32 each, or the E4M3 scales (exact)
+    globals_: tuple      # [..., out] float32 each (the exact path's)
+    post: tuple          # [..., out] float32 each
     exact: bool
 
 
+class Matrix(NamedTuple):
+    """One projection of selected experts decoded for products: W = planes * post[..., :, None]."""
+    planes: tuple        # (even, odd) columns [..., out, in/2] float32 (nvfp4.factor_planes)
+    post: jax.Array      # [..., out]
+
+
 class Decoded(NamedTuple):
-    """Weights for products, each matrix as its even and odd column planes (nvfp4.factor_planes); a
-    matrix is `w * post[..., :, None]`. Rows as in Packed."""
-    gate_up: tuple       # (even, odd) [..., 2I, H/2] float32
-    post_gu: jax.Array   # [..., 2I]
-    down: tuple          # (even, odd) [..., H, I/2]
-    post_d: jax.Array    # [..., H]
+    gate: Matrix
+    up: Matrix
+    down: Matrix
 
 
 def _projection(p, take, in_scale, exact: bool):
@@ -80,29 +86,25 @@ def _projection(p, take, in_scale, exact: bool):
 
 def _pack(experts: Experts, take, opts: Options, scales=None) -> Packed:
     """The NVFP4 experts `take` selects (a function of a stacked [E, ...] array: a dynamic index, a
-    slice or a gather), scales None (W4A16) or their input scales [..., 2] (W4A4). With
-    opts.decode_apart the factors are computed in a computation of their own (a cond with equal
+    slice or a gather), scales None (W4A16) or their input scales [..., 2] (W4A4: gate/up, down).
+    With opts.decode_apart the factors are computed in a computation of their own (a cond with equal
     branches), so the decoding reads them instead of converting the E4M3 scale again for every value
     (XLA:CPU fuses them otherwise)."""
-    gu_scale, d_scale = (None, None) if scales is None else (scales[..., 0], scales[..., 1])
     ex = opts.exact_experts
-    (gq, gs, g2, gp), (uq, us, u2, up) = (_projection(p, take, gu_scale, ex) for p in (experts.gate_proj, experts.up_proj))
-    q, s = jnp.concatenate([gq, uq], axis=-2), jnp.concatenate([gs, us], axis=-2)   # [..., 2I, H/2], [..., 2I, H/16]
-    s2, post = jnp.concatenate([g2, u2], axis=-1), jnp.concatenate([gp, up], axis=-1)   # [..., 2I]
-    dq, ds, ds2, dpost = _projection(experts.down_proj, take, d_scale, ex)
+    q, s, s2, post = zip(*(_projection(getattr(experts, name), take, None if scales is None else scales[..., i // 2],
+                                       ex) for i, name in enumerate(PROJS)))
     if ex:
-        return Packed((q, dq), (s, ds), (s2, ds2), (post, dpost), True)
-    factors = lambda s, s2, ds, ds2: (nvfp4_factors(s, s2), nvfp4_factors(ds, ds2))
-    f = lax.cond(s2.ravel()[0] >= 0, factors, factors, s, s2, ds, ds2) if opts.decode_apart else factors(s, s2, ds, ds2)
-    return Packed((q, dq), f, (s2, ds2), (post, dpost), False)
+        return Packed(q, s, s2, post, True)
+    factors = lambda s, s2: tuple(nvfp4_factors(a, b) for a, b in zip(s, s2))
+    f = lax.cond(s2[0].ravel()[0] >= 0, factors, factors, s, s2) if opts.decode_apart else factors(s, s2)
+    return Packed(q, f, s2, post, False)
 
 
 def _unpack(pk: Packed, pick=lambda a: a) -> Decoded:
     """The experts `pick` selects from pk (an index or static slice of its leading axis; default all)
     decoded, float32."""
-    planes = [nvfp4_planes(pick(q), pick(s), pick(s2), True) if pk.exact else factor_planes(pick(q), pick(f))
-              for q, f, s, s2 in zip(pk.codes, pk.factors, pk.factors, pk.globals_)]
-    return Decoded(planes[0], pick(pk.post[0]), planes[1], pick(pk.post[1]))
+    return Decoded(*(Matrix(nvfp4_planes(pick(q), pick(f), pick(g), True) if pk.exact else factor_planes(pick(q), pick(f)),
+                            pick(post)) for q, f, g, post in zip(pk.codes, pk.factors, pk.globals_, pk.post)))
 
 
 def _experts_source(experts: Experts, take, opts: Options, scales=None):
@@ -113,13 +115,10 @@ def _experts_source(experts: Experts, take, opts: Options, scales=None):
         pk = _pack(experts, take, opts, scales)
         return lambda pick=lambda a: a: _unpack(pk, pick)
 
-    def dense(pick=lambda a: a):
-        w = lambda p: pick(take(p.weight)).astype(jnp.float32)
-        gu = jnp.concatenate([w(experts.gate_proj), w(experts.up_proj)], axis=-2)
-        d = w(experts.down_proj)
-        planes = lambda m: (m[..., 0::2], m[..., 1::2])
-        return Decoded(planes(gu), jnp.ones(gu.shape[:-1], jnp.float32), planes(d), jnp.ones(d.shape[:-1], jnp.float32))
-    return dense
+    def matrix(p, pick):
+        w = pick(take(p.weight)).astype(jnp.float32)
+        return Matrix((w[..., 0::2], w[..., 1::2]), jnp.ones(w.shape[:-1], jnp.float32))
+    return lambda pick=lambda a: a: Decoded(*(matrix(getattr(experts, name), pick) for name in PROJS))
 
 
 def _planes(h, in_scale=None):
@@ -153,17 +152,15 @@ def _slot_ffn(x, d: Decoded, scales, opts: Options):
     """SwiGLU of every row x [N, H] through each of S decoded experts (d's leading axis S) -> [S, N, H]
     float32 (rounded to the compute dtype). scales: None or the experts' input scales [S, 2]."""
     dt = opts.dtype
-    I = 2 * d.down[0].shape[-1]
-    S = d.post_d.shape[0]
+    S = d.down.post.shape[0]
     if opts.slot_kernel == "fused":
-        mm = lambda w, a: _fused_product(w, a, dt)
+        mm = lambda m, a: _fused_product(m.planes, a, dt) * m.post[:, None]
     else:
-        mm = lambda w, a: _product("sok,snk->sno", w, a, opts)
+        mm = lambda m, a: _product("sok,snk->sno", m.planes, a, opts) * m.post[:, None]
     sc = (lambda i: None) if scales is None else (lambda i: scales[:, i, None, None])
-    xs = jnp.broadcast_to(x.astype(dt), (S,) + x.shape)                  # [S, N, H]
-    gu = mm(d.gate_up, _planes(xs, sc(0))) * d.post_gu[:, None]          # [S, N, 2I]
-    h = (jax.nn.silu(gu[..., :I].astype(dt)) * gu[..., I:].astype(dt)).astype(dt)   # [S, N, I]
-    return (mm(d.down, _planes(h, sc(1))) * d.post_d[:, None]).astype(dt).astype(jnp.float32)
+    xs = _planes(jnp.broadcast_to(x.astype(dt), (S,) + x.shape), sc(0))   # [S, N, H/2] each
+    h = (jax.nn.silu(mm(d.gate, xs).astype(dt)) * mm(d.up, xs).astype(dt)).astype(dt)   # [S, N, I]
+    return mm(d.down, _planes(h, sc(1))).astype(dt).astype(jnp.float32)
 
 
 def _slot_experts(x, ids, wts, experts: Experts, first, e_loc, act, all_local, opts: Options):
@@ -255,17 +252,16 @@ def _sorted_experts(x, ids, wts, experts: Experts, first, e_loc, act, opts: Opti
         e = present[j]
         sc = None if act is None else act[e]                            # [2]
         d = source(lambda a: lax.dynamic_index_in_dim(a, e, keepdims=False))
-        I = 2 * d.down[0].shape[-1]
 
         def rows(r, y):
             rank = r * C + jnp.arange(C)
             p = jnp.where(rank < srt.counts[e], srt.starts[e] + rank, N * k)   # [C] sorted positions
             t = srt.token[p]                                             # padding -> the zero row
             X = (xp[0][t], xp[1][t]) if sc is None else _planes(xz[t], sc[0])   # [C, H/2] each
-            gu = _product("ok,ck->oc", d.gate_up, X, opts) * d.post_gu[:, None]   # [2I, C]
-            h = (jax.nn.silu(gu[:I].astype(dt)) * gu[I:].astype(dt)).astype(dt).T   # [C, I]
-            o = _product("ok,ck->co", d.down, _planes(h, None if sc is None else sc[1]), opts)   # [C, H]
-            o = (o * d.post_d).astype(dt).astype(jnp.float32)
+            mm = lambda m: (_product("ok,ck->oc", m.planes, X, opts) * m.post[:, None]).astype(dt)   # [I, C]
+            h = (jax.nn.silu(mm(d.gate)) * mm(d.up)).astype(dt).T        # [C, I]
+            o = _product("ok,ck->co", d.down.planes, _planes(h, None if sc is None else sc[1]), opts)   # [C, H]
+            o = (o * d.down.post).astype(dt).astype(jnp.float32)
             return y.at[t].add(o * srt.weight[p][:, None])
 
         return lax.fori_loop(0, (srt.counts[e] + C - 1) // C, rows, y)
@@ -314,7 +310,6 @@ def _ragged_experts(x, ids, wts, experts: Experts, first, e_loc, act, opts: Opti
         e0 = j * G
         sc = None if act is None else lax.dynamic_slice_in_dim(act, e0, G)
         d = _experts_source(experts, lambda a: lax.dynamic_slice_in_dim(a, e0, G), opts, sc)()
-        I = 2 * d.down[0].shape[-1]
         cnt = lax.dynamic_slice_in_dim(srt.counts, e0, G)
         lo0 = srt.starts[e0]
         first_row = lo0 + jnp.cumsum(cnt) - cnt                           # [G]
@@ -323,10 +318,10 @@ def _ragged_experts(x, ids, wts, experts: Experts, first, e_loc, act, opts: Opti
             lo = lo0 + r * R
             gs = jnp.maximum(jnp.minimum(first_row + cnt, lo + R) - jnp.maximum(first_row, lo), 0)   # [G]
             re = jnp.clip(lax.dynamic_slice_in_dim(rows_e, lo, R) - e0, 0, G - 1)                       # [R]
-            gu = mm(lax.dynamic_slice_in_dim(xs, lo, R), d.gate_up, gs) * d.post_gu[re]                # [R, 2I]
-            h = (jax.nn.silu(gu[:, :I].astype(dt)) * gu[:, I:].astype(dt)).astype(dt)               # [R, I]
-            h = side(_planes(h, None if sc is None else sc[re, 1][:, None]))
-            o = (mm(h, d.down, gs) * d.post_d[re]).astype(dt).astype(jnp.float32)                     # [R, H]
+            xw = lax.dynamic_slice_in_dim(xs, lo, R)                                                    # [R, H]
+            up = lambda m, a: (mm(a, m.planes, gs) * m.post[re]).astype(dt)                             # [R, out]
+            h = (jax.nn.silu(up(d.gate, xw)) * up(d.up, xw)).astype(dt)                                # [R, I]
+            o = up(d.down, side(_planes(h, None if sc is None else sc[re, 1][:, None]))).astype(jnp.float32)   # [R, H]
             o = o * lax.dynamic_slice_in_dim(ws, lo, R)[:, None]
             return lax.dynamic_update_slice_in_dim(out, lax.dynamic_slice_in_dim(out, lo, R) + o, lo, 0)
 
