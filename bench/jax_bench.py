@@ -65,7 +65,8 @@ def bench_speed(model: str, n_prompt: int, n_new: int, devices: int | None) -> N
           f"{best['pc'] / rpc:7.1f}x  decode {best['dc'] / rdc:6.1f}x")
     print(f"  first 4 greedy tokens equal to ref: {same}")
     bench_bounds(cfg, runner.params, best["p"], best["d"], rp, rd)
-    bench_traffic(runner)
+    bench_traffic(runner.params, cfg, mesh, "f32", "small model, float32")
+    bench_traffic(*slice_397b(), "bf16", "397B shapes, 4-layer slice (3 DeltaNet + 1 attention), bf16, 512 experts on one device")
 
 
 def _best(fn, repeat: int = 5) -> float:
@@ -135,11 +136,12 @@ def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> Non
     print(f"  of bound   : jaxrun prefill {jp / pb:.0%} decode {jd / db:.0%}; ref prefill {rp / pb:.0%} decode {rd / db:.0%}")
 
 
-def step_traffic(runner, B: int, max_len: int, options, experts_times: int = 1) -> float:
-    """XLA's cost analysis of the compiled decode step (batch B, no MTP): bytes accessed. The step is
-    compiled from abstract parameters with the given options; experts_times > 1 holds that many times
-    the experts (router rows too), the rest unchanged, to see how the step's charge grows with the
-    experts held (a step reads only those its tokens pick)."""
+def step_traffic(params, cfg, mesh, precision: str, options, B: int, max_len: int = 256,
+                 experts_times: int = 1) -> float:
+    """XLA's cost analysis of the compiled decode step (batch B, no MTP): bytes accessed. Compiled from
+    abstract parameters (shapes and shardings of `params`) with the given options; experts_times > 1
+    holds that many times the experts (router rows too), the rest unchanged, to see how the step's
+    charge grows with the experts held (a step reads only those its tokens pick)."""
     import jax
     from jaxrun.runner import Runner
 
@@ -148,37 +150,54 @@ def step_traffic(runner, B: int, max_len: int, options, experts_times: int = 1) 
         grow = experts_times if (".experts." in name or name.endswith(".mlp.gate.weight")) else 1
         return jax.ShapeDtypeStruct((a.shape[0] * grow,) + a.shape[1:], a.dtype, sharding=a.sharding)
 
-    params = jax.tree_util.tree_map_with_path(spec, runner.params)
-    r = Runner(params, runner.cfg, runner.mesh, "f32", options=options)
-    ca = r.decode_fn(B, max_len).cost_analysis()
+    abstract = jax.tree_util.tree_map_with_path(spec, params)
+    ca = Runner(abstract, cfg, mesh, precision, options=options).decode_fn(B, max_len).cost_analysis()
     return float((ca[0] if isinstance(ca, list) else ca)["bytes accessed"])
 
 
-def bench_traffic(runner, max_len: int = 256) -> None:
+def bench_traffic(params, cfg, mesh, precision: str, label: str) -> None:
     """The decode step's memory traffic as XLA's cost analysis counts it, next to the ideal (the dense
-    weights read once and the packed bytes of the experts picked, step_bytes), with this platform's
-    options and with the accelerators' (compiled here, on this CPU). XLA's cost model charges a
-    gather fused into a computation its whole operand, so a step that reads the picked experts in
-    place is charged every expert held: printed too, how much each expert held adds (the step
-    compiled with twice the experts), and the count with only the picked experts charged."""
+    weights read once and the packed bytes of the experts picked, step_bytes), with the CPU's options
+    and with the accelerators' (both compiled here, on this CPU). XLA's cost model charges a gather
+    fused into a computation its whole operand, so a step that reads the picked experts in place is
+    charged every expert held: printed too, how much each expert held adds (the step compiled with
+    twice the experts), and the count with only the picked experts charged."""
     from jaxrun.options import Options
-    cfg, mesh = runner.cfg, runner.mesh
-    work = model_work(cfg, runner.params)
-    print("decode step memory traffic, XLA cost analysis (bytes accessed) vs ideal (dense once + experts picked):")
-    for name, opts in (("this platform's options", runner.opts),
-                       ("accelerator options", Options.for_platform(mesh, runner.modes, "gpu"))):
+    from ref.modes import Modes
+    work = model_work(cfg, params)
+    print(f"decode step memory traffic, {label}: XLA cost analysis (bytes accessed) vs ideal (dense once + the "
+          f"experts picked):")
+    for platform in ("cpu", "gpu"):
+        opts = Options.for_platform(mesh, Modes(precision), platform)
         kinds = f"{opts.slot_kernel} slots up to {opts.slot_tokens} tokens, {opts.expert_kernel} beyond"
         for B in (1, 8):
             ideal = step_bytes(work, cfg, B)
-            got = step_traffic(runner, B, max_len, opts)
-            twice = step_traffic(runner, B, max_len, opts, experts_times=2)
-            per_held = (twice - got) / cfg.num_experts
+            got = step_traffic(params, cfg, mesh, precision, opts, B)
+            per_held = (step_traffic(params, cfg, mesh, precision, opts, B, experts_times=2) - got) / cfg.num_experts
             picked = (ideal - work.dense_bytes) / work.expert_bytes          # distinct experts a step reads
             fair = got - (cfg.num_experts - picked) * per_held
-            print(f"  {name} ({kinds}), batch {B}: {got / 1e6:6.1f} MB = {got / ideal:4.2f}x the ideal "
-                  f"{ideal / 1e6:.1f} MB (target <= 1.5x); each expert held adds {per_held / 1e3:.0f} kB (packed: "
-                  f"{work.expert_bytes / 1e3:.0f} kB); charging only the {picked:.0f} picked: {fair / 1e6:.1f} MB = "
+            print(f"  {platform} options ({kinds}), batch {B}: {got / 1e6:8.1f} MB = {got / ideal:5.2f}x the ideal "
+                  f"{ideal / 1e6:.1f} MB (target <= 1.5x); each expert held adds {per_held / 1e3:.0f} kB (packed "
+                  f"{work.expert_bytes / 1e3:.0f} kB); charging the {picked:.0f} picked only: {fair / 1e6:.1f} MB = "
                   f"{fair / ideal:4.2f}x")
+
+
+def slice_397b(layers: int = 4):
+    """(abstract parameters on one CPU device, TextConfig) of a 397B-shape slice: `layers` decoder layers
+    (DeltaNet, then one attention layer last), float32 dense, NVFP4 experts, no weights."""
+    import dataclasses
+    import jax
+    import jax.numpy as jnp
+    from jaxrun.params import Formats, abstract, declare
+    from jaxrun.sharding import make_mesh, param_specs, shardings
+    from ref.config import FULL, LINEAR, QWEN35_397B
+    text = dataclasses.replace(QWEN35_397B.text, num_hidden_layers=layers, layer_types=(LINEAR,) * (layers - 1) + (FULL,))
+    full = dataclasses.replace(QWEN35_397B, text=text)
+    mesh = make_mesh(1)
+    declared = declare(full, Formats.random(full))
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract(declared, jnp.float32), shardings(param_specs(declared, 1), mesh))
+    return params, text, mesh
 
 
 def bench_footprint(n: int = 4) -> None:

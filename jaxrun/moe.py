@@ -170,24 +170,28 @@ def _slot_experts(x, ids, wts, experts: Experts, first, e_loc, act, all_local, o
     expert (0 where it did not pick it). Spare slots (fewer distinct experts than S) have weight 0:
     with opts.spare_slots "skip" and the experts split over devices, a slot runs under a cond, so a
     device does the work of its own experts only; otherwise ("repeat", or one device, where only
-    tokens sharing experts leave spare slots) a spare slot repeats the first slot's expert. "dot"
-    slots (CPU) run one after the other, each expert's decoded weights used while in cache; "fused"
-    slots run together."""
+    tokens sharing experts leave spare slots) a spare slot repeats the first slot's expert; with as
+    many slots as experts held, each expert has its slot, read in place. "dot" slots (CPU) run one
+    after the other, each expert's decoded weights used while in cache; "fused" slots run together."""
     N, k = ids.shape
     S = min(N * k, e_loc)
     local = ids - first                                                  # [N, k]
     key = jnp.where((local >= 0) & (local < e_loc), local, e_loc)        # experts held elsewhere -> e_loc
     hit = jnp.zeros(e_loc + 1, bool).at[key.reshape(-1)].set(True)[:e_loc]
-    e = jnp.nonzero(hit, size=S, fill_value=0)[0]                        # [S] distinct experts, ascending
-    live = jnp.arange(S) < jnp.sum(hit)
+    skip = opts.spare_slots == "skip" and not all_local
+    if S == e_loc and not skip:                                          # a slot for every expert held
+        e, live, take = jnp.arange(e_loc), hit, lambda a: a
+    else:
+        e = jnp.nonzero(hit, size=S, fill_value=0)[0]                    # [S] distinct experts, ascending
+        live = jnp.arange(S) < jnp.sum(hit)
+        if not skip:
+            e = jnp.where(live, e, e[0])
+        take = lambda a: a[e]
     w = jnp.sum(jnp.where(key[None] == e[:, None, None], wts[None], 0.0), axis=-1)   # [S, N]
     w = jnp.where(live[:, None], w, 0.0)
-    skip = opts.spare_slots == "skip" and not all_local
-    if not skip:
-        e = jnp.where(live, e, e[0])
 
     sc = None if act is None else act[e]                                # [S, 2]
-    source = _experts_source(experts, lambda a: a[e], opts, sc)
+    source = _experts_source(experts, take, opts, sc)
     if opts.slot_kernel == "fused" and not skip:
         o = _slot_ffn(x, source(), sc, opts)
         slot = lambda j: o[j]
