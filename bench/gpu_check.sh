@@ -11,7 +11,9 @@
 # and W4A4; (4) a 397B-shape 4-layer slice with random weights built on the device (NVFP4
 # experts packed, bf16 dense, an MTP head), decode-step time at batch 1 and 8, and the bytes one step
 # must read over that time, next to the measured copy bandwidth; speculative steps' times at batch 1
-# (1 and 3 drafts).
+# (1 and 3 drafts); (5) every routed-expert form (jaxrun.moe: decode slots with fused or dot products at
+# 1 and 8 tokens, the ragged and sorted forms at 256 and 2048) on one layer's experts with the 397B
+# shapes: time, the bytes of the experts read per second against the copy bandwidth, FLOP/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -144,5 +146,63 @@ for K in (1, 3):
     print(f"speculative step with {K} draft(s) ({K + 1} tokens + MTP head), batch 1: {time_steps(state, steps) * 1e3:.2f} "
           f"ms (median of {steps}); it pays when 1 + accepted drafts exceeds its ratio to the batch-1 decode step")
 print(f"compile time: {runner.timings.compile_s:.1f} s; traces: {dict(runner.traces)}")
+EOF
+echo "== routed-expert forms on one layer's experts (397B shapes, random NVFP4) =="
+timeout 240 python - "$tmp" <<'EOF'
+import os, sys, time
+import numpy as np, jax, jax.numpy as jnp
+from jaxrun.moe import local_experts
+from jaxrun.options import Options
+from jaxrun.params import Experts, NVFP4
+from jaxrun.sharding import make_mesh
+from ref.config import QWEN35_397B
+from ref.modes import Modes
+
+dry = os.environ.get("GPU_CHECK_DRY") == "1"
+t = QWEN35_397B.text
+E, H, I, k = (16, 64, 32, 4) if dry else (t.num_experts, t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok)
+bw = float(open(sys.argv[1] + "/bw").read())
+mesh = make_mesh(1)
+
+
+def proj(key, out, inp):
+    a, b = jax.random.split(key)
+    q = jax.random.randint(a, (E, out, inp // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    s = jax.lax.bitcast_convert_type(jax.random.randint(b, (E, out, inp // 16), 0x20, 0x48, jnp.int32).astype(jnp.uint8),
+                                     jnp.float8_e4m3fn)
+    return NVFP4(q, s, jnp.full((E,), 2.0 ** -8, jnp.float32))
+
+
+ks = jax.random.split(jax.random.PRNGKey(0), 3)
+experts = jax.block_until_ready(Experts(proj(ks[0], I, H), proj(ks[1], I, H), proj(ks[2], H, I)))
+per_expert = sum(a.nbytes for a in jax.tree.leaves(experts)) / E
+base = Options.for_platform(mesh, Modes("bf16"), jax.devices()[0].platform)
+forms = [("slots fused", dict(slot_kernel="fused")), ("slots dot", dict(slot_kernel="dot")),
+         ("ragged", dict(expert_kernel="ragged")), ("sorted", dict(expert_kernel="sorted"))]
+print(f"{E} experts [{I}x{H}], {per_expert / 1e6:.2f} MB packed each; copy bandwidth {bw / 1e9:.0f} GB/s")
+rng = np.random.default_rng(0)
+for N in (1, 8, 256, 2048):
+    ids = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(N)]).astype(np.int32))
+    w = jnp.full((N, k), 1.0 / k, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((N, H)), jnp.bfloat16)
+    touched = len(np.unique(np.asarray(ids)))                           # experts whose bytes must be read
+    for name, change in forms:
+        if name.startswith("slots") != (N <= 8):
+            continue                                                    # slots for steps, the others for prefill
+        opts = base.replace(slot_tokens=8, **change)
+        f = jax.jit(lambda x, ids, w, ex: local_experts(x, ids, w, ex, 0, opts, all_local=True))
+        t0 = time.perf_counter()
+        f(x, ids, w, experts).block_until_ready()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f(x, ids, w, experts).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        s = float(np.median(times))
+        flops = 2 * N * k * 3 * H * I
+        print(f"  {name:11s} N={N:5d}: {s * 1e3:8.3f} ms (median of 5; compile {compile_s:.1f} s), {touched} experts "
+              f"read: {touched * per_expert / s / 1e9:7.1f} GB/s = {100 * touched * per_expert / s / bw:5.1f}% of copy "
+              f"bandwidth; {flops / s / 1e12:6.3f} TFLOP/s")
 EOF
 echo "gpu_check done"

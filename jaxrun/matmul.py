@@ -1,6 +1,5 @@
-"""The matmul primitives: dot (float32 accumulation), linear (a dense, NVFP4 or per-tensor FP8 weight,
-with the engines' quantized inputs under activations "w4a4" where the weight has an input scale), and
-the product with a weight decoded as even/odd column planes."""
+"""The matmul primitives: dot (float32 accumulation) and linear (a dense, NVFP4 or per-tensor FP8
+weight, with the engines' quantized inputs under activations "w4a4" where the weight has an input scale)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -20,15 +19,6 @@ def dot(eq, a, b, opts: Options):
     if a.dtype != jnp.float32 and opts.widen_bf16_dots:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(eq, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
-
-
-def planes_matmul(h, planes, opts: Options):
-    """h [N, K] @ W.T for W given as nvfp4_planes (even, odd) [out, K/2] -> [N, out] float32. The
-    weights are rounded to the compute dtype first, as `linear` rounds them."""
-    dt = opts.dtype
-    even, odd = (w.astype(dt) for w in planes)
-    h = h.astype(dt)
-    return dot("ni,oi->no", h[:, 0::2], even, opts) + dot("ni,oi->no", h[:, 1::2], odd, opts)
 
 
 def _quantized_inputs(p, opts: Options) -> bool:

@@ -68,13 +68,13 @@ def _e2m1_values(q, s):
 
 def _dequant_fast(q, s, s2):
     """dequant_nvfp4 with float32 products (exact unless a result is subnormal on CPU)."""
-    return (_e2m1_values(q, s) * (s.astype(jnp.float32) * s2)[..., None]).reshape(*q.shape[:-1], 2 * q.shape[-1])
+    return (_e2m1_values(q, s) * nvfp4_factors(s, s2)[..., None]).reshape(*q.shape[:-1], 2 * q.shape[-1])
 
 
 def _dequant_exact(q, s, s2):
     """dequant_nvfp4 with both products formed in integers (gradual underflow kept)."""
     v = _e2m1_values(q, s)
-    f = _mul_exact(s.astype(jnp.float32), s2, 4)                        # [..., K/16]
+    f = _mul_exact(e4m3_f32(s), s2, 4)                                 # [..., K/16]
     w = _mul_exact(v, jnp.broadcast_to(f[..., None], (*f.shape, 16)), 2)
     return w.reshape(*q.shape[:-1], 2 * q.shape[-1])
 
@@ -100,6 +100,18 @@ def _e2m1_f32(c):
     return lax.bitcast_convert_type(((c & 8) << 28) | bits, jnp.float32)
 
 
+def e4m3_f32(s):
+    """E4M3 scales (float8_e4m3fn) -> float32, exactly, from their bits: XLA:CPU has no E4M3 arithmetic
+    and converts whole E4M3 arrays to float16 first. Normal: 2^(e-7) * (1 + m/8); e = 0: m * 2^-9;
+    S.1111.111: NaN."""
+    b = lax.bitcast_convert_type(s, jnp.uint8).astype(jnp.uint32)
+    e, m = (b >> 3) & 15, b & 7
+    mag = jnp.where(e == 0, m.astype(jnp.float32) * 2.0 ** -9,
+                    lax.bitcast_convert_type(((e + 120) << 23) | (m << 20), jnp.float32))
+    mag = jnp.where((b & 0x7F) == 0x7F, jnp.float32(jnp.nan), mag)
+    return jnp.where((b & 0x80) != 0, -mag, mag)
+
+
 EXACT_SHIFT = 64  # the exact path hands matmuls its weights times 2^64 (all normal), and scales back
 
 
@@ -113,18 +125,30 @@ def _shifted_up(w):
     return jnp.where(b & 0x7F800000 == 0, sub, w * 2.0 ** EXACT_SHIFT)
 
 
-def nvfp4_planes(q, s, s2, exact: bool):
-    """One NVFP4 matrix (q [out, K/2], s [out, K/16], s2 []) decoded as in dequant_nvfp4, for a
-    matmul, split into its even and odd columns: (w[:, 0::2], w[:, 1::2]), each float32 [out, K/2].
-    The fast form builds the values of each byte's low and high nibble as bit patterns (no
-    interleaving, so XLA vectorises it). `exact` (globals where tiny_global holds) forms the
-    products in integers and returns the values times 2^EXACT_SHIFT (planes_matmul scales back)."""
-    if exact:
-        w = _shifted_up(_dequant_exact(q, s, _broadcast_global(s2, s)))
-        return w[:, 0::2], w[:, 1::2]
-    f = jnp.repeat(s.astype(jnp.float32) * s2, 8, axis=-1)             # [out, K/2]: byte j is in block j // 8
+def nvfp4_factors(s, s2):
+    """The block factors f32(scale * global) [..., out, K/16] of E4M3 scales s [..., out, K/16] and
+    globals s2 broadcastable to [..., out] (the fast path: no global is tiny)."""
+    return e4m3_f32(s) * _broadcast_global(s2, s)
+
+
+def factor_planes(q, f):
+    """Packed codes q [..., out, K/2] and block factors f [..., out, K/16] -> the matrix's even and odd
+    column planes (w[..., 0::2], w[..., 1::2]), float32 [..., out, K/2], each value f32(e2m1 * factor),
+    built as bit patterns from the bytes' low or high nibbles (no interleaving: XLA vectorises it)."""
+    f = jnp.repeat(f, 8, axis=-1)                                        # [..., out, K/2]: byte j is in block j // 8
     c = q.astype(jnp.uint32)
     return _e2m1_f32(c & 15) * f, _e2m1_f32(c >> 4) * f
+
+
+def nvfp4_planes(q, s, s2, exact: bool):
+    """NVFP4 matrices (q [..., out, K/2], s [..., out, K/16], s2 broadcastable to [..., out]) decoded as
+    in dequant_nvfp4, for a matmul, split into their even and odd columns (factor_planes). `exact`
+    (globals where tiny_global holds) forms the products in integers and returns the values times
+    2^EXACT_SHIFT (the caller scales back)."""
+    if exact:
+        w = _shifted_up(_dequant_exact(q, s, _broadcast_global(s2, s)))
+        return w[..., 0::2], w[..., 1::2]
+    return factor_planes(q, nvfp4_factors(s, s2))
 
 
 def nvfp4_matrix(q, s, s2, dt, exact: bool):

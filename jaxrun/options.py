@@ -20,7 +20,8 @@ from ref.modes import (ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, KV_CACHE_DTYPES,
                        Modes, check_choice)
 
 SPARE_SLOTS = ("skip", "repeat")
-EXPERT_KERNELS = ("loop",)
+EXPERT_KERNELS = ("sorted", "ragged")
+SLOT_KERNELS = ("dot", "fused")
 TRIANGULAR_SOLVES = ("substitution", "lapack")
 
 
@@ -37,9 +38,17 @@ class Options:
     spare_slots: str = "skip"           # decode slots without an expert: skipped under a cond ("skip", CPU)
                                         # or recomputing a held expert with weight 0 ("repeat", GPU: a cond
                                         # waits for its predicate on the host)
-    decode_apart: bool = True           # the expert loop decodes each expert in a computation apart
-                                        # (a cond; XLA:CPU then copies the expert's slice out first)
-    expert_kernel: str = "loop"         # how many tokens run through the routed experts
+    decode_apart: bool = True           # routed experts are decoded from copies of their packed bytes
+                                        # (XLA:CPU decodes much slower fused with the slicing of the stack)
+    expert_kernel: str = "sorted"       # more than slot_tokens tokens (jaxrun.moe): "sorted", a loop over
+                                        # the experts with 2-D products (CPU); "ragged", chunks of experts
+                                        # decoded to the compute dtype and grouped products (accelerators)
+    slot_kernel: str = "dot"            # the decode slots' products: "dot" on the decoded weights (CPU);
+                                        # "fused", decoding fused into a multiply-reduce that reads only
+                                        # the packed bytes (accelerators: the step is memory-bound)
+    slot_tokens: int = 2                # up to this many tokens run as decode slots (a decode or speculative
+                                        # step; accelerators: batched decode steps too, each picked expert's
+                                        # packed bytes read once)
     triangular_solve: str = "substitution"  # DeltaNet's chunk solve: forward substitution in XLA ops (CPU:
                                         # jaxlib's LAPACK solve can deadlock XLA's thread pool) or "lapack"
     kv_cache_dtype: str = "auto"        # the attention caches' stored form (ref.modes): auto | fp8_e4m3 | nvfp4
@@ -58,6 +67,9 @@ class Options:
         check_choice("spare_slots", self.spare_slots, SPARE_SLOTS)
         check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
         check_choice("triangular_solve", self.triangular_solve, TRIANGULAR_SOLVES)
+        check_choice("slot_kernel", self.slot_kernel, SLOT_KERNELS)
+        if self.slot_tokens < 1:
+            raise ValueError(f"slot_tokens: expected at least 1, got {self.slot_tokens}")
 
     @property
     def dtype(self):
@@ -77,8 +89,10 @@ class Options:
         cpu = platform == "cpu"
         return Options(mesh, modes.precision, modes.activations, modes.act_scale, flushes_subnormals=cpu,
                        widen_bf16_dots=cpu, spare_slots="skip" if cpu else "repeat", decode_apart=cpu,
-                       triangular_solve="substitution" if cpu else "lapack", kv_cache_dtype=modes.kv_cache_dtype,
-                       kv_engine=modes.kv_engine, kv_prefill=modes.kv_prefill, state_dtype=modes.state_dtype)
+                       expert_kernel="sorted" if cpu else "ragged", slot_kernel="dot" if cpu else "fused",
+                       slot_tokens=2 if cpu else 8, triangular_solve="substitution" if cpu else "lapack",
+                       kv_cache_dtype=modes.kv_cache_dtype, kv_engine=modes.kv_engine, kv_prefill=modes.kv_prefill,
+                       state_dtype=modes.state_dtype)
 
     @staticmethod
     def build(mesh: Mesh, modes: Modes, params, platform: str | None = None) -> "Options":
