@@ -56,6 +56,7 @@ from pathlib import Path
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, exit_on_interrupt, parse_token_ids, \
     run_main
+from ref.distributed_args import add_distributed_arguments
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments
 
 PROG = "jaxrun.generate"
@@ -99,6 +100,7 @@ def parse_args(argv):
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="where compiled steps are kept for later runs (default: $JAX_COMPILATION_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/qwen35-nvfp4-spec/xla); off: compile every run")
+    add_distributed_arguments(p)
     return p.parse_args(argv)
 
 
@@ -260,12 +262,19 @@ def _tokenizer(ckpt, needed: bool):
 
 def run(a) -> int:
     validate(a)
-    if a.devices and a.devices > 1 and "jax" not in sys.modules:  # fake CPU devices; no effect on GPUs
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={a.devices}").strip()
+    from jaxrun.distributed import Cluster, Settings, local_devices_flag
+    settings = Settings.resolve(a)
+    local_devices_flag(settings, a.devices)      # simulated CPU devices; no effect on GPUs
+    cluster = Cluster.start(settings, PROG)
+    with cluster.guard():
+        return _run(a, cluster)
+
+
+def _run(a, cluster) -> int:
     import jax
     from jaxrun.check import check
-    from jaxrun.load import load
+    from jaxrun.distributed import fingerprint
+    from jaxrun.load import BytesRead, load
     from jaxrun.options import default_precision
     from jaxrun.runner import Runner, speculative_stats
     from jaxrun.sampling import Sampling
@@ -278,19 +287,27 @@ def run(a) -> int:
         cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
         jax.config.update("jax_compilation_cache_dir", cache)
     precision = a.precision or default_precision()
-    ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
-    tok = _tokenizer(ckpt, needed=a.token_ids is None)
+
+    def prepare():
+        ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
+        tok = _tokenizer(ckpt, needed=a.token_ids is None)
+        prompts = prompts_from(a, tok, ckpt.config.text.vocab_size)
+        _check_checkpoint(a, ckpt)
+        ctx = _context(a, ckpt, prompts)
+        mesh = make_mesh(a.devices)
+        check_experts(ckpt.config.text.num_experts, mesh.size)
+        return ckpt, tok, prompts, ctx, mesh
+
+    ckpt, tok, prompts, ctx, mesh = cluster.agree(
+        prepare, lambda r: fingerprint(a, r[0], prompts=r[2], context=r[3], precision=precision))
     cfg = ckpt.config.text
-    prompts = prompts_from(a, tok, cfg.vocab_size)
-    _check_checkpoint(a, ckpt)
-    ctx = _context(a, ckpt, prompts)
-    mesh = make_mesh(a.devices)
-    check_experts(cfg.num_experts, mesh.size)
-    if not a.model and not a.quiet:
+    quiet = a.quiet or not cluster.leader
+    if not a.model and not quiet:
         note("the built-in tiny model has random weights: its text is noise (give --model for a real one)")
-    ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
+    count = BytesRead()
+    ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not quiet, count=count)
     runner = Runner(params, cfg, mesh, precision, a.activations, a.act_scale)
-    if not a.quiet:
+    if not quiet:
         runner.on_compile = compile_progress
     texts = [tok.decode(p) if tok else "" for p in prompts]
     stream = len(prompts) == 1 and not a.json
@@ -318,13 +335,15 @@ def run(a) -> int:
     finally:
         if watchdog:
             watchdog.stop()
+    bytes_read = cluster.gather(count.total)                      # per process
+    cluster.finish()
     t = runner.timings
     for b, r in enumerate(results):
         text, hit = text_of(r.token_ids)
         finish = "stop" if hit or (r.token_ids and r.token_ids[-1] in stop_ids) else "length"
         if a.json:
             obj = {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
-                   "finish_reason": finish, "timings": t.as_dict()}
+                   "finish_reason": finish, "timings": t.as_dict(), "checkpoint_bytes_read": bytes_read}
             if a.mtp and not a.speculative:
                 obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
             if a.speculative:
@@ -335,16 +354,27 @@ def run(a) -> int:
         else:
             print(f"[{b}] {displays[b].render(text, final=True)}", flush=True)
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
-    print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
-          f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
-          f"{mesh.devices.flat[0].platform} device(s), {precision}, {a.activations}, dense {a.dense}"
-          + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
-             if a.mtp and not a.speculative else "")
-          + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
-          file=sys.stderr)
-    if a.check and not check(ckpt, results, precision, a.activations, a.act_scale):
+    where = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)" + (f" in {cluster.count} processes"
+                                                                         if cluster.multi else "")
+    if cluster.leader:
+        print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
+              f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {where}, {precision}, "
+              f"{a.activations}, dense {a.dense} | read {bytes_summary(bytes_read)}"
+              + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
+                 if a.mtp and not a.speculative else "")
+              + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
+              file=sys.stderr)
+    if a.check and cluster.leader and not check(ckpt, results, precision, a.activations, a.act_scale):
         return 1
     return 0
+
+
+def bytes_summary(per_process: list[int]) -> str:
+    """'12.3 MB of the checkpoint', or with several processes each one's share: '6.2 + 6.1 MB ...'."""
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if max(per_process) >= s
+                       or s == 1)
+    return (" + ".join(f"{b / scale:.4g}" for b in per_process) + f" {unit} of the checkpoint"
+            + (" (per process)" if len(per_process) > 1 else ""))
 
 
 def main(argv=None) -> int:
