@@ -217,6 +217,12 @@ class Cluster:
             raise UsageError(f"the processes were started differently: {differ}")
         return prepared
 
+    def sync(self, name: str) -> None:
+        """Wait until every process gets here."""
+        if self.multi:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(name)
+
     # -- failures and the end ------------------------------------------------------------------------
     @contextlib.contextmanager
     def guard(self):

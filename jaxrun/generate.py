@@ -274,7 +274,7 @@ def _run(a, cluster) -> int:
     import jax
     from jaxrun.check import check
     from jaxrun.distributed import fingerprint
-    from jaxrun.load import BytesRead, load
+    from jaxrun.load import BytesRead, bytes_summary, load
     from jaxrun.options import default_precision
     from jaxrun.runner import Runner, speculative_stats
     from jaxrun.sampling import Sampling
@@ -328,10 +328,18 @@ def _run(a, cluster) -> int:
         return stopped
 
     watchdog = Watchdog(a.step_timeout, " (--step-timeout)", prog=PROG) if a.step_timeout else None
+    compiled = []
+
+    def progress(what):  # once compiled: the processes wait for each other, so that timings start together
+        if not compiled:
+            compiled.append(cluster.sync("compiled"))
+        if watchdog:
+            watchdog.phase(what)
+
     try:
         results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
                                   stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step,
-                                  mtp=a.mtp, speculative=a.speculative or 0, progress=watchdog and watchdog.phase)
+                                  mtp=a.mtp, speculative=a.speculative or 0, progress=progress)
     finally:
         if watchdog:
             watchdog.stop()
@@ -367,14 +375,6 @@ def _run(a, cluster) -> int:
     if a.check and cluster.leader and not check(ckpt, results, precision, a.activations, a.act_scale):
         return 1
     return 0
-
-
-def bytes_summary(per_process: list[int]) -> str:
-    """'12.3 MB of the checkpoint', or with several processes each one's share: '6.2 + 6.1 MB ...'."""
-    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if max(per_process) >= s
-                       or s == 1)
-    return (" + ".join(f"{b / scale:.4g}" for b in per_process) + f" {unit} of the checkpoint"
-            + (" (per process)" if len(per_process) > 1 else ""))
 
 
 def main(argv=None) -> int:

@@ -41,6 +41,14 @@ class BytesRead:
         return a
 
 
+def bytes_summary(per_process: list[int]) -> str:
+    """'12.3 MB of the checkpoint', or with several processes each one's share: '6.2 + 6.1 MB ...'."""
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if max(per_process) >= s
+                       or s == 1)
+    return (" + ".join(f"{b / scale:.4g}" for b in per_process) + f" {unit} of the checkpoint"
+            + (" (per process)" if len(per_process) > 1 else ""))
+
+
 def reader(ckpt: Checkpoint, param: Param, dtype, count: BytesRead | None = None):
     """index (a tuple of slices) -> that slice of the leaf, as a numpy array of the leaf's dtype (the
     bytes of the stored slice added to `count`)."""
