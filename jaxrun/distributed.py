@@ -280,11 +280,13 @@ LOCAL_FLAGS = frozenset({"model", "process_id", "compile_cache", "quiet", "json"
                          "batch_file", "served_model_name"})  # a process's own I/O, or compared by content
 
 
-def fingerprint(args, ckpt, **more) -> dict[str, str]:
-    """What must be the same on every process: the flags (but LOCAL_FLAGS), the checkpoint's content,
-    the code, JAX's version and the devices, plus `more` (e.g. the prompts' token ids)."""
+def fingerprint(flags, ckpt, **more) -> dict[str, str]:
+    """What must be the same on every process: the flags (an argparse Namespace or a dict; but
+    LOCAL_FLAGS), the checkpoint's content, the code, JAX's version and the devices, plus `more`
+    (e.g. the prompts' token ids)."""
     import jax
-    flags = {f"--{k.replace('_', '-')}": _short(v) for k, v in sorted(vars(args).items()) if k not in LOCAL_FLAGS}
+    flags = flags if isinstance(flags, dict) else vars(flags)
+    flags = {f"--{k.replace('_', '-')}": _short(v) for k, v in sorted(flags.items()) if k not in LOCAL_FLAGS}
     local = jax.local_devices()
     return {**flags, "checkpoint": checkpoint_fingerprint(ckpt.directory), "code": code_fingerprint(),
             "jax": f"{jax.__version__} / jaxlib {getattr(jax.lib, '__version__', '?')}",
