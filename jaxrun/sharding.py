@@ -70,14 +70,26 @@ def _multiprocess_mesh(devices, n: int | None) -> Mesh:
 
 
 def axis_sizes(mesh) -> dict[str, int]:
-    """{mesh axis: size} of a Mesh, or of a 1-D mesh of n devices given as an int."""
-    return {AXIS: mesh} if isinstance(mesh, int) else dict(mesh.shape)
+    """{mesh axis: size} of a Mesh, of a 1-D mesh of n devices given as an int, or given as a dict."""
+    if isinstance(mesh, int):
+        return {AXIS: mesh}
+    return dict(mesh) if isinstance(mesh, dict) else dict(mesh.shape)
 
 
 def mesh_axes(rule, sizes: dict[str, int]) -> tuple[str, ...]:
     """The mesh axes a rule (None, an axis, or a group) names that the mesh has."""
     group = () if rule is None else (rule,) if isinstance(rule, str) else rule
     return tuple(a for a in group if a in sizes)
+
+
+def replicated_across_hosts(x, mesh):
+    """x (inside jit) whole on every device when the mesh spans several processes, so that XLA keeps
+    what follows (the sampler's sort over the vocabulary) off the network instead of splitting it
+    across hosts; unchanged on a single-process mesh."""
+    if HOSTS not in axis_sizes(mesh):
+        return x
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*([None] * (x.ndim - 1)), AXIS)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
 
 def expert_axes(mesh) -> str | tuple[str, ...]:

@@ -3,7 +3,8 @@
 Generates with the same prompts in every configuration that matters to the mesh: dense weights
 replicated (greedy and seeded sampling, plain and speculative with 2 MTP drafts; then the same
 parameters read from the fused expert layout) and tensor-parallel within a host (greedy). Process 0
-prints one JSON object: per run the tokens and f32 logits; the checkpoint bytes each process read.
+prints one JSON object: per run the tokens and f32 logits; the checkpoint bytes each process read;
+per compiled function, the collectives that cross processes (jaxrun.collectives).
 
     python tests/jax_multiprocess.py CHECKPOINT_DIR FUSED_CHECKPOINT_DIR PROMPTS_JSON STEPS CONTEXT
 """
@@ -28,6 +29,7 @@ def main(ckpt_dir, fused_dir, prompts, steps, context):
 
 def _runs(cluster, ckpt_dir, fused_dir, prompts, steps, context):
     import jax
+    from jaxrun.collectives import cross_process
     from jaxrun.load import BytesRead, load
     from jaxrun.runner import Runner
     from jaxrun.sharding import make_mesh
@@ -53,7 +55,12 @@ def _runs(cluster, ckpt_dir, fused_dir, prompts, steps, context):
     record(r, "fused greedy", GREEDY)
     record(r, "fused seeded", SEEDED)
     ckpt, params = load(ckpt_dir, mesh, "f32", "sharded", progress=False)
-    record(Runner(params, ckpt.config.text, mesh, "f32"), "dense sharded greedy", GREEDY)
+    tp = Runner(params, ckpt.config.text, mesh, "f32")
+    record(tp, "dense sharded greedy", GREEDY)
+    out["cross_process"] = {f"{dense} {key[0]} {key[1:-1]}": [[c.op, c.shape, len(c.groups[0])] for c in
+                                                             cross_process(fn.as_text(), mesh)]
+                            for dense, runner in (("replicated", r), ("sharded", tp))
+                            for key, fn in runner._compiled.items()}
     return out
 
 

@@ -79,6 +79,26 @@ def test_two_processes_give_the_tokens_and_logits_of_one(runs):
     assert by_name["seeded"] != by_name["greedy"]
 
 
+def test_only_the_routed_experts_psum_crosses_processes(runs, tiny_checkpoint):
+    """In every compiled function of both dense layouts, what crosses processes is one all-reduce over
+    all 4 devices of f32 rows of the hidden size per MoE layer run (the 4 decoder layers, the MTP
+    layer): the tensor-parallel collectives stay within a process."""
+    from ref.checkpoint import open_checkpoint
+    cfg = open_checkpoint(tiny_checkpoint).config.text
+    one, two = runs
+    assert one["cross_process"] == {k: [] for k in one["cross_process"]}       # one process: nothing crosses
+    seen = set()
+    for fn, crossing in two["cross_process"].items():
+        for op, shape, devices in crossing:
+            assert (op, devices) == ("all-reduce", 4) and shape.startswith("f32[") and \
+                shape.split("]")[0].endswith(f",{cfg.hidden_size}"), (fn, op, shape)
+        assert len(crossing) <= cfg.num_hidden_layers + cfg.mtp_num_hidden_layers, fn
+        seen.add(fn.split()[1])
+    decode = [c for fn, c in two["cross_process"].items() if fn.split()[1] == "decode"]
+    assert decode and all(len(c) == cfg.num_hidden_layers for c in decode)
+    assert {"prefill", "first", "decode", "verify"} <= seen
+
+
 def _stored_bytes(ckpt: Path) -> tuple[int, int]:
     """(dense, routed experts) bytes of the language model's tensors, from the safetensors headers."""
     dense = experts = 0
