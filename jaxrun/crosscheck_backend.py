@@ -15,6 +15,10 @@ import sys
 
 import numpy as np
 
+from jaxrun.distributed import Cluster, Settings, fingerprint
+from jaxrun.load import load                      # imports jax: without it, ref.crosscheck says "unavailable"
+from jaxrun.runner import Runner, bucket
+from jaxrun.sharding import check_experts, make_mesh
 from ref.errors import FormatError
 from ref.modes import JAX_PRECISIONS, Modes
 
@@ -29,7 +33,6 @@ def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool)
                           f"use --backend ref")
     if want_dumps:
         raise FormatError("--engine-dumps needs --backend ref (jaxrun writes no layer dumps)")
-    from jaxrun.distributed import Cluster, Settings
     cluster = Cluster.start(Settings.resolve(), PROG)
     with cluster.guard():
         logits = _logits(cluster, ckpt, token_ids, modes)
@@ -40,11 +43,6 @@ def reference_logits(ckpt, token_ids: list[int], modes: Modes, want_dumps: bool)
 
 
 def _logits(cluster, ckpt, token_ids: list[int], modes: Modes) -> np.ndarray:
-    from jaxrun.distributed import fingerprint
-    from jaxrun.load import load
-    from jaxrun.runner import Runner, bucket
-    from jaxrun.sharding import check_experts, make_mesh
-
     def prepare():
         mesh = make_mesh()
         check_experts(ckpt.config.text.num_experts, mesh.size)

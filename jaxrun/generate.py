@@ -43,6 +43,13 @@ speculative step) that has not finished after S seconds ends the run with one li
 the step and its compiled function, exit status 3: a computation stuck inside XLA cannot be
 interrupted, so a wedged run says so instead of waiting forever.
 
+More than one host (README "More than one host"): one process per host, each started with
+--coordinator HOST:PORT --num-processes N --process-id I (or --distributed auto under SLURM, Open
+MPI...; or `python -m jaxrun.launch -n N -- jaxrun.generate ...` on one machine). The mesh spans every
+device of every process; each process reads only its share of the checkpoint (--json:
+checkpoint_bytes_read, per process; the summary line too); the processes compare a fingerprint of
+their flags, checkpoint and code before loading; only process 0 prints.
+
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
 values, token ids outside the vocabulary) prints one line on stderr and exits 2; an interrupt
 prints one line and exits 130.

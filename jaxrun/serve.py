@@ -12,6 +12,10 @@ and return_tokens_as_token_ids, reasoning_content, qwen3_coder tool calls), GET 
 (200 once the model is loaded and its first steps compiled), /metrics (Prometheus). A checkpoint
 without a tokenizer serves token-id prompts only. SIGINT / SIGTERM: stop admitting, finish the requests
 in flight, exit 0 (a second signal exits at once). Bad flags or an unreadable model: one line, exit 2.
+
+Over several processes (--coordinator / --num-processes / --process-id, --distributed auto, or
+`python -m jaxrun.launch -n N -- jaxrun.serve ...`): process 0 serves HTTP and schedules; before each
+turn its plan reaches the others, which run the same steps on the same slots until process 0 stops.
 """
 from __future__ import annotations
 
