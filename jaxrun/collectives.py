@@ -16,7 +16,8 @@ import numpy as np
 
 _OP = re.compile(r"= (?P<shape>\S+) (?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                  r"(?:-start)?\(")
-_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:, device_ids=\((?P<ids>[^)]*\)?)\))? \{(?P<group>[^}]*)\}")
+_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:, device_ids=\((?P<ids>[^)]*\)?)\))?"
+                   r" \{(?P<group>[^}]*)\}")
 _IOTA = re.compile(r"replica_groups=(?P<iota>\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
 _EXPLICIT = re.compile(r"replica_groups=(?P<groups>\{(?:\{[\d,]*\},?)*\})")
 _PAIRS = re.compile(r"source_target_pairs=(?P<pairs>\{(?:\{\d+,\d+\},?)*\})")

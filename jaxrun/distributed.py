@@ -10,8 +10,8 @@ of several processes works on one machine) and returns the view every CLI uses:
 - `guard()`: in a multi-process run, any failure prints one line and ends the process at once (exit
   2 bad input, 4 another process lost, 1 otherwise), without waiting on the others at exit;
 - `finish()`: the processes leave the runtime together once the collective work is done.
-Only process 0 prints results: followers' stdout goes to /dev/null, and native code's stdout (gloo
-prints its connection lines there) to stderr.
+Only process 0 prints results: followers' stdout goes to /dev/null, and so does native code's stdout
+(gloo's connection lines).
 
 How failures end every process within bounded time: a coordinator that cannot be reached (or a
 process that never starts) -> a watchdog around the connection (--init-timeout); a process that
@@ -156,10 +156,13 @@ class Cluster:
         return cluster
 
     def _redirect_output(self) -> None:
-        """Native code's stdout -> stderr; Python's stdout: the real one on process 0, nothing elsewhere."""
+        """Native code's stdout (gloo prints a line there per group of devices it connects) dropped;
+        Python's stdout: the real one on process 0, nothing elsewhere."""
         sys.stdout.flush()
         saved = os.dup(1)
-        os.dup2(2, 1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
         sys.stdout = os.fdopen(saved, "w", buffering=1) if self.leader else open(os.devnull, "w")
 
     # -- exchanging values ---------------------------------------------------------------------------

@@ -68,8 +68,8 @@ def _stored(ckpt: Checkpoint, param: Param):
     if isinstance(src, ExpertPart):
         def experts(idx):
             rows = range(param.shape[0])[idx[0]]
-            return np.stack([_part(getattr(ckpt.expert(src.layer, e), src.proj.removesuffix("_proj")), src.part)[idx[1:]]
-                             for e in rows])
+            proj = src.proj.removesuffix("_proj")
+            return np.stack([_part(getattr(ckpt.expert(src.layer, e), proj), src.part)[idx[1:]] for e in rows])
         return experts
     if isinstance(src, ExpertInputScales):
         gate_up = ckpt.expert_input_scales(src.layer)                    # [E]: max(gate, up), read once

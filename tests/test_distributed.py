@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from jaxrun.collectives import Collective, collectives
 from jaxrun.distributed import Settings, checkpoint_fingerprint, disagreement
@@ -95,11 +94,12 @@ def test_rules_on_a_two_dimensional_mesh(tiny_checkpoint):
 
 
 HLO = """
-  %a = f32[2,64]{1,0} all-reduce(f32[2,64]{1,0} %x), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
-  %b = f32[2,64]{1,0} all-reduce(f32[2,64]{1,0} %y), channel_id=2, replica_groups=[2,2]<=[4], to_apply=%add
-  %c = f32[2,256]{1,0} all-reduce(f32[2,256]{1,0} %z), channel_id=3, replica_groups=[2,2]<=[2,2]T(1,0), to_apply=%add
-  %d = f32[2,512]{0,1} all-gather(f32[2,256]{0,1} %w), channel_id=4, replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={1}
-  %e = f32[2,1,16]{2,1,0} collective-permute(f32[2,1,16]{2,1,0} %v), channel_id=5, source_target_pairs={{0,2},{1,3}}
+  %a = f32[2,64]{1,0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %b = f32[2,64]{1,0} all-reduce(%y), channel_id=2, replica_groups=[2,2]<=[4], to_apply=%add
+  %c = f32[2,256]{1,0} all-reduce(%z), channel_id=3, replica_groups=[2,2]<=[2,2]T(1,0), to_apply=%add
+  %d = f32[2,512]{0,1} all-gather(%w), replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], \
+device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={1}
+  %e = f32[2,1,16]{2,1,0} collective-permute(%v), channel_id=5, source_target_pairs={{0,2},{1,3}}
   %f = bf16[8]{0} add(bf16[8]{0} %p, bf16[8]{0} %q)
 """
 

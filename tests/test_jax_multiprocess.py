@@ -169,12 +169,14 @@ def _children(pid: int) -> dict[int, int]:
 
 
 def test_launch_serve_same_tokens_then_graceful_stop(runs, tiny_checkpoint):
+    """A speculative server (2 MTP drafts per step) over 2 processes: the tokens of one process;
+    SIGINT to the launcher reaches process 0, whose stop plan ends the others: every exit 0."""
     openai = pytest.importorskip("openai")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxrun.launch", "-n", "2", "--devices-per-process", "2", "--",
                              "jaxrun.serve", "--model", str(tiny_checkpoint), "--port", str(port),
                              "--max-running-requests", "2", "--max-context", "256", "--prefill-chunk", "16",
-                             "--log-level", "warning"],
+                             "--log-level", "warning", "--speculative", "2"],
                             stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     try:
         deadline = time.monotonic() + 300
@@ -189,8 +191,9 @@ def test_launch_serve_same_tokens_then_graceful_stop(runs, tiny_checkpoint):
             time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
         want = {r["name"]: r["tokens"][0] for r in runs[0]["runs"]}
-        for name, kw in (("greedy", {"temperature": 0}),
-                         ("seeded", {"temperature": 0.8, "top_p": 0.9, "seed": 7, "extra_body": {"top_k": 50}})):
+        for name, kw in (("greedy", {"temperature": 0}),              # speculative greedy == plain greedy
+                         ("seeded speculative", {"temperature": 0.8, "top_p": 0.9, "seed": 7,
+                                                 "extra_body": {"top_k": 50}})):
             extra = {"return_token_ids": True, "ignore_eos": True, **kw.pop("extra_body", {})}
             got = client.completions.create(model=str(tiny_checkpoint), prompt=PROMPTS[0], max_tokens=STEPS,
                                             extra_body=extra, **kw)
@@ -206,8 +209,8 @@ def test_launch_serve_same_tokens_then_graceful_stop(runs, tiny_checkpoint):
 
 def _generate(i: int, port: int, *flags, **kw):
     return subprocess.Popen([sys.executable, "-m", "jaxrun.generate", "--coordinator", f"127.0.0.1:{port}",
-                             "--num-processes", "2", "--process-id", str(i), "--devices", "4", *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=ROOT, **kw)
+                             "--num-processes", "2", "--process-id", str(i), "--devices", "4", *map(str, flags)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, **kw)
 
 
 def _finish(procs, timeout):
