@@ -130,7 +130,8 @@ class Launch:
                 continue
             log.seek(0)
             lines = [ln for ln in log.read().decode(errors="replace").splitlines() if not ln.startswith("[Gloo]")]
-            print(f"{PROG}: process {i} ended with {_describe(p.returncode)}; its last lines:", file=sys.stderr)
+            print(f"{PROG}: process {i} ended with {_describe(p.returncode)}"
+                  + ("; its last lines:" if lines else " (no output)"), file=sys.stderr)
             for ln in lines[-TAIL:]:
                 print(f"  [{i}] {ln}", file=sys.stderr)
         sys.stderr.flush()

@@ -185,7 +185,10 @@ class Scheduler:
         while True:
             plan = self._plan()
             if self._cluster:
-                plan = Plan.from_json(self._cluster.broadcast(plan.to_json()))
+                try:
+                    plan = Plan.from_json(self._cluster.broadcast(plan.to_json()))
+                except Exception as e:  # noqa: BLE001 (another process is lost: end the run)
+                    self._cluster.fail(e)
             if plan.stop:
                 break
             try:
