@@ -69,8 +69,11 @@ class Settings:
                     raise UsageError(f"${ENV[key]}: expected {kind.__name__}, got {environ[ENV[key]]!r}") from None
             return v
 
+        mode = value("distributed", str)
+        if mode not in (None, "auto"):
+            raise UsageError(f"${ENV['distributed']}: expected 'auto', got {mode!r}")
         s = Settings(value("coordinator", str), value("num_processes", int), value("process_id", int),
-                     value("distributed", str) == "auto", value("init_timeout", float) or INIT_TIMEOUT,
+                     mode == "auto", value("init_timeout", float) or INIT_TIMEOUT,
                      value("heartbeat_timeout", float) or HEARTBEAT_TIMEOUT)
         s.check()
         return s
@@ -204,10 +207,11 @@ class Cluster:
         UsageError on every process. -> what prepare returned."""
         try:
             prepared, mine = prepare(), None
-        except (ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 (in a multi-process run, every process learns of it)
             if not self.multi:
                 raise
-            prepared, mine = None, {"error": error_line(e)}
+            usage = isinstance(e, (ValueError, OSError))
+            prepared, mine = None, {"error": error_line(e) if usage else f"{type(e).__name__}: {error_line(e)}"}
         if not self.multi:
             return prepared
         entries = self.gather(mine or {"fingerprint": describe(prepared)})

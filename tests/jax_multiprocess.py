@@ -36,6 +36,10 @@ def _runs(cluster, ckpt_dir, fused_dir, prompts, steps, context):
 
     mesh = make_mesh()
     out = {"processes": jax.process_count(), "devices": mesh.size, "mesh": dict(mesh.shape), "runs": []}
+    long = list(range(2000))                                 # past HEADER_BYTES: a second collective
+    out["broadcast"] = [cluster.broadcast({"a": 1} if cluster.leader else None),
+                        cluster.broadcast(long if cluster.leader else None) == long]
+    out["gathered"] = [len(x) for x in cluster.gather("x" * (10 + 3000 * cluster.index))]
 
     def record(runner, name, sampling, speculative=0):
         res = runner.generate(prompts, steps, sampling, max_context=context, keep_logits=True,

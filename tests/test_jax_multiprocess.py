@@ -55,13 +55,23 @@ def _no_gloo(text: str) -> str:
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoint, tiny_checkpoint_fused):
     """(1 process x 4 devices, 2 processes x 2 devices) results of tests/jax_multiprocess.py."""
-    args = [tiny_checkpoint, tiny_checkpoint_fused, json.dumps(PROMPTS), STEPS, CONTEXT]
-    one = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600,
-                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=ROOT)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch(SCRIPT, *args)
-    assert two.returncode == 0, _no_gloo(two.stderr)[-3000:]
-    return json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
+    args = [str(a) for a in (tiny_checkpoint, tiny_checkpoint_fused, json.dumps(PROMPTS), STEPS, CONTEXT)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "cwd": ROOT}
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], **pipes,       # both at once: compiling is
+                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")),   # one core each
+             subprocess.Popen([sys.executable, "-m", "jaxrun.launch", "-n", "2", "--devices-per-process", "2", "--",
+                               str(SCRIPT), *args], **pipes, env=_env())]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=900)
+            assert p.returncode == 0, _no_gloo(err)[-3000:]
+            outs.append(json.loads(out.splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return tuple(outs)
 
 
 def test_two_processes_give_the_tokens_and_logits_of_one(runs):
@@ -75,6 +85,7 @@ def test_two_processes_give_the_tokens_and_logits_of_one(runs):
             la, lb = np.array(la), np.array(lb)
             assert la.shape == lb.shape == (STEPS, la.shape[1])
             assert np.abs(la - lb).max() <= LOGIT_TOL * np.abs(la).max(), a["name"]
+    assert two["broadcast"] == [{"a": 1}, True] and two["gathered"] == [10, 3010]
     by_name = {r["name"]: r["tokens"] for r in one["runs"]}
     assert by_name["greedy"] == by_name["greedy speculative"] == by_name["fused greedy"]   # independent checks
     assert by_name["seeded"] != by_name["greedy"]
