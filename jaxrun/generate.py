@@ -58,6 +58,13 @@ speculative step) that has not finished after S seconds ends the run with one li
 the step and its compiled function, exit status 3: a computation stuck inside XLA cannot be
 interrupted, so a wedged run says so instead of waiting forever.
 
+More than one host (README "More than one host"): one process per host, each started with
+--coordinator HOST:PORT --num-processes N --process-id I (or --distributed auto under SLURM, Open
+MPI...; or `python -m jaxrun.launch -n N -- jaxrun.generate ...` on one machine). The mesh spans every
+device of every process; each process reads only its share of the checkpoint (--json:
+checkpoint_bytes_read, per process; the summary line too); the processes compare a fingerprint of
+their flags, checkpoint and code before loading; only process 0 prints.
+
 Bad input (model path, prompt longer than the context, more devices than visible, invalid sampling
 values, token ids outside the vocabulary, an image that cannot be read or used, more or fewer images
 than the prompt's placeholders, images for a checkpoint without a vision tower) prints one line on
@@ -77,6 +84,7 @@ from pathlib import Path
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, parse_token_ids, \
     prompt_images, run_main
+from ref.distributed_args import add_distributed_arguments
 from ref.image_prompt import user_message
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
 
@@ -123,6 +131,7 @@ def parse_args(argv):
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="where compiled steps are kept for later runs (default: $JAX_COMPILATION_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/qwen35-nvfp4-spec/xla); off: compile every run")
+    add_distributed_arguments(p)
     return p.parse_args(argv)
 
 
@@ -287,12 +296,19 @@ def _tokenizer(ckpt, needed: bool):
 
 def run(a) -> int:
     validate(a)
-    if a.devices and a.devices > 1 and "jax" not in sys.modules:  # fake CPU devices; no effect on GPUs
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={a.devices}").strip()
+    from jaxrun.distributed import Cluster, Settings, local_devices_flag
+    settings = Settings.resolve(a)
+    local_devices_flag(settings, a.devices)      # simulated CPU devices; no effect on GPUs
+    cluster = Cluster.start(settings, PROG)
+    with cluster.guard():
+        return _run(a, cluster)
+
+
+def _run(a, cluster) -> int:
     import jax
     from jaxrun.check import check
-    from jaxrun.load import load
+    from jaxrun.distributed import fingerprint
+    from jaxrun.load import BytesRead, bytes_summary, load
     from jaxrun.options import default_precision
     from jaxrun.runner import Runner, speculative_stats
     from jaxrun.sampling import Sampling
@@ -306,20 +322,28 @@ def run(a) -> int:
         jax.config.update("jax_compilation_cache_dir", cache)
     modes = modes_from_args(a, default_precision())
     precision = modes.precision
-    ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
-    tok = _tokenizer(ckpt, needed=a.token_ids is None)
+
+    def prepare():
+        ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
+        tok = _tokenizer(ckpt, needed=a.token_ids is None)
+        prompts = prompts_from(a, tok, ckpt.config.text.vocab_size)
+        prompts[0], images = prompt_images(ckpt, prompts[0], a.image)     # --image goes with one prompt
+        _check_checkpoint(a, ckpt, modes)
+        ctx = _context(a, ckpt, prompts)
+        mesh = make_mesh(a.devices)
+        check_experts(ckpt.config.text.num_experts, mesh.size)
+        return ckpt, tok, prompts, images, ctx, mesh
+
+    ckpt, tok, prompts, images, ctx, mesh = cluster.agree(
+        prepare, lambda r: fingerprint(a, r[0], prompts=r[2], context=r[4], modes=asdict(modes)))
     cfg = ckpt.config.text
-    prompts = prompts_from(a, tok, cfg.vocab_size)
-    prompts[0], images = prompt_images(ckpt, prompts[0], a.image)     # --image goes with one prompt
-    _check_checkpoint(a, ckpt, modes)
-    ctx = _context(a, ckpt, prompts)
-    mesh = make_mesh(a.devices)
-    check_experts(cfg.num_experts, mesh.size)
-    if not a.model and not a.quiet:
+    quiet = a.quiet or not cluster.leader
+    if not a.model and not quiet:
         note("the built-in tiny model has random weights: its text is noise (give --model for a real one)")
-    ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not a.quiet)
+    count = BytesRead()
+    ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not quiet, count=count)
     runner = Runner(params, ckpt.config, mesh, **asdict(modes))
-    if not a.quiet:
+    if not quiet:
         runner.on_compile = compile_progress
     texts = [tok.decode(p) if tok else "" for p in prompts]
     stream = len(prompts) == 1 and not a.json
@@ -340,21 +364,31 @@ def run(a) -> int:
         return stopped
 
     watchdog = Watchdog(a.step_timeout, " (--step-timeout)", prog=PROG) if a.step_timeout else None
+    compiled = []
+
+    def progress(what):  # once compiled: the processes wait for each other, so that timings start together
+        if not compiled:
+            compiled.append(cluster.sync("compiled"))
+        if watchdog:
+            watchdog.phase(what)
+
     try:
         results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
                                   stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step,
                                   mtp=a.mtp, speculative=a.speculative or 0, images=[images] if images else None,
-                                  progress=watchdog and watchdog.phase)
+                                  progress=progress)
     finally:
         if watchdog:
             watchdog.stop()
+    bytes_read = cluster.gather(count.total)                      # per process
+    cluster.finish()
     t = runner.timings
     for b, r in enumerate(results):
         text, hit = text_of(r.token_ids)
         finish = "stop" if hit or (r.token_ids and r.token_ids[-1] in stop_ids) else "length"
         if a.json:
             obj = {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
-                   "finish_reason": finish, "timings": t.as_dict()}
+                   "finish_reason": finish, "timings": t.as_dict(), "checkpoint_bytes_read": bytes_read}
             if a.mtp and not a.speculative:
                 obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
             if a.speculative:
@@ -365,14 +399,18 @@ def run(a) -> int:
         else:
             print(f"[{b}] {displays[b].render(text, final=True)}", flush=True)
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
-    print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
-          f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {mesh.size} "
-          f"{mesh.devices.flat[0].platform} device(s), {modes.describe()}, dense {a.dense}"
-          + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
-             if a.mtp and not a.speculative else "")
-          + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
-          file=sys.stderr)
-    if a.check and not check(ckpt, results, modes, images=[images] * len(results) if images else None):
+    where = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)" + (f" in {cluster.count} processes"
+                                                                         if cluster.multi else "")
+    if cluster.leader:
+        print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
+              f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {where}, {modes.describe()}, "
+              f"dense {a.dense} | read {bytes_summary(bytes_read)}"
+              + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
+                 if a.mtp and not a.speculative else "")
+              + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
+              file=sys.stderr)
+    if a.check and cluster.leader and not check(ckpt, results, modes,
+                                                  images=[images] * len(results) if images else None):
         return 1
     return 0
 

@@ -2,9 +2,11 @@
 
 The tree comes from the one declaration (jaxrun.params.declare, with the formats the checkpoint
 stores); each leaf's `source` says where its values are (ref.checkpoint's normalised view, so both
-expert layouts read alike). Replicated leaves are read once and copied to every device; split leaves
-go through `jax.make_array_from_callback`, so each device's shard is read on its own (for routed
-experts: only that device's experts) and the host never holds a whole model.
+expert layouts read alike). Every leaf goes through `jax.make_array_from_callback`, which asks only
+for the shards of this process's own devices: each distinct shard is read once (a replicated leaf
+once per process, not once per device), so a process reads only its own routed experts (with several
+processes, each holds E/N of them) and the host never holds a whole model. `BytesRead` counts the
+checkpoint bytes a process read.
 """
 from __future__ import annotations
 
@@ -37,21 +39,49 @@ def _part(w, part: str):
     return w.weight
 
 
-def reader(ckpt: Checkpoint, param: Param, dtype):
-    """index (a tuple of slices) -> that slice of the leaf, as a numpy array of the leaf's dtype."""
-    src, want = param.source, np.dtype(resolve_dtype(param, dtype))
+class BytesRead:
+    """Bytes of checkpoint tensors read (as stored, before any conversion)."""
+
+    def __init__(self):
+        self.total = 0
+
+    def add(self, a: np.ndarray) -> np.ndarray:
+        self.total += a.nbytes
+        return a
+
+
+def bytes_summary(per_process: list[int]) -> str:
+    """'12.3 MB of the checkpoint', or with several processes each one's share: '6.2 + 6.1 MB ...'."""
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if max(per_process) >= s
+                       or s == 1)
+    return (" + ".join(f"{b / scale:.4g}" for b in per_process) + f" {unit} of the checkpoint"
+            + (" (per process)" if len(per_process) > 1 else ""))
+
+
+def reader(ckpt: Checkpoint, param: Param, dtype, count: BytesRead | None = None):
+    """index (a tuple of slices) -> that slice of the leaf, as a numpy array of the leaf's dtype (the
+    bytes of the stored slice added to `count`)."""
+    want = np.dtype(resolve_dtype(param, dtype))
+    raw = _stored(ckpt, param)
+    count = count or BytesRead()
+    return lambda idx: np.asarray(count.add(raw(idx)), want)
+
+
+def _stored(ckpt: Checkpoint, param: Param):
+    """index -> that slice of the leaf as the checkpoint stores it (a view of the mapped file where it can)."""
+    src = param.source
     if isinstance(src, Tensor):
-        return lambda idx: np.asarray(ckpt.tensor(src.name).reshape(param.shape)[idx], want)
+        return lambda idx: ckpt.tensor(src.name).reshape(param.shape)[idx]
     if isinstance(src, LinearPart):
-        return lambda idx: np.asarray(_part(ckpt.linear(src.module), src.part)[idx], want)
+        return lambda idx: _part(ckpt.linear(src.module), src.part)[idx]
     if isinstance(src, ExpertPart):
         def experts(idx):
             rows = range(param.shape[0])[idx[0]]
-            return np.stack([np.asarray(_part(getattr(ckpt.expert(src.layer, e), src.proj.removesuffix("_proj")),
-                                              src.part)[idx[1:]], want) for e in rows])
+            proj = src.proj.removesuffix("_proj")
+            return np.stack([_part(getattr(ckpt.expert(src.layer, e), proj), src.part)[idx[1:]] for e in rows])
         return experts
     if isinstance(src, KVScale):
-        return lambda idx: np.asarray(ckpt.kv_scales(src.layer)["kv".index(src.kind)], want)[idx]
+        return lambda idx: np.asarray(ckpt.kv_scales(src.layer)["kv".index(src.kind)], np.float32)[idx]
     if isinstance(src, ExpertInputScales):
         gate_up = ckpt.expert_input_scales(src.layer)                    # [E]: max(gate, up), read once
 
@@ -68,26 +98,36 @@ def describe(ckpt: Checkpoint) -> Params:
     return declare(ckpt.config, Formats.from_checkpoint(ckpt))
 
 
-def load(model: str, mesh, precision: str = "f32", dense: str = "replicated", progress: bool = True):
-    """(checkpoint, params on mesh) for a checkpoint directory or hub id."""
+def load(model: str, mesh, precision: str = "f32", dense: str = "replicated", progress: bool = True,
+         count: BytesRead | None = None):
+    """(checkpoint, params on mesh) for a checkpoint directory or hub id; the checkpoint bytes this
+    process read are added to `count`."""
     ckpt = open_checkpoint(model)
     check_experts(ckpt.config.text.num_experts, mesh.size)
     dtype = compute_dtype(precision)
     declared = describe(ckpt)
-    specs = param_specs(declared, mesh.size, dense)
+    specs = param_specs(declared, mesh, dense)
     flat, treedef = jax.tree.flatten(declared, is_leaf=lambda x: isinstance(x, Param))
     out = []
     bar = tqdm(zip(flat, jax.tree.leaves(shardings(specs, mesh))), total=len(flat), desc="loading",
                unit="tensor", file=sys.stderr, disable=not progress)
     for param, sh in bar:
-        read = reader(ckpt, param, dtype)
-        if sh.is_fully_replicated:
-            out.append(jax.device_put(read(tuple(slice(None) for _ in param.shape)), sh))
-        else:
-            out.append(jax.make_array_from_callback(param.shape, sh, read))
+        out.append(jax.make_array_from_callback(param.shape, sh, _once(reader(ckpt, param, dtype, count))))
     return ckpt, jax.tree.unflatten(treedef, out)
+
+
+def _once(read):
+    """read, called once per distinct index (the local devices holding the same shard share it)."""
+    seen = {}
+
+    def shard(idx):
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key not in seen:
+            seen[key] = read(idx)
+        return seen[key]
+    return shard
 
 
 def place(params, declared: Params, mesh, dense: str = "replicated"):
     """Parameters held on the host (e.g. jaxrun.params.init's) placed on mesh by the sharding rules."""
-    return jax.device_put(params, shardings(param_specs(declared, mesh.size, dense), mesh))
+    return jax.device_put(params, shardings(param_specs(declared, mesh, dense), mesh))

@@ -23,6 +23,7 @@ from jaxrun.matmul import linear
 from jaxrun.moe import sparse_moe
 from jaxrun.options import Options
 from jaxrun.params import DecoderLayer, Params
+from jaxrun.sharding import replicated_across_hosts
 from ref.config import FULL, TextConfig
 
 
@@ -51,7 +52,7 @@ def _embed(params: Params, tokens, opts: Options, image_rows=None):
 
 def _lm_head(h, params: Params, opts: Options):
     """Final-normed hidden [..., H] -> logits [..., V] float32 (the lm_head the MTP head shares)."""
-    return linear(h, params.lm_head, opts).astype(jnp.float32)
+    return replicated_across_hosts(linear(h, params.lm_head, opts).astype(jnp.float32), opts.mesh)
 
 
 def _residual_layer(h, lp: DecoderLayer, mixer: Callable, cfg: TextConfig, opts: Options):

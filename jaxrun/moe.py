@@ -27,7 +27,7 @@ from jaxrun.matmul import dot, linear
 from jaxrun.nvfp4 import EXACT_SHIFT, activation_values, factor_planes, nvfp4_factors, nvfp4_planes
 from jaxrun.options import Options
 from jaxrun.params import NVFP4, Experts, SparseMoe
-from jaxrun.sharding import AXIS
+from jaxrun.sharding import expert_axes
 from ref.config import TextConfig
 
 CAPACITY_SPREAD = 1.5     # rows per product: the mean rows per expert plus this many standard deviations
@@ -360,20 +360,23 @@ def local_experts(x, ids, wts, experts: Experts, first, opts: Options, act=None,
 
 def routed_experts(x, ids, wts, experts: Experts, opts: Options):
     """The routed-expert sum (x [N, H], ids [N, k], weights [N, k]) -> [N, H] f32 over the mesh:
-    tokens replicated, experts split on the 'expert' axis, each device sums its own
-    (local_experts), a psum combines. W4A4: each expert's input scales, or (act_scale "max") the
-    layer's largest, a pmax over the devices; experts without input scales (the MTP head's) run W4A16."""
+    tokens replicated, experts split over the mesh's expert axes (sharding.expert_axes: every device
+    of every process), each device sums its own (local_experts), a psum combines. W4A4: each
+    expert's input scales, or (act_scale "max") the layer's largest, a pmax over the devices;
+    experts without input scales (the MTP head's) run W4A16."""
+    axes = expert_axes(opts.mesh)
+
     def local(x, ids, wts, experts):
         e_loc = experts.down_proj.weight.shape[0]
-        first = lax.axis_index(AXIS) * e_loc
+        first = lax.axis_index(axes) * e_loc
         act = None
         if opts.activations == "w4a4" and experts.input_scale is not None:
             act = experts.input_scale                                    # [E_local, 2]
             if opts.act_scale == "max":
-                act = jnp.broadcast_to(lax.pmax(jnp.max(act, axis=0), AXIS), act.shape)
-        return lax.psum(local_experts(x, ids, wts, experts, first, opts, act, opts.devices == 1), AXIS)
+                act = jnp.broadcast_to(lax.pmax(jnp.max(act, axis=0), axes), act.shape)
+        return lax.psum(local_experts(x, ids, wts, experts, first, opts, act, opts.devices == 1), axes)
 
-    specs = jax.tree.map(lambda a: P(AXIS, *([None] * (a.ndim - 1))), experts)
+    specs = jax.tree.map(lambda a: P(axes, *([None] * (a.ndim - 1))), experts)
     return jax.shard_map(local, mesh=opts.mesh, in_specs=(P(), P(), P(), specs), out_specs=P(),
                          check_vma=False)(x, ids, wts, experts)
 

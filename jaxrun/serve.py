@@ -19,6 +19,10 @@ parts with base64 data URLs when the checkpoint has a vision tower), GET /v1/mod
 (200 once the model is loaded and its first steps compiled), /metrics (Prometheus). A checkpoint
 without a tokenizer serves token-id prompts only. SIGINT / SIGTERM: stop admitting, finish the requests
 in flight, exit 0 (a second signal exits at once). Bad flags or an unreadable model: one line, exit 2.
+
+Over several processes (--coordinator / --num-processes / --process-id, --distributed auto, or
+`python -m jaxrun.launch -n N -- jaxrun.serve ...`): process 0 serves HTTP and schedules; before each
+turn its plan reaches the others, which run the same steps on the same slots until process 0 stops.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import sys
 from dataclasses import asdict
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, run_main
+from ref.distributed_args import add_distributed_arguments
 from ref.modes import DENSE_LAYOUTS, JAX_PRECISIONS, add_mode_arguments, modes_from_args
 
 PROG = "jaxrun.serve"
@@ -61,6 +66,7 @@ def parse_args(argv):
                         "else $XDG_CACHE_HOME/qwen35-nvfp4-spec/xla); off: compile every run")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default info)")
+    add_distributed_arguments(p)
     return p.parse_args(argv)
 
 
@@ -91,12 +97,18 @@ def _listen(host: str, port: int):
 
 def run(a) -> int:
     validate(a)
-    sock = _listen(a.host, a.port)
-    if a.devices and a.devices > 1 and "jax" not in sys.modules:  # simulated CPU devices; no effect on GPUs
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={a.devices}").strip()
+    from jaxrun.distributed import Cluster, Settings, local_devices_flag
+    settings = Settings.resolve(a)
+    local_devices_flag(settings, a.devices)      # simulated CPU devices; no effect on GPUs
+    cluster = Cluster.start(settings, PROG)
+    with cluster.guard():
+        return _run(a, cluster)
+
+
+def _run(a, cluster) -> int:
     import jax
-    from jaxrun.load import load
+    from jaxrun.distributed import fingerprint
+    from jaxrun.load import BytesRead, bytes_summary, load
     from jaxrun.openai_protocol import generation_defaults
     from jaxrun.options import default_precision
     from jaxrun.runner import Runner
@@ -110,33 +122,49 @@ def run(a) -> int:
     if a.compile_cache != "off":
         jax.config.update("jax_compilation_cache_dir", a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                           or str(user_cache("xla")))
-    ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
-    cfg = ckpt.config.text
-    if a.speculative and not ckpt.has("mtp.fc.weight"):
-        raise UsageError(f"--speculative: {ckpt.directory} has no MTP head (mtp.fc.weight)")
     modes = modes_from_args(a, default_precision())
-    if modes.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
-        raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
+    precision = modes.precision
+
+    def prepare():
+        sock = _listen(a.host, a.port) if cluster.leader else None   # only process 0 serves HTTP
+        ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
+        if a.speculative and not ckpt.has("mtp.fc.weight"):
+            raise UsageError(f"--speculative: {ckpt.directory} has no MTP head (mtp.fc.weight)")
+        if modes.activations == "w4a4" and ckpt.expert_input_scales(0) is None:
+            raise UsageError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
+        mesh = make_mesh(a.devices)
+        check_experts(ckpt.config.text.num_experts, mesh.size)
+        return sock, ckpt, mesh
+
+    sock, ckpt, mesh = cluster.agree(prepare, lambda r: fingerprint(a, r[1], modes=asdict(modes)))
+    cfg = ckpt.config.text
     tok = load_tokenizer(ckpt.directory) if (ckpt.directory / "tokenizer.json").is_file() else None
     context = min(a.max_context, cfg.max_position_embeddings)
-    precision = modes.precision
-    mesh = make_mesh(a.devices)
-    check_experts(cfg.num_experts, mesh.size)
-    print(f"{PROG}: loading {ckpt.directory} on {mesh.size} {mesh.devices.flat[0].platform} device(s), "
-          f"{modes.describe()}", file=sys.stderr, flush=True)
-    _, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=False)
+    where = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)" + (f" in {cluster.count} processes"
+                                                                         if cluster.multi else "")
+    say = (lambda msg: print(f"{PROG}: {msg}", file=sys.stderr, flush=True)) if cluster.leader else (lambda msg: None)
+    say(f"loading {ckpt.directory} on {where}, {modes.describe()}")
+    count = BytesRead()
+    _, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=False, count=count)
     runner = Runner(params, ckpt.config, mesh, **asdict(modes))
-    print(f"{PROG}: compiling ({a.max_running_requests} slots, context {context})", file=sys.stderr, flush=True)
-    engine = Scheduler(runner, a.max_running_requests, context, a.speculative or 0, a.prefill_chunk).start()
+    bytes_read = cluster.gather(count.total)
+    say(f"compiling ({a.max_running_requests} slots, context {context}); read {bytes_summary(bytes_read)}")
+    engine = Scheduler(runner, a.max_running_requests, context, a.speculative or 0, a.prefill_chunk, cluster)
+    if not cluster.leader:
+        engine.follow()                                  # until process 0's server stops
+        cluster.finish()
+        return 0
+    engine.start()
     name = a.served_model_name or a.model or "jaxrun-tiny"
     images = runner.has_vision and ckpt.config.preprocessor is not None
     app = build_app(engine, tok, name, eos_token_ids=cfg.eos_token_ids,
                     default_sampling=generation_defaults(ckpt.directory),
                     preprocessor=ckpt.config.preprocessor if images else None,
                     image_token_id=ckpt.config.special_tokens.get("image_token_id") if images else None)
-    print(f"{PROG}: serving {name!r} on http://{a.host}:{a.port} (compiled in {runner.timings.compile_s:.1f} s)",
-          file=sys.stderr, flush=True)
-    return run_server(app, a.host, a.port, log_level=a.log_level, sockets=[sock])
+    say(f"serving {name!r} on http://{a.host}:{a.port} (compiled in {runner.timings.compile_s:.1f} s)")
+    status = run_server(app, a.host, a.port, log_level=a.log_level, sockets=[sock])
+    cluster.finish()
+    return status
 
 
 def main(argv=None) -> int:

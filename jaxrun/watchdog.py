@@ -20,12 +20,16 @@ class Watchdog:
     next. If no phase follows within `timeout` seconds, the process exits with status EXIT_STALLED.
     Unarmed until the first phase (so compiling before it is not timed); stop() disarms it."""
 
-    def __init__(self, timeout: float, hint: str = "", stream=None, prog: str = "jaxrun"):
+    def __init__(self, timeout: float, hint: str = "", stream=None, prog: str = "jaxrun", status: int = EXIT_STALLED,
+                 why: str | None = None):
         """hint: text after the timeout in the message, e.g. the flag that sets it; prog: the message's
-        prefix (the command, as ref.cli's one-line errors have it)."""
+        prefix (the command, as ref.cli's one-line errors have it); status: the exit status; why: the
+        message's end (default: that a computation stuck inside XLA cannot be interrupted)."""
         if not 0 < timeout < float("inf"):
             raise ValueError(f"watchdog timeout must be a positive number of seconds, got {timeout}")
-        self.timeout, self.hint, self.prog = timeout, hint, prog
+        self.timeout, self.hint, self.prog, self.status = timeout, hint, prog, status
+        self.why = why or (f"a computation stuck inside XLA cannot be interrupted, so the run ends here with exit "
+                           f"status {status}")
         self._stream = stream or sys.stderr
         self._what: str | None = None
         self._since = 0.0
@@ -63,8 +67,7 @@ class Watchdog:
                 self._cond.wait(left)
 
     def _expire(self, what: str) -> None:
-        self._stream.write(f"{self.prog}: error: no progress for {self.timeout:g} s{self.hint} while waiting for {what}; a "
-                           f"computation stuck inside XLA cannot be interrupted, so the run ends here with exit "
-                           f"status {EXIT_STALLED}\n")
+        self._stream.write(f"{self.prog}: error: no progress for {self.timeout:g} s{self.hint} while waiting for {what}; "
+                           f"{self.why}\n")
         self._stream.flush()
-        os._exit(EXIT_STALLED)
+        os._exit(self.status)

@@ -15,6 +15,10 @@ against the f64 reference (ref.compare.Thresholds says how they were measured).
 
 The reference comes from a backend: "ref" (ref.model, NumPy) or one registered by another package
 under the entry-point group "qwen35_nvfp4_spec.reference_backends" (jaxrun registers "jax").
+`--backend jax` can run over several processes, one per host (--coordinator, --num-processes,
+--process-id, or --distributed auto, as jaxrun.generate takes them; or `python -m jaxrun.launch -n N
+-- ref.crosscheck ...` on one machine): ref passes them on to the backend through the environment
+(ref.distributed_args); process 0 reports, the others end once the logits are computed.
 
 Image prompts: `--image FILE` (repeatable, in prompt order). The token ids (from --token-ids, --prompt,
 --prompt --chat, or the engine's JSON) hold one image-pad run per image, a single pad (expanded here)
@@ -57,6 +61,7 @@ if __name__ == "__main__":  # before any library starts a thread: threads inheri
     exit_on_interrupt("ref.crosscheck")
 
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from importlib.metadata import entry_points
@@ -68,6 +73,7 @@ from ref.cli import ArgumentParser, HelpFormatter, atomic_write, check_output_pa
     parse_token_ids, prompt_images, run_main
 from ref.compare import Thresholds, compare_layers, compare_positions, summarize, verdict
 from ref.config import FULL
+from ref.distributed_args import add_distributed_arguments, distributed_environ
 from ref.errors import CheckpointError, ConfigError, FormatError
 from ref.modes import Modes, add_mode_arguments, modes_from_args
 from ref.report import format_fit, format_report, jsonable, plot_report, require_matplotlib
@@ -320,6 +326,7 @@ def build_parser() -> ArgumentParser:
     out.add_argument("--no-lint", action="store_true", help="skip the checkpoint lint (ref.checkpoint_check)")
     out.add_argument("--lint-block-scales", action="store_true",
                      help="let the lint scan every FP8 block scale too (reads ~1/9 of an NVFP4 checkpoint)")
+    add_distributed_arguments(ap)  # --backend jax over several processes (passed on through the environment)
     return ap
 
 
@@ -383,6 +390,11 @@ def run(args) -> dict:
         require_matplotlib()
     for path in (args.json, args.plot):
         check_output_path(path)
+    distributed = distributed_environ(args)
+    if distributed and args.backend != "jax":
+        raise FormatError("--coordinator, --num-processes, --process-id and --distributed (several processes) need "
+                          "--backend jax")
+    os.environ.update(distributed)
     ckpt = open_checkpoint(args.model)
     images = []
     if args.image:                                  # read and checked before anything is asked of an engine

@@ -16,7 +16,6 @@ from jaxrun.nvfp4 import quantize_fp8
 from jaxrun.options import Options
 from jaxrun.params import FP8, NVFP4
 from jaxrun.runner import Prefill, Runner
-from jaxrun.sampling import Sampling
 from jaxrun.sharding import make_mesh
 from ref import fp8, kvcache
 from ref.model import Model
