@@ -113,13 +113,14 @@ def test_only_the_routed_experts_psum_crosses_processes(runs, tiny_checkpoint):
 
 
 def _stored_bytes(ckpt: Path) -> tuple[int, int]:
-    """(dense, routed experts) bytes of the language model's tensors, from the safetensors headers."""
+    """(dense (the vision tower's included), routed experts) bytes of the checkpoint's tensors, from
+    the safetensors headers."""
     dense = experts = 0
     for path in ckpt.glob("*.safetensors"):
         with open(path, "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
         for name, info in header.items():
-            if name == "__metadata__" or "visual" in name:
+            if name == "__metadata__":
                 continue
             size = info["data_offsets"][1] - info["data_offsets"][0]
             if ".mlp.experts." in name:
