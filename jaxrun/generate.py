@@ -81,6 +81,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from ref.cli import ArgumentParser, HelpFormatter, UsageError, check_token_ids, parse_token_ids, \
     prompt_images, run_main
@@ -304,24 +305,22 @@ def run(a) -> int:
         return _run(a, cluster)
 
 
-def _run(a, cluster) -> int:
-    import jax
-    from jaxrun.check import check
-    from jaxrun.distributed import fingerprint
-    from jaxrun.load import BytesRead, bytes_summary, load
-    from jaxrun.options import default_precision
-    from jaxrun.runner import Runner, speculative_stats
-    from jaxrun.sampling import Sampling
-    from jaxrun.sharding import check_experts, make_mesh
-    from jaxrun.watchdog import Watchdog
-    from ref.checkpoint import open_checkpoint
-    from ref.synth import cached_checkpoint, user_cache
+class _Setup(NamedTuple):
+    """What every process agrees on before loading."""
+    ckpt: object
+    tok: object
+    prompts: list[list[int]]
+    images: list
+    context: int
+    mesh: object
 
-    if a.compile_cache != "off":                  # compiles of 1 s or more are kept (JAX's default threshold)
-        cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
-        jax.config.update("jax_compilation_cache_dir", cache)
-    modes = modes_from_args(a, default_precision())
-    precision = modes.precision
+
+def _setup(a, cluster, modes) -> _Setup:
+    """Checkpoint, tokenizer, prompts, images, context and mesh, checked alike on every process."""
+    from jaxrun.distributed import fingerprint
+    from jaxrun.sharding import check_experts, make_mesh
+    from ref.checkpoint import open_checkpoint
+    from ref.synth import cached_checkpoint
 
     def prepare():
         ckpt = open_checkpoint(a.model or cached_checkpoint("tiny"))
@@ -332,37 +331,97 @@ def _run(a, cluster) -> int:
         ctx = _context(a, ckpt, prompts)
         mesh = make_mesh(a.devices)
         check_experts(ckpt.config.text.num_experts, mesh.size)
-        return ckpt, tok, prompts, images, ctx, mesh
+        return _Setup(ckpt, tok, prompts, images, ctx, mesh)
 
-    ckpt, tok, prompts, images, ctx, mesh = cluster.agree(
-        prepare, lambda r: fingerprint(a, r[0], prompts=r[2], context=r[4], modes=asdict(modes)))
-    cfg = ckpt.config.text
+    return cluster.agree(prepare, lambda r: fingerprint(a, r.ckpt, prompts=r.prompts, context=r.context,
+                                                        modes=asdict(modes)))
+
+
+class _Output:
+    """The generated text of each prompt: streamed (one prompt), or printed at the end (text or JSON);
+    only process 0 prints."""
+
+    def __init__(self, a, tok, prompts, stop_ids, leader: bool):
+        self.a, self.tok, self.stop_ids = a, tok, stop_ids
+        self.stream = len(prompts) == 1 and not a.json and leader
+        self.displays = [Display(tok.decode(p) if tok else "", a.hide_thinking, sys.stdout.isatty()) for p in prompts]
+        self.stopped = [False] * len(prompts)
+
+    def text_of(self, ids) -> tuple[str, bool]:
+        """The generated text without a final stop token, cut at the first stop text; whether one was hit."""
+        if self.tok is None:
+            return "", False
+        return trim_stop(self.tok.decode(ids[:-1] if ids and ids[-1] in self.stop_ids else ids), self.a.stop)
+
+    def on_step(self, results, done) -> list[bool]:
+        """The runner's per-step hook: streams, and says which sequences met a stop text."""
+        for b, r in enumerate(results):
+            self.stopped[b] = self.stopped[b] or self.text_of(r.token_ids)[1]
+        if self.stream:
+            print(self.displays[0].update(self.text_of(results[0].token_ids)[0]), end="", flush=True)
+        return self.stopped
+
+    def final(self, results, timings, bytes_read) -> None:
+        from jaxrun.runner import speculative_stats
+        a = self.a
+        for b, r in enumerate(results):
+            text, hit = self.text_of(r.token_ids)
+            if a.json:
+                finish = "stop" if hit or (r.token_ids and r.token_ids[-1] in self.stop_ids) else "length"
+                obj = {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
+                       "finish_reason": finish, "timings": timings.as_dict(), "checkpoint_bytes_read": bytes_read}
+                if a.mtp and not a.speculative:
+                    obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
+                if a.speculative:
+                    obj["speculative"] = speculative_stats([r])
+                print(json.dumps(obj), flush=True)
+            elif self.stream:
+                print(self.displays[0].update(text, final=True), flush=True)
+            else:
+                print(f"[{b}] {self.displays[b].render(text, final=True)}", flush=True)
+
+
+def _summary(a, results, t, where: str, modes, bytes_read) -> str:
+    """The closing stderr line: rates, compile time, devices, modes, bytes read, MTP / speculative stats."""
+    from jaxrun.load import bytes_summary
+    from jaxrun.runner import speculative_stats
+    rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"  # noqa: E731
+    line = (f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
+            f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {where}, "
+            f"{modes.describe()}, dense {a.dense} | read {bytes_summary(bytes_read)}")
+    if a.mtp and not a.speculative:
+        line += " | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
+    if a.speculative:
+        line += speculative_summary(speculative_stats(results))
+    return line
+
+
+def _run(a, cluster) -> int:
+    import jax
+    from jaxrun.check import check
+    from jaxrun.load import BytesRead, load
+    from jaxrun.options import default_precision
+    from jaxrun.runner import Runner
+    from jaxrun.sampling import Sampling
+    from jaxrun.watchdog import Watchdog
+    from ref.synth import user_cache
+
+    if a.compile_cache != "off":                  # compiles of 1 s or more are kept (JAX's default threshold)
+        cache = a.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache("xla"))
+        jax.config.update("jax_compilation_cache_dir", cache)
+    modes = modes_from_args(a, default_precision())
+    ckpt, tok, prompts, images, ctx, mesh = _setup(a, cluster, modes)
     quiet = a.quiet or not cluster.leader
     if not a.model and not quiet:
         note("the built-in tiny model has random weights: its text is noise (give --model for a real one)")
     count = BytesRead()
-    ckpt, params = load(str(ckpt.directory), mesh, precision, a.dense, progress=not quiet, count=count)
+    ckpt, params = load(str(ckpt.directory), mesh, modes.precision, a.dense, progress=not quiet, count=count)
     runner = Runner(params, ckpt.config, mesh, **asdict(modes))
     if not quiet:
         runner.on_compile = compile_progress
-    texts = [tok.decode(p) if tok else "" for p in prompts]
-    stream = len(prompts) == 1 and not a.json
-    displays = [Display(t, a.hide_thinking, sys.stdout.isatty()) for t in texts]
-    stopped = [False] * len(prompts)
-    stop_ids = tuple(cfg.eos_token_ids) + (tuple(tok.eos_token_ids) if tok else ())
-
-    def text_of(ids):  # generated text without a final stop token, cut at the first stop text
-        if tok is None:
-            return "", False
-        return trim_stop(tok.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids), a.stop)
-
-    def on_step(results, done):
-        for b, r in enumerate(results):
-            stopped[b] = stopped[b] or text_of(r.token_ids)[1]
-        if stream:
-            print(displays[0].update(text_of(results[0].token_ids)[0]), end="", flush=True)
-        return stopped
-
+    cfg = ckpt.config.text
+    out = _Output(a, tok, prompts, tuple(cfg.eos_token_ids) + (tuple(tok.eos_token_ids) if tok else ()),
+                  cluster.leader)
     watchdog = Watchdog(a.step_timeout, " (--step-timeout)", prog=PROG) if a.step_timeout else None
     compiled = []
 
@@ -374,7 +433,7 @@ def _run(a, cluster) -> int:
 
     try:
         results = runner.generate(prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.top_k, a.seed),
-                                  stop_ids=stop_ids, max_context=ctx, keep_logits=a.check, on_step=on_step,
+                                  stop_ids=out.stop_ids, max_context=ctx, keep_logits=a.check, on_step=out.on_step,
                                   mtp=a.mtp, speculative=a.speculative or 0, images=[images] if images else None,
                                   progress=progress)
     finally:
@@ -382,35 +441,13 @@ def _run(a, cluster) -> int:
             watchdog.stop()
     bytes_read = cluster.gather(count.total)                      # per process
     cluster.finish()
-    t = runner.timings
-    for b, r in enumerate(results):
-        text, hit = text_of(r.token_ids)
-        finish = "stop" if hit or (r.token_ids and r.token_ids[-1] in stop_ids) else "length"
-        if a.json:
-            obj = {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": text,
-                   "finish_reason": finish, "timings": t.as_dict(), "checkpoint_bytes_read": bytes_read}
-            if a.mtp and not a.speculative:
-                obj.update(mtp_draft_ids=r.mtp_draft_ids, mtp_accepted=list(r.mtp_accepted()))
-            if a.speculative:
-                obj["speculative"] = speculative_stats([r])
-            print(json.dumps(obj), flush=True)
-        elif stream:
-            print(displays[0].update(text, final=True), flush=True)
-        else:
-            print(f"[{b}] {displays[b].render(text, final=True)}", flush=True)
-    rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
+    if not cluster.leader:
+        return 0
+    out.final(results, runner.timings, bytes_read)
     where = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)" + (f" in {cluster.count} processes"
                                                                          if cluster.multi else "")
-    if cluster.leader:
-        print(f"prefill {t.prefill_tokens} tok {rate(t.prefill_tokens, t.prefill_s)} tok/s | decode {t.decode_tokens} "
-              f"tok {rate(t.decode_tokens, t.decode_s)} tok/s | compile {t.compile_s:.1f} s | {where}, {modes.describe()}, "
-              f"dense {a.dense} | read {bytes_summary(bytes_read)}"
-              + (" | mtp drafts accepted %d/%d" % tuple(map(sum, zip(*(r.mtp_accepted() for r in results))))
-                 if a.mtp and not a.speculative else "")
-              + (speculative_summary(speculative_stats(results)) if a.speculative else ""),
-              file=sys.stderr)
-    if a.check and cluster.leader and not check(ckpt, results, modes,
-                                                  images=[images] * len(results) if images else None):
+    print(_summary(a, results, runner.timings, where, modes, bytes_read), file=sys.stderr)
+    if a.check and not check(ckpt, results, modes, images=[images] * len(results) if images else None):
         return 1
     return 0
 

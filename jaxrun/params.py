@@ -274,18 +274,39 @@ def _tensors(module):
 
 def declare(cfg: Config, formats: Formats) -> Params:
     """The parameter tree of `cfg` with a Param at every leaf."""
-    t = cfg.text
-    names = layout.model_tensors(cfg)
+    d, names = _Declare(cfg.text, formats), layout.model_tensors(cfg)
+    mtp = None
+    if formats.mtp:
+        m = names["mtp"]
+        mtp = MTP(d.linear(m["fc"], "embed", "mtp_in"), d.vector(m["pre_fc_norm_embedding"], "embed"),
+                  d.vector(m["pre_fc_norm_hidden"], "embed"), d.vector(m["norm"], "embed"),
+                  (d.decoder_layer(m["layers"][0], "mtp"),))
+    e = names["embed_tokens"]
+    return Params(Param(e.shape, COMPUTE, ("vocab", "embed"), Tensor(e.name), "normal", 0.5),
+                  tuple(d.decoder_layer(layer, i) for i, layer in enumerate(names["layers"])),
+                  d.vector(names["norm"], "embed"), d.linear(names["lm_head"], "vocab", "embed"), mtp,
+                  declare_visual(cfg) if formats.vision else None)
 
-    def linear(tensor: layout.Tensor, out_axis: str, in_axis: str):
-        module, (out, inp) = tensor.name[:-len(".weight")], tensor.shape
+
+class _Declare:
+    """The declarations of the language model's modules, from ref.checkpoint_layout's tables of their
+    tensors and the formats the checkpoint stores them in."""
+
+    def __init__(self, t: TextConfig, formats: Formats):
+        self.t, self.formats = t, formats
+
+    def linear(self, tensor: layout.Tensor, out_axis: str, in_axis: str):
+        """A linear weight [out, in]: dense, per-tensor FP8 or NVFP4 as stored (with input scales
+        where the checkpoint has them)."""
+        module, (out, inp), f = tensor.name[:-len(".weight")], tensor.shape, self.formats
+
         def scalar(part, value):
             return Param((), np.float32, (), LinearPart(module, part), "constant", value)
-        inputs = module in formats.linear_input_scales
-        if module in formats.fp8_linears:
+        inputs = module in f.linear_input_scales
+        if module in f.fp8_linears:
             return FP8(Param((out, inp), jnp.float8_e4m3fn, (out_axis, in_axis), LinearPart(module, "weight"), "e4m3"),
                        scalar("weight_scale", inp ** -0.5 / 2), scalar("input_scale", 1 / 64) if inputs else None)
-        if module not in formats.nvfp4_linears:
+        if module not in f.nvfp4_linears:
             return Dense(Param((out, inp), COMPUTE, (out_axis, in_axis), LinearPart(module, "weight"), "normal",
                                inp ** -0.5))
         return NVFP4(Param((out, inp // 2), np.uint8, (out_axis, in_axis), LinearPart(module, "weight"), "codes"),
@@ -294,70 +315,63 @@ def declare(cfg: Config, formats: Formats) -> Params:
                      scalar("weight_scale_2", _global(inp)), scalar("input_scale", 1 / 448) if inputs else None,
                      scalar("input_global_scale", 448.0) if inputs else None)
 
+    @staticmethod
     def vector(tensor: layout.Tensor, axis: str, init: str = "normal"):
         return Param(tensor.shape, np.float32, (axis,), Tensor(tensor.name), init, 0.1)
 
-    def experts(layer) -> Experts:
-        E, shapes = t.num_experts, layout.expert_shapes(t)
+    def experts(self, layer) -> Experts:
+        """A layer's routed experts stacked [E, ...] (each projection dense or NVFP4), with the experts'
+        input scales where stored."""
+        E, shapes = self.t.num_experts, layout.expert_shapes(self.t)
         axes = {"gate_proj": ("expert_mlp", "embed"), "up_proj": ("expert_mlp", "embed"),
                 "down_proj": ("embed", "expert_mlp")}
 
         def proj(name):
             (out, inp), ax = shapes[name], ("experts",) + axes[name]
-            part = lambda p: ExpertPart(layer, name, p)
-            if layer not in formats.nvfp4_experts:
+            part = lambda p: ExpertPart(layer, name, p)  # noqa: E731
+            if layer not in self.formats.nvfp4_experts:
                 return Dense(Param((E, out, inp), COMPUTE, ax, part("weight"), "normal", inp ** -0.5))
             return NVFP4(Param((E, out, inp // 2), np.uint8, ax, part("weight"), "codes"),
                          Param((E, out, inp // 16), jnp.float8_e4m3fn, ax, part("weight_scale"), "block_scales"),
                          Param((E,), np.float32, ("experts",), part("weight_scale_2"), "constant", _global(inp)))
 
         scales = None
-        if layer in formats.expert_input_scales:
+        if layer in self.formats.expert_input_scales:
             scales = Param((E, 2), np.float32, ("experts", "scale_pair"), ExpertInputScales(layer), "constant",
                            1 / 448)
         return Experts(*(proj(n) for n in layout.PROJS), input_scale=scales)
 
-    def moe(m: dict, layer) -> SparseMoe:
+    def moe(self, m: dict, layer) -> SparseMoe:
         s = m["shared_expert"]
-        return SparseMoe(linear(m["gate"], "router", "embed"), experts(layer),
-                         SharedExpert(linear(s["gate_proj"], "shared_mlp", "embed"),
-                                      linear(s["up_proj"], "shared_mlp", "embed"),
-                                      linear(s["down_proj"], "embed", "shared_mlp")),
-                         linear(m["shared_expert_gate"], "gate_out", "embed"))
+        return SparseMoe(self.linear(m["gate"], "router", "embed"), self.experts(layer),
+                         SharedExpert(self.linear(s["gate_proj"], "shared_mlp", "embed"),
+                                      self.linear(s["up_proj"], "shared_mlp", "embed"),
+                                      self.linear(s["down_proj"], "embed", "shared_mlp")),
+                         self.linear(m["shared_expert_gate"], "gate_out", "embed"))
 
-    def deltanet(a: dict) -> GatedDeltaNet:
+    def deltanet(self, a: dict) -> GatedDeltaNet:
         C, _, K = a["conv1d"].shape
+        projections = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
         return GatedDeltaNet(
-            *(linear(a[n], "deltanet_out", "embed") for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
+            *(self.linear(a[n], "deltanet_out", "embed") for n in projections),
             conv1d=Param((C, K), COMPUTE, ("deltanet_out", "conv_kernel"), Tensor(a["conv1d"].name), "normal", 0.5),
-            dt_bias=vector(a["dt_bias"], "deltanet_heads", "one_plus"),
-            A_log=vector(a["A_log"], "deltanet_heads", "log_uniform"),
-            norm=vector(a["norm"], "head_dim", "one_plus"), out_proj=linear(a["out_proj"], "embed", "deltanet_in"))
+            dt_bias=self.vector(a["dt_bias"], "deltanet_heads", "one_plus"),
+            A_log=self.vector(a["A_log"], "deltanet_heads", "log_uniform"),
+            norm=self.vector(a["norm"], "head_dim", "one_plus"),
+            out_proj=self.linear(a["out_proj"], "embed", "deltanet_in"))
 
-    def attention(a: dict, layer) -> GatedAttention:
+    def attention(self, a: dict, layer) -> GatedAttention:
         kv_scale = lambda kind: Param((), np.float32, (), KVScale(layer, kind), "constant", 1.0)  # noqa: E731
-        return GatedAttention(*(linear(a[n], "attn_out", "embed") for n in ("q_proj", "k_proj", "v_proj")),
-                              o_proj=linear(a["o_proj"], "embed", "attn_in"),
-                              q_norm=vector(a["q_norm"], "head_dim"), k_norm=vector(a["k_norm"], "head_dim"),
+        return GatedAttention(*(self.linear(a[n], "attn_out", "embed") for n in ("q_proj", "k_proj", "v_proj")),
+                              o_proj=self.linear(a["o_proj"], "embed", "attn_in"),
+                              q_norm=self.vector(a["q_norm"], "head_dim"), k_norm=self.vector(a["k_norm"], "head_dim"),
                               k_scale=kv_scale("k"), v_scale=kv_scale("v"))
 
-    def decoder_layer(d: dict, layer) -> DecoderLayer:
-        return DecoderLayer(vector(d["input_layernorm"], "embed"),
-                            deltanet(d["linear_attn"]) if "linear_attn" in d else None,
-                            attention(d["self_attn"], layer) if "self_attn" in d else None,
-                            vector(d["post_attention_layernorm"], "embed"), moe(d["mlp"], layer))
-
-    mtp = None
-    if formats.mtp:
-        m = names["mtp"]
-        mtp = MTP(linear(m["fc"], "embed", "mtp_in"), vector(m["pre_fc_norm_embedding"], "embed"),
-                  vector(m["pre_fc_norm_hidden"], "embed"), vector(m["norm"], "embed"),
-                  (decoder_layer(m["layers"][0], "mtp"),))
-    e = names["embed_tokens"]
-    return Params(Param(e.shape, COMPUTE, ("vocab", "embed"), Tensor(e.name), "normal", 0.5),
-                  tuple(decoder_layer(d, i) for i, d in enumerate(names["layers"])),
-                  vector(names["norm"], "embed"), linear(names["lm_head"], "vocab", "embed"), mtp,
-                  declare_visual(cfg) if formats.vision else None)
+    def decoder_layer(self, d: dict, layer) -> DecoderLayer:
+        return DecoderLayer(self.vector(d["input_layernorm"], "embed"),
+                            self.deltanet(d["linear_attn"]) if "linear_attn" in d else None,
+                            self.attention(d["self_attn"], layer) if "self_attn" in d else None,
+                            self.vector(d["post_attention_layernorm"], "embed"), self.moe(d["mlp"], layer))
 
 
 VISUAL = "model.visual."
