@@ -139,8 +139,9 @@ def step_traffic(params, cfg, mesh, precision: str, options, B: int, max_len: in
 
     def spec(path, a):
         name = jax.tree_util.keystr(path)
-        grow = experts_times if (".experts." in name or name.endswith(".mlp.gate.weight")) else 1
-        return jax.ShapeDtypeStruct((a.shape[0] * grow,) + a.shape[1:], a.dtype, sharding=a.sharding)
+        grow = experts_times if (".experts." in name or name.endswith(".mlp.gate.weight")) and a.ndim else 1
+        shape = (a.shape[0] * grow,) + a.shape[1:] if grow > 1 else a.shape
+        return jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding)
 
     abstract = jax.tree_util.tree_map_with_path(spec, params)
     ca = Runner(abstract, cfg, mesh, precision, options=options).decode_fn(B, max_len).cost_analysis()
