@@ -365,9 +365,10 @@ class Runner:
                              in_shardings=(self.param_shardings,) + (self.rep,) * 10, out_shardings=self.rep,
                              donate_argnums=(1, 2))
 
-    def decode_fn(self, B: int, max_len: int, mtp: bool = False):
+    def decode_fn(self, B: int, max_len: int, mtp: bool = False, active: int | None = None):
         """One decode step with its sampling (and with mtp the MTP head's draft of the token after),
-        compiled as one function: (params, DecodeState) -> (DecodeState, StepOut)."""
+        compiled as one function: (params, DecodeState) -> (DecodeState, StepOut); with `active`, of
+        the first `active` slots only (first_slots)."""
         cfg, opts = self.cfg, self.opts
 
         def fn(params, state: DecodeState, rope):
@@ -386,17 +387,19 @@ class Runner:
             return state, StepOut(nxt[:, None], None, logits, draft_ids, draft_logits)
 
         args = lambda: (self.params, self._state_spec(B, max_len, mtp, 0), self.rope(max_len))
-        return self._compile(("decode", B, max_len, mtp), fn, args, in_shardings=(self.param_shardings, self.rep, self.rep),
-                             out_shardings=self.rep, donate_argnums=(1,))
+        return self._compile(("decode", B, max_len, mtp) + ((active,) if active else ()), first_slots(fn, active), args,
+                             in_shardings=(self.param_shardings, self.rep, self.rep), out_shardings=self.rep,
+                             donate_argnums=(1,))
 
-    def verify_fn(self, B: int, max_len: int, K: int):
+    def verify_fn(self, B: int, max_len: int, K: int, active: int | None = None):
         """One speculative step with K drafts (model.verify with sampling.speculative_choice), compiled
         with its bookkeeping: (params, DecodeState) -> (DecodeState, StepOut with count = 1 + drafts
-        accepted: the tokens kept)."""
+        accepted: the tokens kept); with `active`, of the first `active` slots only (first_slots)."""
         cfg, opts = self.cfg, self.opts
 
         def fn(params, state: DecodeState, rope):
             self.traces["verify"] += 1
+            B = state.tokens.shape[0]
             keys = _step_keys(state.keys, state.steps)
             choose = lambda logits, drafts: speculative_choice(logits, drafts, keys, *state.sampling)
             v = model.verify(params, state.cache, state.mtp_cache, state.tokens, state.drafts, state.pos, rope,
@@ -408,8 +411,9 @@ class Runner:
             return state, StepOut(v.chosen, n + 1, v.logits, None, None)
 
         args = lambda: (self.params, self._state_spec(B, max_len, True, K), self.rope(max_len))
-        return self._compile(("verify", B, max_len, K), fn, args, in_shardings=(self.param_shardings, self.rep, self.rep),
-                             out_shardings=self.rep, donate_argnums=(1,))
+        return self._compile(("verify", B, max_len, K) + ((active,) if active else ()), first_slots(fn, active), args,
+                             in_shardings=(self.param_shardings, self.rep, self.rep), out_shardings=self.rep,
+                             donate_argnums=(1,))
 
     def grow_fn(self, B: int, max_len: int, new_len: int, mtp: bool, K: int):
         """(state with max_len cache positions) -> the same state with new_len (the new ones zero)."""
@@ -462,19 +466,21 @@ class Runner:
             pass
         return job.finish(sampling, K)
 
-    def step(self, state: DecodeState, max_len: int) -> tuple[DecodeState, StepOut]:
-        """One decode step (or, with drafts in the state, a speculative one) of every slot; the state
-        is donated."""
-        if state.drafts is not None:
-            return self.verify(state, max_len)
+    def step(self, state: DecodeState, max_len: int, active: int | None = None) -> tuple[DecodeState, StepOut]:
+        """One decode step (or, with drafts in the state, a speculative one) of every slot, or of the
+        first `active` slots only (the others keep their state; the StepOut has `active` rows); the
+        state is donated."""
         B = state.tokens.shape[0]
-        return self.decode_fn(B, max_len, state.mtp_cache is not None)(self.params, state, self.rope(max_len))
+        active = active if active is not None and active < B else None
+        if state.drafts is not None:
+            return self.verify(state, max_len, active)
+        return self.decode_fn(B, max_len, state.mtp_cache is not None, active)(self.params, state, self.rope(max_len))
 
-    def verify(self, state: DecodeState, max_len: int) -> tuple[DecodeState, StepOut]:
+    def verify(self, state: DecodeState, max_len: int, active: int | None = None) -> tuple[DecodeState, StepOut]:
         """One speculative step from the state's drafts (the state is donated)."""
         B, K = state.drafts.shape
         state = state._replace(drafts=jnp.asarray(state.drafts, jnp.int32))
-        return self.verify_fn(B, max_len, K)(self.params, state, self.rope(max_len))
+        return self.verify_fn(B, max_len, K, active)(self.params, state, self.rope(max_len))
 
     def grow(self, state: DecodeState, max_len: int, new_len: int) -> DecodeState:
         """The state with its attention caches extended from max_len to new_len positions (donated)."""
@@ -759,6 +765,19 @@ def _placed(a, mesh):
         raise ValueError("Runner: the parameters must be placed on the runner's mesh (jaxrun.load.load or "
                          "jaxrun.load.place)")
     return sharding
+
+
+def first_slots(fn, n: int | None):
+    """A step fn(params, state, rope) -> (state, out) run on the first n slots of the state only: every
+    state leaf is batch-first; the other slots keep their state, out has n rows. (A server with few
+    busy slots, kept at the low indices, then pays for those alone.)"""
+    if not n:
+        return fn
+
+    def run(params, state: DecodeState, rope):
+        part, out = fn(params, jax.tree.map(lambda a: a[:n], state), rope)
+        return jax.tree.map(lambda whole, p: whole.at[:n].set(p), state, part), out
+    return run
 
 
 def _step_keys(keys, steps):

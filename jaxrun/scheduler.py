@@ -61,9 +61,11 @@ class Plan:
     """One turn's work, decided by the leader, run alike on every process. `request`: the number of
     the sequence a prefill chunk is run for, `prompt` its token ids when the chunk is its first (a
     new prefill job), `sampling` (temperature, top_p, top_k, seed) and `slot` for its first token and
-    insertion when the chunk is the last; `step`: a decode step even if nothing is inserted."""
+    insertion when the chunk is the last; `step`: a decode step even if nothing is inserted, of the
+    first `active` slots (0: all; the busy slots are the lowest, so that few requests cost little)."""
     stop: bool = False
     step: bool = False
+    active: int = 0
     request: int | None = None
     prompt: tuple[int, ...] | None = None
     all_logits: bool = False
@@ -157,6 +159,10 @@ class Scheduler:
             pass
         rows, _ = job.finish(Sampling(), self.K)
         self._state = self.runner.insert(self._state, rows, [0], self.S)
+        n = 1
+        while n < self.slots:                            # every step a plan can ask for (_active)
+            self._state, _ = self.runner.step(self._state, self.S, n)
+            n *= 2
         self._state, _ = self.runner.step(self._state, self.S)
 
     def submit(self, request: Request) -> EventChannel:
@@ -226,11 +232,11 @@ class Scheduler:
             return Plan(stop=True)
         slot = self._free_slot()
         if not self._waiting or slot is None:
-            return Plan(step=bool(self._running))
+            return Plan(step=bool(self._running), active=self._active())
         seq = self._waiting[0]
         r, s = seq.request, seq.request.sampling
         first = seq.job is None
-        return Plan(step=bool(self._running), request=seq.number,
+        return Plan(step=bool(self._running), active=self._active(slot), request=seq.number,
                     prompt=tuple(r.prompt_ids) if first else None, all_logits=r.prompt_logprobs is not None,
                     images=tuple(image_to_json(i) for i in r.images) if first and self._cluster else (),
                     sampling=(s.temperature, s.top_p, s.top_k, seq.seed), slot=slot)
@@ -254,7 +260,15 @@ class Scheduler:
                 return
 
     def _free_slot(self) -> int | None:
+        """The lowest free slot (busy slots stay low: see _active)."""
         return next((b for b in range(self.slots) if b not in self._running), None)
+
+    def _active(self, inserting: int | None = None) -> int:
+        """How many leading slots a step runs: the smallest power of two holding every busy slot (and
+        the one being filled), 0 when that is all of them. Each count is compiled once."""
+        used = max(list(self._running) + ([inserting] if inserting is not None else []), default=0) + 1
+        n = 1 << (used - 1).bit_length()
+        return 0 if n >= self.slots else n
 
     def _run(self, plan: Plan) -> None:
         """A turn's device work, the same on every process; the leader hands out the tokens."""
@@ -277,7 +291,7 @@ class Scheduler:
                 self._job, inserted = None, True
                 self._started(plan.request, plan.slot, first)
         if plan.step or inserted:
-            self._state, out = self.runner.step(self._state, self.S)
+            self._state, out = self.runner.step(self._state, self.S, plan.active or None)
             self._stepped(out)
 
     def _sequence(self, number: int) -> _Sequence | None:

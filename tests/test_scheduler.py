@@ -97,3 +97,44 @@ def test_stop_id_and_max_tokens_cut_a_speculative_step(runner):
     (cut, end), (five, end5) = serve(runner, main, speculative=2)
     assert cut == greedy[:4] and end.reason == "stop"
     assert five == greedy[:5] and end5.reason == "length"
+
+
+def test_a_step_of_the_first_slots_is_the_full_step_on_them(runner):
+    """runner.step(state, S, active=2) on 4 slots: the first two slots' tokens and logits as the full
+    step gives them, the other two slots' state untouched."""
+    import jax
+    import numpy as np
+    from jaxrun.sampling import Sampling
+    prompts = [[5, 17, 300], [64, 2, 11, 400], [7, 7], [1, 2, 3, 4, 5]]
+    fresh = lambda: runner.start(prompts, CONTEXT, Sampling())[0]  # noqa: E731
+    full_state, full = runner.step(fresh(), CONTEXT)
+    before = jax.tree.map(np.asarray, fresh())
+    part_state, part = runner.step(fresh(), CONTEXT, active=2)
+    assert part.tokens.shape[0] == 2
+    np.testing.assert_array_equal(np.asarray(part.tokens), np.asarray(full.tokens)[:2])
+    np.testing.assert_allclose(np.asarray(part.logits), np.asarray(full.logits)[:2], rtol=1e-5, atol=1e-5)
+    for whole, stepped, untouched in zip(jax.tree.leaves(full_state), jax.tree.leaves(part_state),
+                                         jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(stepped)[2:], untouched[2:])
+        np.testing.assert_allclose(np.asarray(stepped)[:2], np.asarray(whole)[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_steps_run_only_the_busy_leading_slots(runner, monkeypatch):
+    """With one request on a 4-slot engine every step runs one slot; its tokens are those it gets when
+    the engine steps all slots."""
+    actives = []
+    step = runner.step
+    monkeypatch.setattr(runner, "step", lambda state, S, active=None: actives.append(active) or step(state, S, active))
+
+    async def main(engine):
+        return await collect(engine.submit(request([5, 17, 300], max_tokens=6)))
+
+    engine = Scheduler(runner, slots=4, max_context=CONTEXT, chunk=CHUNK).start()
+    try:
+        actives.clear()                                                  # after the warm-up's steps
+        alone, end = asyncio.run(main(engine))
+    finally:
+        engine.shutdown()
+    assert end.reason == "length" and len(alone) == 6 and set(actives) == {1}
+    monkeypatch.setattr(runner, "step", lambda state, S, active=None: step(state, S))
+    assert serve(runner, main)[0] == alone
