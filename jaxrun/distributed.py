@@ -100,6 +100,16 @@ class Settings:
                 raise UsageError(f"{name} must be a number of seconds >= 1, got {v}")
 
 
+def run_in_cluster(a, prog: str, body) -> int:
+    """body(a, cluster) as this process's part of the run the flags describe (one process unless told
+    otherwise): --devices set up before JAX starts, the run joined, failures ended with one line."""
+    settings = Settings.resolve(a)
+    local_devices_flag(settings, a.devices)      # simulated CPU devices; no effect on GPUs
+    cluster = Cluster.start(settings, prog)
+    with cluster.guard():
+        return body(a, cluster)
+
+
 def local_devices_flag(settings: Settings, devices: int | None) -> None:
     """--devices N on CPU: N simulated devices in all, N / processes in each (set before JAX starts)."""
     if not devices or "jax" in sys.modules:

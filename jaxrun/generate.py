@@ -297,12 +297,8 @@ def _tokenizer(ckpt, needed: bool):
 
 def run(a) -> int:
     validate(a)
-    from jaxrun.distributed import Cluster, Settings, local_devices_flag
-    settings = Settings.resolve(a)
-    local_devices_flag(settings, a.devices)      # simulated CPU devices; no effect on GPUs
-    cluster = Cluster.start(settings, PROG)
-    with cluster.guard():
-        return _run(a, cluster)
+    from jaxrun.distributed import run_in_cluster
+    return run_in_cluster(a, PROG, _run)
 
 
 class _Setup(NamedTuple):

@@ -16,8 +16,7 @@ from jax.sharding import Mesh
 
 from jaxrun.nvfp4 import tiny_global
 from jaxrun.params import NVFP4, Experts
-from ref.modes import (ACT_SCALES, ACTIVATIONS, JAX_PRECISIONS, KV_CACHE_DTYPES, KV_ENGINES, KV_PREFILL, STATE_DTYPES,
-                       Modes, check_choice)
+from ref.modes import JAX_PRECISIONS, Modes, check_choice
 
 SPARE_SLOTS = ("skip", "repeat")
 EXPERT_KERNELS = ("sorted", "ragged")
@@ -58,18 +57,18 @@ class Options:
 
     def __post_init__(self):
         check_choice("precision", self.precision, JAX_PRECISIONS)
-        check_choice("activations", self.activations, ACTIVATIONS)
-        check_choice("act_scale", self.act_scale, ACT_SCALES)
-        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
-        check_choice("kv_engine", self.kv_engine, KV_ENGINES)
-        check_choice("kv_prefill", self.kv_prefill, KV_PREFILL)
-        check_choice("state_dtype", self.state_dtype, STATE_DTYPES)
+        self.modes()                                # the mode fields, checked as every tool checks them
         check_choice("spare_slots", self.spare_slots, SPARE_SLOTS)
         check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
         check_choice("triangular_solve", self.triangular_solve, TRIANGULAR_SOLVES)
         check_choice("slot_kernel", self.slot_kernel, SLOT_KERNELS)
         if self.slot_tokens < 1:
             raise ValueError(f"slot_tokens: expected at least 1, got {self.slot_tokens}")
+
+    def modes(self) -> Modes:
+        """The numerical modes these options run."""
+        return Modes(self.precision, self.activations, self.act_scale, self.kv_cache_dtype, self.kv_engine,
+                     self.kv_prefill, self.state_dtype)
 
     @property
     def dtype(self):

@@ -97,12 +97,8 @@ def _listen(host: str, port: int):
 
 def run(a) -> int:
     validate(a)
-    from jaxrun.distributed import Cluster, Settings, local_devices_flag
-    settings = Settings.resolve(a)
-    local_devices_flag(settings, a.devices)      # simulated CPU devices; no effect on GPUs
-    cluster = Cluster.start(settings, PROG)
-    with cluster.guard():
-        return _run(a, cluster)
+    from jaxrun.distributed import run_in_cluster
+    return run_in_cluster(a, PROG, _run)
 
 
 def _run(a, cluster) -> int:
