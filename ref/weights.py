@@ -123,9 +123,23 @@ class _Transposed:
         return self.w.right_product(np.asarray(x, self.w.p.dtype))
 
 
+def bf16_into(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """BF16 values src [...] -> out (float32 or float64, same shape), exactly: each value's 16 bits
+    become the high half of a float32 (bit for bit the value), then widened. Only NumPy's own
+    dtypes take part, so NumPy releases the GIL throughout (a cast from ml_dtypes' bfloat16 holds
+    it, which would run the worker threads' conversions one at a time)."""
+    bits = _scratch(src.size, np.uint32).reshape(src.shape)
+    np.copyto(bits, src.view(np.uint16))
+    np.left_shift(bits, 16, out=bits)
+    np.copyto(out, bits.view(np.float32))
+    return out
+
+
 def stored_weight(w: np.ndarray, p: L.Precision) -> StreamedWeight:
     """A stored (e.g. memory-mapped BF16) matrix whose rows convert exactly to the compute dtype."""
     def read_rows(rows: slice, out: np.ndarray) -> np.ndarray:
+        if w.dtype == ml_dtypes.bfloat16:
+            return bf16_into(w[rows], out)
         np.copyto(out, w[rows])
         return out
     return StreamedWeight(w.shape, read_rows, p)
