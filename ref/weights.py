@@ -125,10 +125,10 @@ class _Transposed:
 
 
 def bf16_into(src: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """BF16 values src [..., k] -> out (C-contiguous float32 or float64, same shape), exactly: each value's 16
-    bits become the high half of a float32 (bit for bit the value), then widened, at most
-    BF16_CHUNK values at a time through a reused buffer. Three vectorised NumPy passes (widen the
-    bits, shift, float32 -> float64), fewer cycles than ml_dtypes' bfloat16 -> float64 cast."""
+    """BF16 values src [..., k] -> out (C-contiguous float32 or float64, same shape), exactly: each
+    value's 16 bits become the high half of a float32 (bit for bit the value), then widened, at
+    most BF16_CHUNK values at a time through a reused buffer. Three vectorised NumPy passes (widen
+    the bits, shift, float32 -> float64) take fewer cycles than ml_dtypes' bfloat16 cast."""
     k = src.shape[-1] if src.ndim else 1
     s2, o2 = src.reshape(-1, k).view(np.uint16), out.reshape(-1, k)   # [R, k]
     step = max(1, BF16_CHUNK // k)
