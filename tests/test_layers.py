@@ -349,6 +349,19 @@ def test_linear_converts_stored_weights_block_by_block(monkeypatch):
         np.testing.assert_allclose(got, L.linear(p.act(x), w.astype(p.dtype), p), rtol=1e-13 if name == "f64" else 1e-6)  # row blocks may take another BLAS kernel: a few ulps
 
 
+def test_bf16_rows_convert_exactly_for_every_bit_pattern(monkeypatch):
+    import ml_dtypes
+    from ref import weights as W
+    monkeypatch.setattr(W, "BF16_CHUNK", 3 * 256 + 5)  # 3 rows a step, the last one short
+    src = np.arange(1 << 16, dtype=np.uint16).view(ml_dtypes.bfloat16).reshape(256, 256)  # every bf16
+    for dtype in (np.float32, np.float64):
+        with np.errstate(invalid="ignore"):  # signalling NaNs, quieted alike
+            got, want = W.bf16_into(src, np.empty(src.shape, dtype)), src.astype(dtype)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan) and nan.sum() == 2 * 127  # +-NaN payloads 1..127
+        np.testing.assert_array_equal(got[~nan].view(f"u{got.itemsize}"), want[~nan].view(f"u{want.itemsize}"))
+
+
 def test_linear_reads_nvfp4_rows_into_its_buffer(monkeypatch):
     from ref import weights as W
     from ref.checkpoint import NVFP4Weight
