@@ -177,7 +177,7 @@ def bench_traffic(params, cfg, mesh, precision: str, label: str) -> None:
 
 def slice_397b(layers: int = 4):
     """(abstract parameters on one CPU device, TextConfig) of a 397B-shape slice: `layers` decoder layers
-    (DeltaNet, then one attention layer last), float32 dense, NVFP4 experts, no weights."""
+    (DeltaNet, then one attention layer last), bfloat16 dense (as a bf16 run holds it), NVFP4 experts, no weights."""
     import dataclasses
     import jax
     import jax.numpy as jnp
@@ -189,7 +189,7 @@ def slice_397b(layers: int = 4):
     mesh = make_mesh(1)
     declared = declare(full, Formats.random(full))
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract(declared, jnp.float32), shardings(param_specs(declared, 1), mesh))
+                          abstract(declared, jnp.bfloat16), shardings(param_specs(declared, 1), mesh))
     return params, text, mesh
 
 
