@@ -5,8 +5,10 @@ The routed experts held here run in one of these forms (the backend options choo
 - decode slots, for up to opts.slot_tokens tokens (a decode or speculative step): the distinct experts
   the tokens picked, each decoded once and run on every token. "dot" products (CPU) decode the
   slots' weights together and multiply them by batched dots; "fused" products (accelerators) fuse
-  the decoding into a multiply-reduce that reads only the packed bytes; with the experts split over
-  devices on CPU, a slot without an expert here is skipped under a cond.
+  the decoding into a multiply-reduce that reads only the packed bytes (with fewer slots than experts
+  held, one slot per (token, expert) pair running its token's row: no weight reused across rows,
+  which XLA would decode into a copy first, and each token's bits as it gets alone); with the
+  experts split over devices on CPU, a slot without an expert here is skipped under a cond.
 - for more tokens, the (token, expert) pairs sorted by expert, then either "sorted" (CPU): a loop over
   the experts that got rows, each decoded once and run on its rows as plain 2-D matrix products,
   `capacity` rows at a time; or "ragged" (accelerators): experts decoded in chunks to the compute
