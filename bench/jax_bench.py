@@ -13,6 +13,7 @@ small checkpoint is written once under $XDG_CACHE_HOME/qwen35-nvfp4-spec/small.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from typing import NamedTuple
@@ -128,36 +129,85 @@ def bench_bounds(cfg, params, jp: float, jd: float, rp: float, rd: float) -> Non
     print(f"  of bound   : jaxrun prefill {jp / pb:.0%} decode {jd / db:.0%}; ref prefill {rp / pb:.0%} decode {rd / db:.0%}")
 
 
+GROWN = {"experts": lambda name: ".experts." in name or name.endswith(".mlp.gate.weight"),
+         "embedding": lambda name: name == ".embed_tokens"}
+
+
+class Traffic(NamedTuple):
+    bytes: float         # XLA's cost analysis of the compiled step: bytes accessed
+    widened: float       # of which XLA:CPU's widening of bf16 weights for its dots (widened_weight_bytes)
+
+
 def step_traffic(params, cfg, mesh, precision: str, options, B: int, max_len: int = 256,
-                 experts_times: int = 1) -> float:
-    """XLA's cost analysis of the compiled decode step (batch B, no MTP): bytes accessed. Compiled from
-    abstract parameters (shapes and shardings of `params`) with the given options; experts_times > 1
-    holds that many times the experts (router rows too), the rest unchanged, to see how the step's
-    charge grows with the experts held (a step reads only those its tokens pick)."""
+                 grow: str | None = None) -> Traffic:
+    """XLA's cost analysis of the compiled decode step (batch B, no MTP). Compiled from abstract
+    parameters (shapes and shardings of `params`) with the given options; grow "experts" holds twice
+    the experts (router rows too), "embedding" twice the embedding rows, the rest unchanged, to see how
+    the step's charge grows with what it holds but reads only in part."""
     import jax
     from jaxrun.runner import Runner
 
     def spec(path, a):
-        name = jax.tree_util.keystr(path)
-        grow = experts_times if (".experts." in name or name.endswith(".mlp.gate.weight")) and a.ndim else 1
-        shape = (a.shape[0] * grow,) + a.shape[1:] if grow > 1 else a.shape
+        big = grow is not None and a.ndim and GROWN[grow](jax.tree_util.keystr(path))
+        shape = (2 * a.shape[0],) + a.shape[1:] if big else a.shape
         return jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding)
 
     abstract = jax.tree_util.tree_map_with_path(spec, params)
-    ca = Runner(abstract, cfg, mesh, precision, options=options).decode_fn(B, max_len).cost_analysis()
-    return float((ca[0] if isinstance(ca, list) else ca)["bytes accessed"])
+    fn = Runner(abstract, cfg, mesh, precision, options=options).decode_fn(B, max_len)
+    ca = fn.cost_analysis()
+    return Traffic(float((ca[0] if isinstance(ca, list) else ca)["bytes accessed"]), widened_weight_bytes(fn.as_text()))
+
+
+_HLO_ARRAY = re.compile(r"\b(bf16|f32)\[([0-9,]*)\]")
+_HLO_LINE = re.compile(r"^\s+(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\(([^)]*)\)(.*)$")
+
+
+def widened_weight_bytes(hlo: str) -> float:
+    """What XLA's cost analysis charges, in the optimized HLO text of a step, for XLA:CPU widening bf16
+    weights (parameters) to float32 before its dots (where it has no bf16 product; a GPU dot reads the
+    bf16 weight): the copy's read and write (fusions that only convert a bf16 parameter to f32) and
+    the half of each consuming dot's read of the copy beyond the bf16 bytes."""
+    comps, cur, entry = {}, None, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and line.startswith(("%", "ENTRY %")):
+            cur = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[cur] = []
+            entry = cur if line.startswith("ENTRY") else entry
+        elif cur is not None and (m := _HLO_LINE.match(line)):
+            comps[cur].append(m.groups())                                # (name, type, opcode, operands, attrs)
+    nbytes = lambda t: sum(np.prod([int(d) for d in dims.split(",") if d]) * (2 if dt == "bf16" else 4)
+                           for dt, dims in _HLO_ARRAY.findall(t))
+    ops = comps.get(entry, [])
+    params = {name: t for name, t, op, _, _ in ops if op == "parameter" and t.startswith("bf16[")}
+    total = 0.0
+    for name, t, op, args, attrs in ops:
+        called = re.search(r"calls=%([\w.\-]+)", attrs)
+        arg = args.strip().lstrip("%")
+        if op != "fusion" or not called or arg not in params or not t.startswith("f32["):
+            continue
+        body = [o for _, _, o, _, _ in comps.get(called.group(1), [])]
+        if sorted(body) != ["convert", "parameter"] or t.split("[")[1] != params[arg].split("[")[1]:
+            continue
+        users = [o for _, _, o, a, _ in ops if re.search(rf"%{re.escape(name)}(,|$)", a.replace(" ", ""))]
+        if users and all(o == "dot" for o in users):
+            total += nbytes(params[arg]) + nbytes(t) * (1 + len(users) / 2)
+    return total
 
 
 def bench_traffic(params, cfg, mesh, precision: str, label: str) -> None:
     """The decode step's memory traffic as XLA's cost analysis counts it, next to the ideal (the dense
     weights read once and the packed bytes of the experts picked, step_bytes), with the CPU's options
-    and with the accelerators' (both compiled here, on this CPU). XLA's cost model charges a gather
-    fused into a computation its whole operand, so a step that reads the picked experts in place is
-    charged every expert held: printed too, how much each expert held adds (the step compiled with
-    twice the experts), and the count with only the picked experts charged."""
+    and with the accelerators' (both compiled here, on this CPU), then the fair count for a GPU. XLA's
+    cost model charges a gather or dynamic slice fused into a computation its whole operand, so a step
+    that reads the picked experts and the tokens' embedding rows in place is charged every expert and
+    row held: measured by compiling the step with twice the experts, then twice the embedding rows,
+    and charged for the picked experts and the B rows only. With the accelerators' options (bf16
+    products), XLA:CPU's widening of bf16 weights for its matrix-vector dots is left out too
+    (widened_weight_bytes; on the CPU options the model widens them itself, a real cost there)."""
     from jaxrun.options import Options
     from ref.modes import Modes
     work = model_work(cfg, params)
+    V = cfg.vocab_size
     print(f"decode step memory traffic, {label}: XLA cost analysis (bytes accessed) vs ideal (dense once + the "
           f"experts picked):")
     for platform in ("cpu", "gpu"):
@@ -166,18 +216,23 @@ def bench_traffic(params, cfg, mesh, precision: str, label: str) -> None:
         for B in (1, 8):
             ideal = step_bytes(work, cfg, B)
             got = step_traffic(params, cfg, mesh, precision, opts, B)
-            per_held = (step_traffic(params, cfg, mesh, precision, opts, B, experts_times=2) - got) / cfg.num_experts
+            per_expert = (step_traffic(params, cfg, mesh, precision, opts, B, grow="experts").bytes - got.bytes) / cfg.num_experts
+            per_row = (step_traffic(params, cfg, mesh, precision, opts, B, grow="embedding").bytes - got.bytes) / V
             picked = (ideal - work.dense_bytes) / work.expert_bytes          # distinct experts a step reads
-            fair = got - (cfg.num_experts - picked) * per_held
-            print(f"  {platform} options ({kinds}), batch {B}: {got / 1e6:8.1f} MB = {got / ideal:5.2f}x the ideal "
-                  f"{ideal / 1e6:.1f} MB (target <= 1.5x); each expert held adds {per_held / 1e3:.0f} kB (packed "
-                  f"{work.expert_bytes / 1e3:.0f} kB); charging the {picked:.0f} picked only: {fair / 1e6:.1f} MB = "
-                  f"{fair / ideal:4.2f}x")
+            held = (cfg.num_experts - picked) * per_expert + (V - B) * per_row
+            widened = 0.0 if opts.widen_bf16_dots else got.widened
+            fair = got.bytes - held - widened
+            print(f"  {platform} options ({kinds}), batch {B}: {got.bytes / 1e6:8.1f} MB = {got.bytes / ideal:5.2f}x the "
+                  f"ideal {ideal / 1e6:.1f} MB (target <= 1.5x)")
+            print(f"      charged for what is held, not read: {per_expert / 1e3:.0f} kB per expert (packed "
+                  f"{work.expert_bytes / 1e3:.0f} kB), {per_row / 1e3:.1f} kB per embedding row; XLA:CPU widening "
+                  f"bf16 weights for its dots (no bf16 matrix-vector dot; a GPU reads the bf16): "
+                  f"{widened / 1e6:.1f} MB; without these: {fair / 1e6:.1f} MB = {fair / ideal:4.2f}x")
 
 
 def slice_397b(layers: int = 4):
     """(abstract parameters on one CPU device, TextConfig) of a 397B-shape slice: `layers` decoder layers
-    (DeltaNet, then one attention layer last), float32 dense, NVFP4 experts, no weights."""
+    (DeltaNet, then one attention layer last), bfloat16 dense (as a bf16 run holds it), NVFP4 experts, no weights."""
     import dataclasses
     import jax
     import jax.numpy as jnp
@@ -189,7 +244,7 @@ def slice_397b(layers: int = 4):
     mesh = make_mesh(1)
     declared = declare(full, Formats.random(full))
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract(declared, jnp.float32), shardings(param_specs(declared, 1), mesh))
+                          abstract(declared, jnp.bfloat16), shardings(param_specs(declared, 1), mesh))
     return params, text, mesh
 
 

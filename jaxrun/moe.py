@@ -5,8 +5,10 @@ The routed experts held here run in one of these forms (the backend options choo
 - decode slots, for up to opts.slot_tokens tokens (a decode or speculative step): the distinct experts
   the tokens picked, each decoded once and run on every token. "dot" products (CPU) decode the
   slots' weights together and multiply them by batched dots; "fused" products (accelerators) fuse
-  the decoding into a multiply-reduce that reads only the packed bytes; with the experts split over
-  devices on CPU, a slot without an expert here is skipped under a cond.
+  the decoding into a multiply-reduce that reads only the packed bytes (with fewer slots than experts
+  held, one slot per (token, expert) pair running its token's row: no weight reused across rows,
+  which XLA would decode into a copy first, and each token's bits as it gets alone); with the
+  experts split over devices on CPU, a slot without an expert here is skipped under a cond.
 - for more tokens, the (token, expert) pairs sorted by expert, then either "sorted" (CPU): a loop over
   the experts that got rows, each decoded once and run on its rows as plain 2-D matrix products,
   `capacity` rows at a time; or "ragged" (accelerators): experts decoded in chunks to the compute
@@ -76,8 +78,10 @@ def _projection(p, take, in_scale, exact: bool):
     """One projection of the experts `take` selects -> (codes, scales, global, post), global and post
     per output row [..., out]. W4A4 (in_scale [...] given): the block values e2m1 * scale (global 1)
     and post = f32(input_scale * global), the products' one factor. Else the expert's global, and
-    post 2^-EXACT_SHIFT on the exact path (nvfp4_planes returns the values times 2^EXACT_SHIFT)."""
-    q, s, g = take(p.weight), take(p.weight_scale), take(p.weight_scale_2)
+    post 2^-EXACT_SHIFT on the exact path (nvfp4_planes returns the values times 2^EXACT_SHIFT).
+    The E4M3 scales are taken as their bytes (e4m3_f32 reads the bits): XLA:CPU gathers E4M3 as a
+    float16 copy otherwise."""
+    q, s, g = take(p.weight), take(lax.bitcast_convert_type(p.weight_scale, jnp.uint8)), take(p.weight_scale_2)
     rows = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32)[..., None], q.shape[:-1])
     if in_scale is not None:
         return q, s, rows(1.0), rows(in_scale * g)
@@ -149,8 +153,9 @@ def _fused_product(w, a, dt):
 
 
 def _slot_ffn(x, d: Decoded, scales, opts: Options):
-    """SwiGLU of every row x [N, H] through each of S decoded experts (d's leading axis S) -> [S, N, H]
-    float32 (rounded to the compute dtype). scales: None or the experts' input scales [S, 2]."""
+    """SwiGLU of every row x [N, H] (or each slot's own rows [S, N, H]) through each of S decoded
+    experts (d's leading axis S) -> [S, N, H] float32 (rounded to the compute dtype). scales: None or
+    the experts' input scales [S, 2]."""
     dt = opts.dtype
     S = d.down.post.shape[0]
     if opts.slot_kernel == "fused":
@@ -158,7 +163,7 @@ def _slot_ffn(x, d: Decoded, scales, opts: Options):
     else:
         mm = lambda m, a: _product("sok,snk->sno", m.planes, a, opts) * m.post[:, None]
     sc = (lambda i: None) if scales is None else (lambda i: scales[:, i, None, None])
-    xs = _planes(jnp.broadcast_to(x.astype(dt), (S,) + x.shape), sc(0))   # [S, N, H/2] each
+    xs = _planes(jnp.broadcast_to(x.astype(dt), (S,) + x.shape[-2:]), sc(0))   # [S, N, H/2] each
     h = (jax.nn.silu(mm(d.gate, xs).astype(dt)) * mm(d.up, xs).astype(dt)).astype(dt)   # [S, N, I]
     return mm(d.down, _planes(h, sc(1))).astype(dt).astype(jnp.float32)
 
@@ -177,8 +182,10 @@ def _slot_experts(x, ids, wts, experts: Experts, first, e_loc, act, all_local, o
     S = min(N * k, e_loc)
     local = ids - first                                                  # [N, k]
     key = jnp.where((local >= 0) & (local < e_loc), local, e_loc)        # experts held elsewhere -> e_loc
-    hit = jnp.zeros(e_loc + 1, bool).at[key.reshape(-1)].set(True)[:e_loc]
     skip = opts.spare_slots == "skip" and not all_local
+    if opts.slot_kernel == "fused" and not skip and S < e_loc:
+        return _pair_slots(x, key, wts, experts, e_loc, act, opts)
+    hit = jnp.zeros(e_loc + 1, bool).at[key.reshape(-1)].set(True)[:e_loc]
     if S == e_loc and not skip:                                          # a slot for every expert held
         e, live, take = jnp.arange(e_loc), hit, lambda a: a
     else:
@@ -203,6 +210,29 @@ def _slot_experts(x, ids, wts, experts: Experts, first, e_loc, act, all_local, o
     y = jnp.zeros(x.shape, jnp.float32)
     for j in range(S):                                                   # ascending expert id
         y = y + slot(j) * w[j][:, None]
+    return y
+
+
+def _pair_slots(x, key, wts, experts: Experts, e_loc, act, opts: Options):
+    """"fused" decode slots with fewer slots than experts held: one slot per (token, expert) pair,
+    N*k slots each running its own token's row (each a multiply-reduce without reuse of a weight
+    across rows, which every backend fuses with the decoding, so only the packed bytes are read; the
+    distinct-expert slots of _slot_experts would run every row through each expert, and XLA then
+    writes the decoded weights out). key [N, k]: local expert ids, e_loc for experts held elsewhere
+    (weight 0, recomputing local expert 0). Each token's outputs summed in ascending expert id."""
+    N, k = key.shape
+    order = jnp.argsort(key, axis=-1)                                    # ascending expert id per token
+    e = jnp.take_along_axis(key, order, axis=-1)                         # [N, k]
+    live = e < e_loc
+    w = jnp.where(live, jnp.take_along_axis(wts, order, axis=-1), 0.0)   # [N, k]
+    e = jnp.where(live, e, 0).reshape(-1)                                # [N*k]
+    sc = None if act is None else act[e]                                 # [N*k, 2]
+    d = _experts_source(experts, lambda a: a[e], opts, sc)()
+    rows = jnp.repeat(x, k, axis=0)[:, None]                             # [N*k, 1, H]: each pair's row
+    o = _slot_ffn(rows, d, sc, opts).reshape(N, k, -1)                   # [N, k, H]
+    y = jnp.zeros(x.shape, jnp.float32)
+    for j in range(k):
+        y = y + o[:, j] * w[:, j, None]
     return y
 
 

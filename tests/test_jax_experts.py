@@ -105,6 +105,22 @@ def test_local_experts_match_float64(monkeypatch, form, tiny, shards, spare):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_fused_slots_batch_invariant(precision):
+    """The accelerators' fused decode slots (fewer slots than experts: one per token and expert) give
+    each token the bits it gets alone: no product runs a weight over several tokens' rows."""
+    rng = np.random.default_rng(7)
+    experts = _experts(rng, None)
+    opts = Options.for_platform(OPTS.mesh, Modes(precision), "gpu")
+    assert 2 * K < E and opts.slot_kernel == "fused" and opts.slot_tokens >= 2
+    for _ in range(3):
+        x = rng.standard_normal((2, H)).astype(np.float32)
+        ids, wts = _routing(rng, 2)
+        both = _run(x, ids, wts, experts, opts, 1)
+        alone = np.concatenate([_run(x[t:t + 1], ids[t:t + 1], wts[t:t + 1], experts, opts, 1) for t in range(2)])
+        assert np.array_equal(both, alone)
+
+
 @pytest.mark.parametrize("form", list(FORMS))
 def test_w4a4_experts_match_float64(monkeypatch, form):
     """Every routed-expert GEMM input quantized as the engines do, with each expert's input scales."""
