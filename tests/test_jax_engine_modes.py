@@ -189,3 +189,24 @@ def test_decode_step_reads_the_stored_cache_and_rounds_the_state(loaded):
     close = np.isclose(np.asarray(caches[0].state[0], np.float64), kvcache.store_state(st.recurrent, "bfloat16"),
                        rtol=2 ** -7, atol=0)
     assert close.mean() > 0.999
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3", "nvfp4"])
+def test_full_prefill_equals_prefill_then_decode_per_kv_dtype(loaded, kv_cache_dtype):
+    """Teacher-forced, with the prefill's tokens attending to their stored K/V ("cache"): one prefill of
+    T tokens gives, row by row, the logits of a prefill of T - 3 tokens followed by 3 decode steps fed
+    the prompt's next tokens, in every KV-cache dtype (the stored form is the same either way)."""
+    from jaxrun.sampling import Sampling
+    ckpt, params = loaded["mixed"]
+    T, k = 16, 3
+    r = Runner(params, ckpt.config, make_mesh(1), kv_cache_dtype=kv_cache_dtype)
+    tokens = np.asarray([PROMPT[:T]], np.int32)
+    full, _ = r.prefill(tokens, np.array([T], np.int32), CONTEXT, all_logits=True)
+    full = np.asarray(full[0, :T], np.float64)
+    state, first = r.start([PROMPT[:T - k]], CONTEXT, Sampling())
+    rows = [np.asarray(first.logits[0], np.float64)]
+    for t in range(T - k, T - 1):
+        state, out = r.step(state._replace(tokens=jnp.asarray([PROMPT[t]], jnp.int32)), CONTEXT)
+        rows.append(np.asarray(out.logits[0], np.float64))
+    scale = max(1.0, np.abs(full).max())
+    assert np.abs(np.stack(rows) - full[T - k - 1:T - 1]).max() <= 1e-4 * scale
