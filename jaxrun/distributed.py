@@ -234,6 +234,11 @@ class Cluster:
             raise UsageError(f"the processes were started differently: {differ}")
         return prepared
 
+    def where(self, mesh) -> str:
+        """'4 cpu device(s)', or with several processes '4 cpu device(s) in 2 processes'."""
+        devices = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)"
+        return devices + (f" in {self.count} processes" if self.multi else "")
+
     def sync(self, name: str) -> None:
         """Wait until every process gets here."""
         if self.multi:

@@ -351,10 +351,11 @@ class _Output:
 
     def on_step(self, results, done) -> list[bool]:
         """The runner's per-step hook: streams, and says which sequences met a stop text."""
-        for b, r in enumerate(results):
-            self.stopped[b] = self.stopped[b] or self.text_of(r.token_ids)[1]
+        texts = [self.text_of(r.token_ids) for r in results]
+        for b, (_, hit) in enumerate(texts):
+            self.stopped[b] = self.stopped[b] or hit
         if self.stream:
-            print(self.displays[0].update(self.text_of(results[0].token_ids)[0]), end="", flush=True)
+            print(self.displays[0].update(texts[0][0]), end="", flush=True)
         return self.stopped
 
     def final(self, results, timings, bytes_read) -> None:
@@ -440,9 +441,7 @@ def _run(a, cluster) -> int:
     if not cluster.leader:
         return 0
     out.final(results, runner.timings, bytes_read)
-    where = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)" + (f" in {cluster.count} processes"
-                                                                         if cluster.multi else "")
-    print(_summary(a, results, runner.timings, where, modes, bytes_read), file=sys.stderr)
+    print(_summary(a, results, runner.timings, cluster.where(mesh), modes, bytes_read), file=sys.stderr)
     if a.check and not check(ckpt, results, modes, images=[images] * len(results) if images else None):
         return 1
     return 0

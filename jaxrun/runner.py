@@ -167,14 +167,15 @@ class Runner:
         expert's input scales or (act_scale "max") the layer's largest; the checkpoint needs them (and
         quantized dense linears with input scales run W8A8 / W4A4). The KV-cache dtype and store rule,
         the prefill's K/V and the DeltaNet state dtype as ref.modes says (Runner(..., **asdict(modes))).
-        options: the backend choices (default: Options.build for the mesh's platform)."""
-        self.modes = Modes(precision, activations, act_scale, kv_cache_dtype, kv_engine, kv_prefill, state_dtype)
-        if activations == "w4a4" and any(layer.mlp.experts.input_scale is None for layer in params.layers):
+        options: the backend choices (default: Options.build for the mesh's platform and these modes;
+        given, they carry the modes)."""
+        self.opts = options or Options.build(
+            mesh, Modes(precision, activations, act_scale, kv_cache_dtype, kv_engine, kv_prefill, state_dtype), params)
+        if self.opts.activations == "w4a4" and any(layer.mlp.experts.input_scale is None for layer in params.layers):
             raise ValueError("--activations w4a4: the checkpoint's routed experts are not NVFP4 with input scales")
         self.config = cfg if isinstance(cfg, Config) else None
         cfg = cfg.text if isinstance(cfg, Config) else cfg
         self.cfg, self.mesh = cfg, mesh
-        self.opts = options or Options.build(mesh, self.modes, params)
         self.param_shardings = jax.tree.map(lambda a: _placed(a, mesh), params)
         self.params = params
         self.rep = NamedSharding(mesh, P())

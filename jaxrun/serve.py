@@ -136,8 +136,7 @@ def _run(a, cluster) -> int:
     cfg = ckpt.config.text
     tok = load_tokenizer(ckpt.directory) if (ckpt.directory / "tokenizer.json").is_file() else None
     context = min(a.max_context, cfg.max_position_embeddings)
-    where = f"{mesh.size} {mesh.devices.flat[0].platform} device(s)" + (f" in {cluster.count} processes"
-                                                                         if cluster.multi else "")
+    where = cluster.where(mesh)
     say = (lambda msg: print(f"{PROG}: {msg}", file=sys.stderr, flush=True)) if cluster.leader else (lambda msg: None)
     say(f"loading {ckpt.directory} on {where}, {modes.describe()}")
     count = BytesRead()
